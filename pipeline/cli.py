@@ -1,0 +1,142 @@
+"""Command line: ``aerial-search ingest | search | info``.
+
+Settings come from ``configs/default.yaml`` semantics (``--config FILE`` picks another file);
+every flag given on the command line overrides the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.config import Config, ConfigError, load_config
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX like 0,4095, got {text!r}") from None
+    return lo, hi
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML settings file (default: built-in defaults = configs/default.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", dest="model.arch", help="backbone (default resnet18)")
+    g.add_argument(
+        "--weights",
+        dest="model.weights",
+        help="imagenet (torchvision cache/download), random (tests only) or a state_dict file path",
+    )
+    g.add_argument("--device", dest="model.device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--batch-size", dest="model.batch_size", type=int, help="windows per forward pass")
+    g.add_argument("--amp", dest="model.amp", choices=["none", "bf16", "fp16"], help="autocast on CUDA")
+    g.add_argument("--torch-threads", dest="model.torch_threads", type=int, help="0 = cores / dask threads")
+
+
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scheduler")
+    g.add_argument("--scheduler", dest="cluster.scheduler", help="threads (default) | sync | local | tcp://host:8786")
+    g.add_argument("--workers", dest="cluster.n_workers", type=int, help="local: worker processes")
+    g.add_argument("--threads", dest="cluster.threads", type=int, help="dask threads (per worker for local)")
+    g.add_argument("--no-progress", dest="cluster.progress", action="store_false", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aerial-search",
+        description="Visual search over aerial imagery with CNN fingerprints, on Dask.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="fingerprint GeoTIFFs into a Zarr store")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="GeoTIFF, folder (recursive) or .txt list of paths")
+    p.add_argument("--store", required=True, help="path of the Zarr store to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)")
+    _add_common(p)
+    _add_model(p)
+    g = p.add_argument_group("tiling and layout")
+    g.add_argument("--bands", dest="tiling.bands", type=_int_list, help="three 1-based bands as R,G,B (default 1,2,3)")
+    g.add_argument("--scale", dest="tiling.scale", type=_float_pair, help="MIN,MAX -> 0..255 for non-uint8 imagery")
+    g.add_argument("--black-level", dest="tiling.black_level", type=int, help="pixels with all bands <= this are nodata")
+    g.add_argument("--chunk-px", dest="read.chunk_px", type=int, help="read chunk side in pixels (multiple of 128)")
+    g.add_argument("--dtype", dest="store.dtype", choices=["float32", "float16"], help="fingerprint dtype in the store")
+    g.add_argument("--chunk-tiles", dest="store.chunk_tiles", type=int, help="tiles per Zarr chunk")
+    _add_cluster(p)
+
+    p = sub.add_parser("info", help="summarize a store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = load_config(getattr(args, "config", None))
+    dotted = {k: v for k, v in vars(args).items() if "." in k}
+    return cfg.override(**dotted)
+
+
+def _print_info(summary: dict[str, Any]) -> None:
+    model = summary["model"]
+    print(f"store         {summary['store']}")
+    print(f"created       {summary['created']} by {summary['software']}")
+    print(f"images        {summary['images']} {summary['images_by_status']}")
+    print(f"tiles         {summary['tiles']} valid of {summary['slots']} slots ({summary['dropped']} dropped)")
+    print(f"fingerprints  {summary['feature_dim']}-d {summary['fingerprint_dtype']}, {summary['chunk_tiles']} tiles per chunk")
+    print(f"model         {model.get('arch')} weights {model.get('weights_id')}")
+    print(f"on disk       {summary['bytes_on_disk'] / 1e6:.2f} MB")
+    if summary["lonlat_bounds"]:
+        w, s, e, n = summary["lonlat_bounds"]
+        print(f"lon/lat box   W {w:.5f} S {s:.5f} E {e:.5f} N {n:.5f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(message)s")
+    warnings.simplefilter("default")
+    from pipeline.embed import WeightsError
+    from pipeline.raster import RasterError
+    from pipeline.store import StoreError
+
+    try:
+        if args.command == "ingest":
+            from pipeline.ingest import ingest
+
+            cfg = config_from_args(args)
+            report = ingest(args.sources, args.store, cfg, overwrite=args.overwrite)
+            print(report)
+        elif args.command == "info":
+            from pipeline.store import summarize
+
+            summary = summarize(args.store)
+            if args.json:
+                print(json.dumps(summary, indent=2))
+            else:
+                _print_info(summary)
+    except (ConfigError, RasterError, StoreError, WeightsError, FileNotFoundError) as e:
+        print(f"aerial-search {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

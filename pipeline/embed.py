@@ -1,0 +1,296 @@
+"""Backbones, weights, and batched fingerprint inference.
+
+A fingerprint is the global-average-pooled output of an ImageNet CNN with its classifier removed
+(ResNet-18: 512-d), computed on 256 x 256 windows scaled to [0, 1] and normalized with the
+ImageNet mean and std. Nothing outside this module assumes a fingerprint dimension: ask
+:data:`BACKBONES`.
+
+Workers receive a :class:`ModelSpec` (a picklable recipe) and call :func:`get_model`, which
+builds the network once per process and device and caches it. ``torch`` is imported lazily so
+that the driver, the config and the CLI's help work without paying its import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(RuntimeError):
+    """Weights cannot be had or do not fit the backbone; the message says how to supply them."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A torchvision classifier used as a fingerprint extractor."""
+
+    dim: int  # fingerprint length
+    classifier: str  # state_dict prefix of the removed classifier head
+    weights_enum: str  # torchvision weights enum whose IMAGENET1K_V1 member is 'imagenet'
+
+
+BACKBONES: dict[str, Backbone] = {
+    "resnet18": Backbone(512, "fc.", "ResNet18_Weights"),
+    "resnet34": Backbone(512, "fc.", "ResNet34_Weights"),
+    "resnet50": Backbone(2048, "fc.", "ResNet50_Weights"),
+    "squeezenet1_1": Backbone(512, "classifier.", "SqueezeNet1_1_Weights"),
+    "mobilenet_v2": Backbone(1280, "classifier.", "MobileNet_V2_Weights"),
+    "efficientnet_b0": Backbone(1280, "classifier.", "EfficientNet_B0_Weights"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to build the same model the driver checked."""
+
+    arch: str = "resnet18"
+    weights: str = "imagenet"
+    weights_sha256: str = ""  # checked in the worker when set
+    device: str = "auto"
+    batch_size: int = 64
+    amp: str = "none"
+    channels_last: bool = True
+    seed: int = 0
+    torch_threads: int = 0
+
+    @property
+    def dim(self) -> int:
+        return BACKBONES[self.arch].dim
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, weights_sha256: str = "", torch_threads: int | None = None) -> ModelSpec:
+        return cls(
+            arch=model_cfg.arch,
+            weights=model_cfg.weights,
+            weights_sha256=weights_sha256,
+            device=model_cfg.device,
+            batch_size=model_cfg.batch_size,
+            amp=model_cfg.amp,
+            channels_last=model_cfg.channels_last,
+            seed=model_cfg.seed,
+            torch_threads=model_cfg.torch_threads if torch_threads is None else torch_threads,
+        )
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _imagenet_weights(arch: str):
+    import torchvision.models as tvm
+
+    return getattr(tvm, BACKBONES[arch].weights_enum).IMAGENET1K_V1
+
+
+def _imagenet_cache_path(arch: str) -> str:
+    import torch
+
+    url = _imagenet_weights(arch).url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def describe_weights(arch: str, weights: str, seed: int = 0) -> dict[str, Any]:
+    """Provenance of a weights setting: ``{"weights_id", "weights_sha256", "pretrained"}``.
+
+    Fetches ImageNet weights into the torch cache if they are not there (the normal torchvision
+    way), so that a missing file fails here, in the driver, with instructions.
+    """
+    if weights == "random":
+        return {
+            "weights_id": f"random(seed={seed}) -- NOT PRETRAINED: fingerprints are meaningless, for tests only",
+            "weights_sha256": "",
+            "pretrained": False,
+        }
+    if weights == "imagenet":
+        _state_dict(arch, "imagenet")  # downloads or raises WeightsError
+        return {
+            "weights_id": f"torchvision:{BACKBONES[arch].weights_enum}.IMAGENET1K_V1",
+            "weights_sha256": sha256_file(_imagenet_cache_path(arch)),
+            "pretrained": True,
+        }
+    if not os.path.isfile(weights):
+        raise WeightsError(
+            f"weights file {weights} does not exist; pass --weights imagenet, --weights random "
+            f"(tests only) or the path of a torchvision {arch} state_dict (.pth)"
+        )
+    return {"weights_id": f"file:{os.path.abspath(weights)}", "weights_sha256": sha256_file(weights), "pretrained": True}
+
+
+def _state_dict(arch: str, weights: str) -> dict[str, Any]:
+    import torch
+
+    if weights == "imagenet":
+        w = _imagenet_weights(arch)
+        try:
+            return w.get_state_dict(progress=False, check_hash=False)
+        except Exception as e:  # URLError, socket errors, proxies: all mean "not available offline"
+            raise WeightsError(
+                f"torchvision's ImageNet weights for {arch} are not in the torch cache "
+                f"({_imagenet_cache_path(arch)}) and could not be downloaded ({type(e).__name__}: {e}). "
+                f"On a machine with internet, fetch {w.url} and either copy it to that cache path or pass "
+                f"--weights /path/to/{os.path.basename(w.url)}"
+            ) from e
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"weights file {weights} cannot be loaded as a torch state_dict ({e})") from e
+    if not isinstance(sd, dict):
+        raise WeightsError(f"weights file {weights} holds a {type(sd).__name__}, not a state_dict")
+    return sd
+
+
+def build_model(spec: ModelSpec):
+    """Build the headless backbone on the CPU in eval mode: ``(N, 3, H, W) -> (N, dim)``."""
+    import torch
+    import torchvision.models as tvm
+    from torch import nn
+
+    if spec.arch not in BACKBONES:
+        raise WeightsError(f"unknown backbone {spec.arch!r}; choose one of {sorted(BACKBONES)}")
+    if spec.weights == "random":
+        torch.manual_seed(spec.seed)
+        full = tvm.get_model(spec.arch, weights=None)
+    else:
+        if spec.weights_sha256 and spec.weights != "imagenet":
+            actual = sha256_file(spec.weights)
+            if actual != spec.weights_sha256:
+                raise WeightsError(
+                    f"weights file {spec.weights} has sha256 {actual}, but the store was made with "
+                    f"{spec.weights_sha256}; give every worker the same file"
+                )
+        sd = _state_dict(spec.arch, spec.weights)
+        full = tvm.get_model(spec.arch, weights=None)
+        head = BACKBONES[spec.arch].classifier
+        missing, unexpected = _key_diff(full.state_dict(), sd)
+        if unexpected or any(not k.startswith(head) for k in missing):
+            raise WeightsError(
+                f"weights {spec.weights} do not fit torchvision's {spec.arch} (strict load): "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; "
+                f"pass --model with the architecture the file was trained as"
+            )
+        if missing:  # a headless state_dict: strict on everything but the classifier we drop
+            _drop_classifier(spec.arch, full)
+        full.load_state_dict(sd, strict=True)
+    _drop_classifier(spec.arch, full)  # idempotent
+    return _headless(spec.arch, full).eval()
+
+
+def _key_diff(expected: dict[str, Any], got: dict[str, Any]) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+
+
+def _drop_classifier(arch: str, full) -> None:
+    from torch import nn
+
+    if arch.startswith("resnet"):
+        full.fc = nn.Identity()
+    else:
+        full.classifier = nn.Identity()
+
+
+def _headless(arch: str, full):
+    """``features -> global average pool -> flatten`` for each backbone family."""
+    from torch import nn
+
+    if arch.startswith("resnet"):
+        return full  # fc is Identity: forward ends at avgpool + flatten
+    return nn.Sequential(full.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise WeightsError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    return device
+
+
+_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def loaded_models() -> list[str]:
+    """Models built in this process (for tests and diagnostics): ``arch@device`` strings."""
+    return [f"{k[0]}@{k[-1]}" for k in _CACHE]
+
+
+def configure_threads(n: int) -> None:
+    """Set torch's intra-op threads for this process (0: sized to a distributed worker's cores)."""
+    import torch
+
+    if n == 0:
+        from pipeline.cluster import worker_torch_threads
+
+        n = worker_torch_threads()
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def get_model(spec: ModelSpec):
+    """The process-wide model for ``spec``, built on first use (thread-safe)."""
+    device = resolve_device(spec.device)
+    key = (spec.arch, spec.weights, spec.weights_sha256, spec.seed, spec.channels_last, device)
+    model = _CACHE.get(key)
+    if model is None:
+        with _CACHE_LOCK:
+            model = _CACHE.get(key)
+            if model is None:
+                import torch
+
+                model = build_model(spec).to(device)
+                if spec.channels_last:
+                    model = model.to(memory_format=torch.channels_last)
+                _CACHE[key] = model
+    return model, device
+
+
+def embed_batch(windows: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Fingerprints of uint8 windows ``(n, 3, H, W)`` -> float32 ``(n, dim)``.
+
+    Pixels are scaled to [0, 1] and normalized with :data:`MEAN` / :data:`STD` on the device,
+    in batches of ``spec.batch_size`` under ``torch.inference_mode``.
+    """
+    import torch
+
+    configure_threads(spec.torch_threads)
+    model, device = get_model(spec)
+    out = np.empty((len(windows), spec.dim), dtype=np.float32)
+    if not len(windows):
+        return out
+    # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtract and one multiply.
+    shift = torch.tensor([255.0 * m for m in MEAN], device=device).view(1, 3, 1, 1)
+    inv = torch.tensor([1.0 / (255.0 * s) for s in STD], device=device).view(1, 3, 1, 1)
+    fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+    on_cuda = device.startswith("cuda")
+    if spec.amp != "none" and not on_cuda:
+        warnings.warn("model.amp applies to CUDA only; running float32 on the CPU", stacklevel=2)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp)
+    with torch.inference_mode():
+        for s in range(0, len(windows), spec.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(windows[s : s + spec.batch_size]))
+            if on_cuda:
+                x = x.pin_memory().to(device, non_blocking=True)
+            x = x.to(dtype=torch.float32, memory_format=fmt).sub_(shift).mul_(inv)
+            if amp_dtype is not None and on_cuda:
+                with torch.autocast("cuda", dtype=amp_dtype):
+                    y = model(x)
+            else:
+                y = model(x)
+            out[s : s + len(x)] = y.float().cpu().numpy()
+    return out

@@ -1,0 +1,232 @@
+"""Lazy GeoTIFF reading aligned to the window grid.
+
+Headers are read up front in the driver (:func:`read_header`, cheap). Pixels are read inside the
+workers by :class:`RasterReader`, a frozen dataclass that pickles as its arguments and opens the
+file only when a chunk is read, so a graph never carries an open handle or an image.
+
+:func:`lazy_overlapped` builds, for one image, a dask array whose blocks are the grid chunks
+*with their halo* (see :mod:`pipeline.grid`): block ``(0, i, j)`` holds pixels
+``[ys[i].start, ys[i].stop) x [xs[j].start, xs[j].stop)``. Like the output of
+``dask.array.overlap.overlap``, its blocks overlap by 128 px, so the array's shape is the sum of
+the block shapes, not the image's. Channels are ``R, G, B, M``: the three selected bands scaled
+to uint8 and the file's validity mask (255 valid, 0 masked by nodata value, mask or alpha band).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import grid
+
+IMAGE_SUFFIXES = (".tif", ".tiff")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+
+
+class RasterError(ValueError):
+    """An input image cannot be used; the message names the file and what to do."""
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def expand_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Resolve SOURCE arguments to a sorted, de-duplicated list of image paths.
+
+    A SOURCE is an image file (any format GDAL reads), a folder (searched recursively for
+    ``*.tif``/``*.tiff``, case-insensitive), a text file (``.txt``/``.lst``/``.list``) with one
+    path or URI per line (``#`` comments allowed), or a URI (``s3://``, ``gs://``, ``https://``)
+    passed to GDAL. Local paths become absolute.
+    """
+    found: list[str] = []
+    for src in sources:
+        s = os.fspath(src)
+        if is_uri(s):
+            found.append(s)
+            continue
+        p = Path(s).expanduser()
+        if p.is_dir():
+            hits = [q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
+            if not hits:
+                warnings.warn(f"folder {p} holds no *.tif/*.tiff files", stacklevel=2)
+            found.extend(str(q.resolve()) for q in hits)
+        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
+            base = p.resolve().parent
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                found.extend(expand_sources([line if is_uri(line) else str(base / line)]))
+        elif p.is_file():
+            found.append(str(p.resolve()))
+        else:
+            raise RasterError(f"source {s} does not exist: pass a GeoTIFF, a folder of them, or a .txt list of paths")
+    unique = sorted(set(found))
+    if len(unique) < len(found):
+        warnings.warn(f"{len(found) - len(unique)} duplicate source path(s) ignored", stacklevel=2)
+    return unique
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the driver knows about an image before any pixel is read."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: str  # "" when the file has no CRS
+    transform: tuple[float, float, float, float, float, float]  # affine a, b, c, d, e, f
+    size: int  # bytes on disk (-1 when unknown, e.g. some URIs)
+    mtime: float  # seconds since the epoch (nan when unknown)
+    masked: bool  # the file has a nodata value, mask or alpha band
+
+    @property
+    def n_windows(self) -> int:
+        return grid.windows_per_axis(self.height) * grid.windows_per_axis(self.width)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence rasterio's NotGeoreferencedWarning: a missing CRS is reported once by check_image."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
+
+
+def read_header(path: str) -> ImageInfo:
+    """Open ``path``, read its header and probe its last pixel (which catches truncated files)."""
+    import rasterio
+    from rasterio.enums import MaskFlags
+    from rasterio.errors import RasterioError
+    from rasterio.windows import Window
+
+    try:
+        with _quiet(), rasterio.open(path) as ds:
+            ds.read(1, window=Window(ds.width - 1, ds.height - 1, 1, 1))
+            masked = any(flags != [MaskFlags.all_valid] for flags in ds.mask_flag_enums)
+            crs = ds.crs.to_string() if ds.crs else ""
+            t = ds.transform
+            info = ImageInfo(
+                path=path,
+                width=ds.width,
+                height=ds.height,
+                count=ds.count,
+                dtype=ds.dtypes[0],
+                crs=crs,
+                transform=(t.a, t.b, t.c, t.d, t.e, t.f),
+                size=-1,
+                mtime=float("nan"),
+                masked=masked,
+            )
+    except RasterioError as e:
+        raise RasterError(
+            f"{path}: cannot be read as a raster ({e}); check that the file is a complete GeoTIFF "
+            f"(re-copy or re-download it) or remove it from the sources"
+        ) from e
+    if not is_uri(path):
+        st = os.stat(path)
+        info = ImageInfo(**{**info.__dict__, "size": st.st_size, "mtime": st.st_mtime})
+    return info
+
+
+def check_image(info: ImageInfo, bands: Sequence[int], scale: Sequence[float] | None) -> None:
+    """Refuse images the tiler cannot use; messages name the file and the setting to change."""
+    missing = [b for b in bands if b > info.count]
+    if missing:
+        hint = (
+            "set tiling.bands: [1, 1, 1] (--bands 1,1,1) to use a single grey band as RGB"
+            if info.count < 3
+            else f"choose three of bands 1..{info.count} with tiling.bands (--bands)"
+        )
+        raise RasterError(f"{info.path}: has {info.count} band(s) but tiling.bands asks for {list(bands)}; {hint}")
+    if info.dtype != "uint8" and scale is None:
+        raise RasterError(
+            f"{info.path}: pixels are {info.dtype}, not uint8; set tiling.scale: [min, max] (--scale MIN,MAX) "
+            f"to map that value range to 0..255, e.g. --scale 0,4095 for 12-bit imagery"
+        )
+    if not info.crs:
+        warnings.warn(f"{info.path}: no CRS; its tiles are kept but lon/lat are NaN (x/y are pixel coordinates)", stacklevel=2)
+    if info.width < grid.TILE or info.height < grid.TILE:
+        warnings.warn(
+            f"{info.path}: {info.width} x {info.height} px is smaller than one {grid.TILE} px window; it yields no tiles",
+            stacklevel=2,
+        )
+
+
+@dataclass(frozen=True)
+class RasterReader:
+    """A picklable recipe for windowed reads of one image: opened in the worker, per read."""
+
+    path: str
+    bands: tuple[int, ...] = (1, 2, 3)
+    scale: tuple[float, float] | None = None
+    masked: bool = False
+
+    def read(self, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+        """Read pixels ``rows x cols`` as uint8 ``(4, h, w)``: R, G, B and the validity mask M."""
+        import rasterio
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        window = Window(cols[0], rows[0], cols[1] - cols[0], rows[1] - rows[0])
+        out = np.empty((4, rows[1] - rows[0], cols[1] - cols[0]), dtype=np.uint8)
+        try:
+            with _quiet(), rasterio.open(self.path) as ds:
+                data = ds.read(list(self.bands), window=window)
+                if self.masked:
+                    out[3] = ds.dataset_mask(window=window)
+                else:
+                    out[3] = 255
+        except RasterioError as e:
+            raise RasterError(
+                f"{self.path}: reading rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]} failed ({e}); "
+                f"the file may be truncated or corrupt: re-copy it or remove it from the sources"
+            ) from e
+        out[:3] = to_uint8(data, self.scale, self.path)
+        if data.dtype.kind == "f":
+            out[3][~np.isfinite(data).all(axis=0)] = 0
+        return out
+
+
+def to_uint8(data: np.ndarray, scale: Sequence[float] | None, path: str = "<array>") -> np.ndarray:
+    """Map pixel values to uint8: identity for uint8, linear ``[min, max] -> [0, 255]`` otherwise."""
+    if data.dtype == np.uint8:
+        return data
+    if scale is None:
+        raise RasterError(f"{path}: pixels are {data.dtype}; set tiling.scale: [min, max] (--scale MIN,MAX)")
+    lo, hi = float(scale[0]), float(scale[1])
+    scaled = (data.astype(np.float32) - lo) * np.float32(255.0 / (hi - lo))
+    return np.clip(np.nan_to_num(scaled, nan=0.0), 0, 255).round().astype(np.uint8)
+
+
+def lazy_overlapped(reader: RasterReader, height: int, width: int, chunk_px: int):
+    """Dask array of one image's grid chunks with their halo: uint8 ``(4, sum(h_i), sum(w_j))``.
+
+    Block ``(0, i, j)`` is ``reader.read(ys[i], xs[j])`` with
+    ``ys, xs = grid.chunk_spans(height, chunk_px), grid.chunk_spans(width, chunk_px)``. An image
+    with no windows gives an array with no blocks.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    ys = grid.chunk_spans(height, chunk_px)
+    xs = grid.chunk_spans(width, chunk_px)
+    name = "read-" + tokenize(reader, height, width, chunk_px)
+    dsk = {
+        (name, 0, i, j): (reader.read, (y.start, y.stop), (x.start, x.stop))
+        for i, y in enumerate(ys)
+        for j, x in enumerate(xs)
+    }
+    chunks = ((4,), tuple(y.stop - y.start for y in ys), tuple(x.stop - x.start for x in xs))
+    return da.Array(dsk, name, chunks, dtype=np.uint8)

@@ -1,0 +1,154 @@
+"""The fingerprint store: a Zarr v3 group readable with ``xarray.open_zarr``.
+
+Layout (dims ``tile``, ``feature``, ``img``, ``affine``)::
+
+    fingerprint (tile, feature) float32|float16  raw model output; zeros where valid is False
+    valid       (tile,)         bool     False for dropped windows (>50 % nodata); readers mask with it
+    uid         (tile,)         uint64   image_id * 2**40 + (row // 128) * 2**20 + (col // 128)
+    image       (tile,)         int32    image id (index into the img table)
+    row, col    (tile,)         int32    pixel offset of the window's top-left corner
+    x, y        (tile,)         float64  window centre in the image CRS (pixels without a transform)
+    lon, lat    (tile,)         float64  window centre in WGS84; NaN without a CRS
+    image_path  (img,)          str      absolute path or URI as given
+    width, height, size (img,)  int64    pixels, pixels, bytes on disk
+    crs         (img,)          str      "" without a CRS
+    transform   (img, affine)   float64  affine a, b, c, d, e, f
+    mtime       (img,)          float64  modification time, seconds since the epoch
+    status      (img,)          str      pending | done | empty (no windows)
+    tile_start, tile_count (img,) int64  the image's contiguous slot range on ``tile``
+
+Slots: images in image-id order (sorted paths), each image's grid chunks row-major, each chunk's
+windows row-major. Every window of the paper's grid has a slot, kept or not, so a window's slot
+follows from the headers alone. Tile arrays are chunked by ``store.chunk_tiles`` along ``tile``;
+the graph rechunks fingerprints to exactly those chunks, so each Zarr chunk is written by one task.
+
+Group attributes hold the provenance (:data:`SCHEMA_VERSION`, model, weights, preprocessing).
+A store is written to a temporary sibling folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+TILE_VARS = ("fingerprint", "valid", "uid", "image", "row", "col", "x", "y", "lon", "lat")
+
+
+class StoreError(ValueError):
+    """The path is not a fingerprint store this version understands, or cannot be written."""
+
+
+def _is_zarr_group(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Refuse early (before any work) if ``path`` cannot receive a new store."""
+    p = Path(path).expanduser().resolve()
+    if p.exists():
+        if not _is_zarr_group(p):
+            raise StoreError(f"{p} exists and is not a fingerprint store; choose another --store path")
+        if not overwrite:
+            raise StoreError(f"store {p} already exists; pass --overwrite to replace it or choose another --store path")
+    parent = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the folder {parent} for store {p} ({e}); choose a writable --store path") from e
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"cannot write in {parent} (permission denied); choose a writable --store path")
+    return p
+
+
+def temp_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Move a finished store into place; an existing store is replaced only after that."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_store(path: str | os.PathLike[str]):
+    """Open a store as a lazy ``xarray.Dataset`` after checking its schema version."""
+    import xarray as xr
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise StoreError(f"store {p} does not exist; create it with `aerial-search ingest SOURCE --store {p}`")
+    if not _is_zarr_group(p):
+        raise StoreError(f"{p} is not a fingerprint store (no zarr.json); pass the --store path given to ingest")
+    try:
+        ds = xr.open_zarr(p, consolidated=False, zarr_format=3)
+    except Exception as e:
+        raise StoreError(f"{p} cannot be opened as a Zarr v3 store ({e})") from e
+    version = ds.attrs.get("schema_version")
+    if version is None or "fingerprint" not in ds:
+        raise StoreError(f"{p} is a Zarr group but not a fingerprint store made by aerial-search")
+    if version != SCHEMA_VERSION:
+        raise StoreError(
+            f"store {p} has schema version {version}; this aerial-search reads version {SCHEMA_VERSION}: "
+            f"re-ingest into a new store or install the matching aerial-search release"
+        )
+    return ds
+
+
+def provenance(ds) -> dict[str, Any]:
+    """The store's group attributes as a plain dict."""
+    return {k: _plain(v) for k, v in ds.attrs.items()}
+
+
+def _plain(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Counts, sizes and provenance of a store (what ``aerial-search info`` prints)."""
+    ds = open_store(path)
+    valid = ds["valid"].values
+    status = ds["status"].values.astype(object)
+    nbytes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    prov = provenance(ds)
+    return {
+        "store": str(Path(path).resolve()),
+        "images": int(ds.sizes["img"]),
+        "images_by_status": {s: int((status == s).sum()) for s in sorted(set(status))},
+        "tiles": int(valid.sum()),
+        "slots": int(ds.sizes["tile"]),
+        "dropped": int((~valid).sum()),
+        "feature_dim": int(ds.sizes["feature"]),
+        "fingerprint_dtype": str(ds["fingerprint"].dtype),
+        "chunk_tiles": int(ds["fingerprint"].encoding.get("chunks", (ds.sizes["tile"],))[0]),
+        "bytes_on_disk": int(nbytes),
+        "model": prov.get("model", {}),
+        "preprocessing": prov.get("preprocessing", {}),
+        "created": prov.get("created"),
+        "software": prov.get("software"),
+        "lonlat_bounds": _bounds(ds, valid),
+    }
+
+
+def _bounds(ds, valid: np.ndarray) -> list[float] | None:
+    lon = ds["lon"].values[valid]
+    lat = ds["lat"].values[valid]
+    ok = np.isfinite(lon) & np.isfinite(lat)
+    if not ok.any():
+        return None
+    return [float(lon[ok].min()), float(lat[ok].min()), float(lon[ok].max()), float(lat[ok].max())]

@@ -1,0 +1,278 @@
+"""Ingest end to end on synthetic GeoTIFFs, checked against NumPy, rasterio and torchvision."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import torchvision
+import xarray as xr
+from conftest import textured, write_tif
+
+from pipeline import embed, grid, ingest, open_store, raster, store
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """Five images covering the nodata rules; returns (folder, {name: (pixels RGB, nodata mask)})."""
+    root = tmp_path_factory.mktemp("archive")
+    images = {}
+
+    plain = textured(700, 1100, seed=1)  # 3 x 7 windows, several chunks at chunk_px 384
+    write_tif(root / "a_plain.tif", plain)
+    images["a_plain.tif"] = (plain, np.zeros(plain.shape[1:], bool))
+
+    border = textured(600, 800, seed=2)
+    border[:, :, :300] = 0  # black border: windows over it are dropped
+    border[:, 500:, 600:] = 3  # near-black, JPEG-like: kept at black_level 0
+    write_tif(root / "b_border.tif", border)
+    images["b_border.tif"] = (border, (border <= 0).all(axis=0))
+
+    rgba = textured(520, 520, seed=3, bands=4)
+    rgba[3] = 255
+    rgba[3, :, :200] = 0  # transparent left part
+    write_tif(root / "c_alpha.tif", rgba, alpha=True)
+    images["c_alpha.tif"] = (rgba[:3], rgba[3] == 0)
+
+    nod = textured(520, 640, seed=4)
+    nod[:, 260:, :] = 9  # nodata value over the bottom half
+    write_tif(root / "d_nodata.tif", nod, nodata=9, crs=None, transform=None)
+    images["d_nodata.tif"] = (nod, (nod == 9).all(axis=0))
+
+    tiny = textured(200, 300, seed=5)
+    write_tif(root / "e_tiny.tif", tiny)
+    images["e_tiny.tif"] = (tiny, np.zeros(tiny.shape[1:], bool))
+    return root, images
+
+
+@pytest.fixture(scope="module")
+def ingested(archive, tmp_path_factory):
+    from pipeline.config import Config
+
+    cfg = Config().override(
+        **{
+            "model.weights": "random",
+            "model.batch_size": 16,
+            "read.chunk_px": 384,
+            "store.chunk_tiles": 16,
+            "cluster.progress": False,
+        }
+    )
+    root, _ = archive
+    path = tmp_path_factory.mktemp("stores") / "threads.zarr"
+    with pytest.warns(UserWarning, match="e_tiny.tif"):
+        report = ingest([root], path, cfg)
+    return path, report, cfg
+
+
+def expected_windows(rgb_mask: tuple[np.ndarray, np.ndarray], black_level: int = 0):
+    """Brute force: every (row, col, kept) of the paper's grid from the full image."""
+    rgb, masked = rgb_mask
+    nodata = masked | (rgb <= black_level).all(axis=0)
+    h, w = nodata.shape
+    out = []
+    for r in range(0, 256 * (h // 256) - 255, 128):
+        for c in range(0, 256 * (w // 256) - 255, 128):
+            out.append((r, c, nodata[r : r + 256, c : c + 256].mean() <= 0.5))
+    return out
+
+
+def test_window_counts_and_nodata_rules(archive, ingested):
+    root, images = archive
+    path, report, _ = ingested
+    ds = open_store(path)
+    paths = [os.path.basename(p) for p in ds["image_path"].values]
+    assert paths == sorted(images)  # image ids follow sorted path order
+    image = ds["image"].values
+    rows, cols, valid = ds["row"].values, ds["col"].values, ds["valid"].values
+    total_kept = 0
+    for image_id, name in enumerate(paths):
+        expect = expected_windows(images[name])
+        h, w = images[name][0].shape[1:]
+        assert len(expect) == grid.windows_per_axis(h) * grid.windows_per_axis(w)
+        sel = image == image_id
+        got = sorted(zip(rows[sel].tolist(), cols[sel].tolist(), valid[sel].tolist()))
+        assert got == sorted(expect), name
+        assert int(ds["tile_count"].values[image_id]) == len(expect)
+        total_kept += sum(k for _, _, k in expect)
+    assert report.tiles == total_kept and report.windows == len(valid)
+    dropped = {n: sum(not k for _, _, k in expected_windows(images[n])) for n in images}
+    assert dropped["b_border.tif"] > 0 and dropped["c_alpha.tif"] > 0 and dropped["d_nodata.tif"] > 0
+    assert dropped["a_plain.tif"] == 0
+    status = dict(zip(paths, ds["status"].values.astype(object)))
+    assert status["e_tiny.tif"] == "empty" and status["a_plain.tif"] == "done"
+    assert not np.any(ds["fingerprint"].values[~valid])  # dropped slots hold zeros
+
+
+def test_black_level_keeps_jpeg_like_borders(archive, tmp_path, cfg):
+    root, images = archive
+    path = tmp_path / "bl.zarr"
+    ingest([root / "b_border.tif"], path, cfg.override(**{"tiling.black_level": 3}))
+    ds = open_store(path)
+    expect = expected_windows(images["b_border.tif"], black_level=3)
+    got = sorted(zip(ds["row"].values.tolist(), ds["col"].values.tolist(), ds["valid"].values.tolist()))
+    assert got == sorted(expect)
+
+
+def _torchvision_reference(pixels: np.ndarray, seed: int) -> np.ndarray:
+    """ResNet-18 called directly: torchvision model + torchvision normalize, no project code."""
+    import torchvision.transforms.functional as F
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(weights=None)
+    model.fc = torch.nn.Identity()
+    model.eval()
+    x = torch.from_numpy(pixels).float() / 255.0
+    x = F.normalize(x, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def test_fingerprints_equal_torchvision_on_the_same_pixels(archive, ingested):
+    root, _ = archive
+    path, _, cfg = ingested
+    ds = open_store(path)
+    valid = ds["valid"].values
+    rng = np.random.default_rng(0)
+    picks = rng.choice(np.flatnonzero(valid), 6, replace=False)
+    windows = []
+    for t in picks:
+        img_path = ds["image_path"].values[ds["image"].values[t]]
+        r, c = int(ds["row"].values[t]), int(ds["col"].values[t])
+        with rasterio.open(img_path) as src:
+            windows.append(src.read([1, 2, 3], window=((r, r + 256), (c, c + 256))))
+    ref = _torchvision_reference(np.stack(windows), cfg.model.seed)
+    got = ds["fingerprint"].values[picks]
+    assert got.dtype == np.float32 and got.shape == (6, 512)
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_uids_unique_and_decode(ingested):
+    path, _, _ = ingested
+    ds = open_store(path)
+    uid = ds["uid"].values
+    assert uid.dtype == np.uint64 and len(np.unique(uid)) == len(uid)
+    img, row, col = grid.unpack_uid(uid)
+    np.testing.assert_array_equal(img, ds["image"].values)
+    np.testing.assert_array_equal(row, ds["row"].values)
+    np.testing.assert_array_equal(col, ds["col"].values)
+    expect = ds["image"].values.astype(np.uint64) * 2**40 + (ds["row"].values // 128).astype(np.uint64) * 2**20
+    np.testing.assert_array_equal(uid, expect + (ds["col"].values // 128).astype(np.uint64))
+
+
+def test_lonlat_matches_rasterio(ingested):
+    from rasterio.warp import transform as warp
+
+    path, _, _ = ingested
+    ds = open_store(path)
+    paths = ds["image_path"].values
+    for t in range(0, ds.sizes["tile"], 7):
+        img_path = paths[int(ds["image"].values[t])]
+        r, c = int(ds["row"].values[t]), int(ds["col"].values[t])
+        with rasterio.open(img_path) as src:
+            x, y = src.xy(r + 128, c + 128, offset="ul")
+            assert ds["x"].values[t] == pytest.approx(x) and ds["y"].values[t] == pytest.approx(y)
+            if src.crs is None:
+                assert np.isnan(ds["lon"].values[t]) and np.isnan(ds["lat"].values[t])
+            else:
+                lon, lat = warp(src.crs, "EPSG:4326", [x], [y])
+                assert ds["lon"].values[t] == pytest.approx(lon[0], abs=1e-9)
+                assert ds["lat"].values[t] == pytest.approx(lat[0], abs=1e-9)
+
+
+def test_store_reopens_with_plain_xarray_and_records_provenance(ingested):
+    path, _, cfg = ingested
+    ds = xr.open_zarr(path, consolidated=False)
+    assert set(ds.sizes) == {"tile", "feature", "img", "affine"}
+    assert ds["fingerprint"].dims == ("tile", "feature") and ds.sizes["feature"] == 512
+    assert ds["fingerprint"].encoding["chunks"] == (cfg.store.chunk_tiles, 512)
+    attrs = ds.attrs
+    assert attrs["schema_version"] == store.SCHEMA_VERSION
+    assert attrs["model"]["arch"] == "resnet18" and attrs["model"]["pretrained"] is False
+    assert "NOT PRETRAINED" in attrs["model"]["weights_id"]
+    assert attrs["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert attrs["preprocessing"]["stride"] == 128 and attrs["preprocessing"]["black_level"] == 0
+    assert attrs["fingerprint_dtype"] == "float32" and attrs["created"]
+    assert not [p for p in path.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_float16_store_holds_rounded_fingerprints(archive, ingested, tmp_path):
+    root, _ = archive
+    path, _, cfg = ingested
+    p16 = tmp_path / "f16.zarr"
+    ingest([root / "a_plain.tif"], p16, cfg.override(**{"store.dtype": "float16"}))
+    f16 = open_store(p16)["fingerprint"].values
+    ref = open_store(path)
+    f32 = ref["fingerprint"].values[ref["image"].values == 0]
+    assert f16.dtype == np.float16
+    np.testing.assert_array_equal(f16, f32.astype(np.float16))
+
+
+def test_local_cluster_equals_threads_and_runs_in_workers(archive, ingested, tmp_path):
+    from distributed import Client, LocalCluster
+
+    root, _ = archive
+    path, _, cfg = ingested
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ingest([root], tmp_path / "local.zarr", cfg, client=client)
+            built = client.run(embed.loaded_models)
+            pids = client.run(os.getpid)
+    assert os.getpid() not in pids.values()
+    assert all("resnet18@cpu" in models for models in built.values()), built  # both workers did model work
+    a, b = open_store(path), open_store(tmp_path / "local.zarr")
+    for name in ("uid", "valid", "row", "col", "image", "lon", "lat"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    np.testing.assert_allclose(a["fingerprint"].values, b["fingerprint"].values, atol=1e-5)
+
+
+def test_failure_leaves_no_store_and_keeps_the_old_one(tmp_path, cfg):
+    good = write_tif(tmp_path / "good.tif", textured(512, 512, seed=7))
+    data = textured(1024, 1024, seed=8)
+    bad = write_tif(tmp_path / "bad.tif", data, tiled=True)
+    # Corrupt the middle of a deflate-compressed copy: headers and the last tile still read.
+    import shutil
+
+    with rasterio.open(bad) as src:
+        profile = src.profile
+    profile.update(compress="deflate")
+    comp = tmp_path / "corrupt.tif"
+    with rasterio.open(comp, "w", **profile) as dst:
+        dst.write(data)
+    raw = bytearray(comp.read_bytes())
+    mid = len(raw) // 3
+    raw[mid : mid + 4000] = os.urandom(4000)
+    comp.write_bytes(bytes(raw))
+    os.remove(bad)
+
+    target = tmp_path / "s.zarr"
+    ingest([good], target, cfg)
+    before = open_store(target)["uid"].values.copy()
+    with pytest.raises(raster.RasterError, match=r"corrupt.tif: reading rows"):
+        ingest([good, comp], target, cfg, overwrite=True)
+    np.testing.assert_array_equal(open_store(target)["uid"].values, before)  # old store untouched
+    with pytest.raises(raster.RasterError, match="corrupt.tif"):
+        ingest([comp], tmp_path / "new.zarr", cfg)
+    assert not (tmp_path / "new.zarr").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    shutil.rmtree(target)
+
+
+def test_refuses_existing_store_and_non_store(tmp_path, cfg):
+    img = write_tif(tmp_path / "i.tif", textured(256, 256))
+    (tmp_path / "notastore").mkdir()
+    with pytest.raises(store.StoreError, match="not a fingerprint store"):
+        ingest([img], tmp_path / "notastore", cfg)
+    ingest([img], tmp_path / "s.zarr", cfg)
+    with pytest.raises(store.StoreError, match="--overwrite"):
+        ingest([img], tmp_path / "s.zarr", cfg)
+    with pytest.raises(store.StoreError, match="does not exist"):
+        open_store(tmp_path / "nope.zarr")
+    with pytest.raises(store.StoreError, match="not a fingerprint store"):
+        open_store(tmp_path / "notastore")
