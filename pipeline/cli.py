@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,13 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="fingerprint GeoTIFFs into a Zarr store")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="GeoTIFF, folder (recursive) or .txt list of paths")
     p.add_argument("--store", required=True, help="path of the Zarr store to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)"
+    )
     _add_common(p)
     _add_model(p)
     g = p.add_argument_group("tiling and layout")
     g.add_argument("--bands", dest="tiling.bands", type=_int_list, help="three 1-based bands as R,G,B (default 1,2,3)")
     g.add_argument("--scale", dest="tiling.scale", type=_float_pair, help="MIN,MAX -> 0..255 for non-uint8 imagery")
-    g.add_argument("--black-level", dest="tiling.black_level", type=int, help="pixels with all bands <= this are nodata")
+    g.add_argument(
+        "--black-level", dest="tiling.black_level", type=int, help="pixels with all bands <= this are nodata"
+    )
     g.add_argument("--chunk-px", dest="read.chunk_px", type=int, help="read chunk side in pixels (multiple of 128)")
     g.add_argument("--dtype", dest="store.dtype", choices=["float32", "float16"], help="fingerprint dtype in the store")
     g.add_argument("--chunk-tiles", dest="store.chunk_tiles", type=int, help="tiles per Zarr chunk")
@@ -100,7 +103,9 @@ def _print_info(summary: dict[str, Any]) -> None:
     print(f"created       {summary['created']} by {summary['software']}")
     print(f"images        {summary['images']} {summary['images_by_status']}")
     print(f"tiles         {summary['tiles']} valid of {summary['slots']} slots ({summary['dropped']} dropped)")
-    print(f"fingerprints  {summary['feature_dim']}-d {summary['fingerprint_dtype']}, {summary['chunk_tiles']} tiles per chunk")
+    print(
+        f"fingerprints  {summary['feature_dim']}-d {summary['fingerprint_dtype']}, {summary['chunk_tiles']} tiles per chunk"
+    )
     print(f"model         {model.get('arch')} weights {model.get('weights_id')}")
     print(f"on disk       {summary['bytes_on_disk'] / 1e6:.2f} MB")
     if summary["lonlat_bounds"]:
@@ -111,8 +116,9 @@ def _print_info(summary: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(message)s")
-    warnings.simplefilter("default")
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(message)s"
+    )
     from pipeline.embed import WeightsError
     from pipeline.raster import RasterError
     from pipeline.store import StoreError

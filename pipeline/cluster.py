@@ -91,7 +91,9 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
         return Runtime("client", client=client, torch_threads=0, progress=cfg.progress)
     if cfg.scheduler in ("threads", "sync"):
         threads = 1 if cfg.scheduler == "sync" else (cfg.threads or cores)
-        return Runtime(cfg.scheduler, dask_threads=threads, torch_threads=max(1, cores // threads), progress=cfg.progress)
+        return Runtime(
+            cfg.scheduler, dask_threads=threads, torch_threads=max(1, cores // threads), progress=cfg.progress
+        )
     from distributed import Client, LocalCluster
 
     rt = Runtime(cfg.scheduler, progress=cfg.progress)

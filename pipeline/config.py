@@ -167,7 +167,9 @@ class Config:
             known = {f.name for f in fields(sub)}
             for name in values:
                 _require(name in known, f"{section}.{name}", f"unknown key; known keys: {sorted(known)}")
-            cfg = dataclasses.replace(cfg, **{section: _build(type(sub), {**dataclasses.asdict(sub), **values}, section)})
+            cfg = dataclasses.replace(
+                cfg, **{section: _build(type(sub), {**dataclasses.asdict(sub), **values}, section)}
+            )
         return cfg
 
 
@@ -190,7 +192,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
         return value
     if hint is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}"
+        )
         return float(value)
     if hint is str:
         _require(isinstance(value, (str, os.PathLike)), key, f"must be a string, got {value!r}")
@@ -202,7 +206,9 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
-    _require(not unknown, f"{section}.{unknown[0]}" if unknown else section, f"unknown key; known keys: {sorted(known)}")
+    _require(
+        not unknown, f"{section}.{unknown[0]}" if unknown else section, f"unknown key; known keys: {sorted(known)}"
+    )
     return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
 
 

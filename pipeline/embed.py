@@ -126,7 +126,11 @@ def describe_weights(arch: str, weights: str, seed: int = 0) -> dict[str, Any]:
             f"weights file {weights} does not exist; pass --weights imagenet, --weights random "
             f"(tests only) or the path of a torchvision {arch} state_dict (.pth)"
         )
-    return {"weights_id": f"file:{os.path.abspath(weights)}", "weights_sha256": sha256_file(weights), "pretrained": True}
+    return {
+        "weights_id": f"file:{os.path.abspath(weights)}",
+        "weights_sha256": sha256_file(weights),
+        "pretrained": True,
+    }
 
 
 def _state_dict(arch: str, weights: str) -> dict[str, Any]:
@@ -156,7 +160,6 @@ def build_model(spec: ModelSpec):
     """Build the headless backbone on the CPU in eval mode: ``(N, 3, H, W) -> (N, dim)``."""
     import torch
     import torchvision.models as tvm
-    from torch import nn
 
     if spec.arch not in BACKBONES:
         raise WeightsError(f"unknown backbone {spec.arch!r}; choose one of {sorted(BACKBONES)}")

@@ -44,7 +44,9 @@ class ImagePlan:
         return self.info.n_windows
 
 
-def plan_images(infos: Sequence[raster.ImageInfo], chunk_px: int, first_id: int = 0, first_slot: int = 0) -> list[ImagePlan]:
+def plan_images(
+    infos: Sequence[raster.ImageInfo], chunk_px: int, first_id: int = 0, first_slot: int = 0
+) -> list[ImagePlan]:
     """Assign image ids (in the given order) and contiguous slot ranges."""
     plans = []
     slot = first_slot
@@ -93,7 +95,9 @@ def _chunk_layers(plans: Sequence[ImagePlan], cfg: Config, spec: ModelSpec):
                 c_dsk[(crd, k, 0)] = (tiles.chunk_coords, sy, sx, plan.info.transform, plan.info.crs)
                 sizes.append(sy.count * sx.count)
     n = tuple(sizes)
-    e = da.Array(HighLevelGraph.from_collections(emb, e_dsk, dependencies=pixel_arrays), emb, (n, (spec.dim + 1,)), np.float32)
+    e = da.Array(
+        HighLevelGraph.from_collections(emb, e_dsk, dependencies=pixel_arrays), emb, (n, (spec.dim + 1,)), np.float32
+    )
     i = da.Array(i_dsk, ids, (n, (4,)), np.int64)
     c = da.Array(c_dsk, crd, (n, (4,)), np.float64)
     return e, i, c
@@ -220,7 +224,9 @@ def ingest(
     final = store.check_writable(store_path, overwrite)
     paths = raster.expand_sources(sources)
     if not paths:
-        raise raster.RasterError(f"no images found in {list(map(str, sources))}: pass GeoTIFF files, folders of them or a .txt list")
+        raise raster.RasterError(
+            f"no images found in {list(map(str, sources))}: pass GeoTIFF files, folders of them or a .txt list"
+        )
     infos = [raster.read_header(p) for p in paths]
     for info in infos:
         raster.check_image(info, cfg.tiling.bands, cfg.tiling.scale)

@@ -156,7 +156,9 @@ def check_image(info: ImageInfo, bands: Sequence[int], scale: Sequence[float] | 
             f"to map that value range to 0..255, e.g. --scale 0,4095 for 12-bit imagery"
         )
     if not info.crs:
-        warnings.warn(f"{info.path}: no CRS; its tiles are kept but lon/lat are NaN (x/y are pixel coordinates)", stacklevel=2)
+        warnings.warn(
+            f"{info.path}: no CRS; its tiles are kept but lon/lat are NaN (x/y are pixel coordinates)", stacklevel=2
+        )
     if info.width < grid.TILE or info.height < grid.TILE:
         warnings.warn(
             f"{info.path}: {info.width} x {info.height} px is smaller than one {grid.TILE} px window; it yields no tiles",

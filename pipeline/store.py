@@ -61,7 +61,9 @@ def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise StoreError(f"cannot create the folder {parent} for store {p} ({e}); choose a writable --store path") from e
+        raise StoreError(
+            f"cannot create the folder {parent} for store {p} ({e}); choose a writable --store path"
+        ) from e
     if not os.access(parent, os.W_OK):
         raise StoreError(f"cannot write in {parent} (permission denied); choose a writable --store path")
     return p

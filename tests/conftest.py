@@ -68,7 +68,9 @@ def data_dir() -> Path:
     """The real imagery folder from $AERIAL_SEARCH_DATA, or a skip that says how to get it."""
     root = os.environ.get(DATA_ENV)
     if not root or not Path(root, "aerial").is_dir():
-        pytest.skip(f"real imagery not available: set {DATA_ENV} to the shared data folder (holding aerial/, ucmerced/)")
+        pytest.skip(
+            f"real imagery not available: set {DATA_ENV} to the shared data folder (holding aerial/, ucmerced/)"
+        )
     return Path(root)
 
 

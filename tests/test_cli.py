@@ -1,0 +1,99 @@
+"""The command line: flags reach the config, errors are one clear line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from conftest import textured, write_tif
+
+from pipeline import open_store
+from pipeline.cli import main
+
+
+def test_ingest_and_info(tmp_path, capsys):
+    img = write_tif(tmp_path / "img one é.tif", textured(520, 700, seed=3))
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text("store:\n  chunk_tiles: 4\nread:\n  chunk_px: 256\n")
+    rc = main(
+        [
+            "ingest",
+            str(img),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            "--weights",
+            "random",
+            "--config",
+            str(cfgfile),
+            "--dtype",
+            "float16",
+            "--batch-size",
+            "3",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "windows      9 (9 kept, 0 dropped" in out and "NOT PRETRAINED" in out
+    ds = open_store(tmp_path / "s.zarr")
+    assert ds["fingerprint"].dtype == np.float16 and ds["fingerprint"].encoding["chunks"] == (4, 512)
+    assert ds.attrs["config"]["model"]["batch_size"] == 3 and ds.attrs["config"]["read"]["chunk_px"] == 256
+    assert ds["image_path"].values[0] == str(img.resolve())
+    assert main(["info", "--store", str(tmp_path / "s.zarr"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tiles"] == 9 and info["images_by_status"] == {"done": 1} and info["model"]["arch"] == "resnet18"
+
+
+def test_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    grey = write_tif(tmp_path / "grey.tif", textured(300, 300, bands=1))
+    assert main(["ingest", str(grey), "--store", str(tmp_path / "s.zarr"), "--weights", "random"]) == 2
+    err = capsys.readouterr().err
+    assert "grey.tif" in err and "--bands 1,1,1" in err and "Traceback" not in err
+    assert not (tmp_path / "s.zarr").exists()
+    assert main(["ingest", str(grey), "--store", str(tmp_path / "s.zarr"), "--chunk-px", "300"]) == 2
+    assert "read.chunk_px" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "ingest",
+                str(grey),
+                "--store",
+                str(tmp_path / "t.zarr"),
+                "--bands",
+                "1,1,1",
+                "--weights",
+                str(tmp_path / "no.pth"),
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["info", "--store", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_runs_with_local_cluster(tmp_path):
+    img = write_tif(tmp_path / "img.tif", textured(256, 512, seed=4))
+    exe = [sys.executable, "-m", "pipeline.cli"]
+    res = subprocess.run(
+        exe
+        + [
+            "ingest",
+            str(img),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            "--weights",
+            "random",
+            "--scheduler",
+            "local",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "dask cluster" in res.stdout and "windows      3" in res.stdout
