@@ -23,12 +23,17 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
 
 
-def _float_pair(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX like 0,4095, got {text!r}") from None
-    return lo, hi
+def _float_list(n: int):
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            vals = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            vals = ()
+        if len(vals) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
+        return vals
+
+    return parse
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -75,13 +80,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     g = p.add_argument_group("tiling and layout")
     g.add_argument("--bands", dest="tiling.bands", type=_int_list, help="three 1-based bands as R,G,B (default 1,2,3)")
-    g.add_argument("--scale", dest="tiling.scale", type=_float_pair, help="MIN,MAX -> 0..255 for non-uint8 imagery")
+    g.add_argument("--scale", dest="tiling.scale", type=_float_list(2), help="MIN,MAX -> 0..255 for non-uint8 imagery")
     g.add_argument(
         "--black-level", dest="tiling.black_level", type=int, help="pixels with all bands <= this are nodata"
     )
     g.add_argument("--chunk-px", dest="read.chunk_px", type=int, help="read chunk side in pixels (multiple of 128)")
     g.add_argument("--dtype", dest="store.dtype", choices=["float32", "float16"], help="fingerprint dtype in the store")
     g.add_argument("--chunk-tiles", dest="store.chunk_tiles", type=int, help="tiles per Zarr chunk")
+    _add_cluster(p)
+
+    p = sub.add_parser("search", help="find the k tiles most similar to a query")
+    p.add_argument("--store", required=True, help="the Zarr store to search")
+    p.add_argument("-k", type=int, default=10, help="number of results per query (default 10)")
+    g = p.add_argument_group("queries (repeat or combine; all are answered in one pass over the store)")
+    g.add_argument("--uid", action="append", default=[], help="a tile uid of the store (or of --query-store)")
+    g.add_argument("--uids-file", help="text file with one uid per line")
+    g.add_argument("--image", action="append", default=[], help="PNG/JPEG/TIFF fingerprinted with the store's model")
+    g.add_argument(
+        "--lonlat", action="append", default=[], type=_float_list(2), help="LON,LAT: the tile centred nearest"
+    )
+    g.add_argument("--query-store", help="take --uid fingerprints from this store (same model required)")
+    g = p.add_argument_group("filters")
+    g.add_argument("--include-overlapping", action="store_true", help="keep the query tile and tiles overlapping it")
+    g.add_argument("--diverse", action="store_true", help="skip results overlapping a better result")
+    g.add_argument("--bbox", type=_float_list(4), help="W,S,E,N: only tiles centred in this lon/lat box")
+    g.add_argument("--images", help="glob: only tiles of source images whose path (or file name) matches")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", dest="json_out", help="write results as JSON to this file")
+    g.add_argument("--sheet", help="write a PNG of the query and its results (several queries: NAME-1.png, ...)")
+    g.add_argument("--split-every", type=int, default=8, help="fan-in of the top-k tree reduction")
+    g.add_argument("--weights", dest="query_weights", help="local copy of the store's weights file (checked by sha256)")
+    g.add_argument("--device", dest="model.device", help="auto | cpu | cuda for --image queries")
+    _add_common(p)
     _add_cluster(p)
 
     p = sub.add_parser("info", help="summarize a store")
@@ -121,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from pipeline.embed import WeightsError
     from pipeline.raster import RasterError
+    from pipeline.search import SearchError
     from pipeline.store import StoreError
 
     try:
@@ -130,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = config_from_args(args)
             report = ingest(args.sources, args.store, cfg, overwrite=args.overwrite)
             print(report)
+        elif args.command == "search":
+            from pipeline.search_cmd import run_search
+
+            return run_search(args, config_from_args(args))
         elif args.command == "info":
             from pipeline.store import summarize
 
@@ -138,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(summary, indent=2))
             else:
                 _print_info(summary)
-    except (ConfigError, RasterError, StoreError, WeightsError, FileNotFoundError) as e:
+    except (ConfigError, RasterError, StoreError, WeightsError, SearchError, FileNotFoundError) as e:
         print(f"aerial-search {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

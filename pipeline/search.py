@@ -1,0 +1,512 @@
+"""Exact k-nearest-neighbour search over a fingerprint store: per-chunk top-k + tree reduction.
+
+Kernels (NumPy): :func:`chunk_topk` computes squared Euclidean distances of one chunk to every
+query with precomputed norms (``|x|^2 - 2 x.q + |q|^2``, float32 BLAS), masks invalid and
+excluded rows, and keeps an *unsorted* partial top-k (``argpartition``) per query, carrying
+global uids and centres. :func:`merge_topk` is the same selection over concatenated partial
+results, so it serves as the combine step of the tree; only :func:`finalize` sorts.
+
+Graph: one ``chunk_topk`` task per Zarr chunk, combined ``split_every`` at a time until one
+remains. It runs on whatever :class:`~pipeline.cluster.Runtime` is active (threads, a
+LocalCluster, a remote scheduler). :class:`SearchIndex` holds the chunks (with their norms)
+in memory, via ``client.persist`` on a cluster, for repeated queries.
+
+Semantics: ties are broken by uid; k larger than the candidates returns them all; the query's
+own tile and tiles overlapping it are excluded unless ``include_overlapping``; ``diverse``
+applies spatial non-maximum suppression and widens the candidate pool until it has k results.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline import grid
+
+RESULT_DTYPE = np.dtype([("d2", "f8"), ("uid", "u8"), ("lon", "f8"), ("lat", "f8")])
+EARTH_M_PER_DEG = 111_320.0
+
+
+class SearchError(ValueError):
+    """A query cannot be answered; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+
+
+@dataclass(frozen=True)
+class Queries:
+    """A batch of ``m`` queries: fingerprints and what exclusion needs to know of each.
+
+    ``fingerprints`` float32 ``(m, dim)``. ``image``/``row``/``col`` locate a query tile of this
+    store (-1 for queries from elsewhere); ``lon``/``lat`` (NaN if unknown) and ``half_m`` (half
+    the tile's ground size in metres) exclude overlapping tiles of other images.
+    """
+
+    fingerprints: np.ndarray
+    image: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    lon: np.ndarray
+    lat: np.ndarray
+    half_m: np.ndarray
+
+    @classmethod
+    def from_fingerprints(cls, fp: np.ndarray) -> Queries:
+        fp = np.atleast_2d(np.asarray(fp, dtype=np.float32))
+        m = len(fp)
+        nan = np.full(m, np.nan)
+        minus = np.full(m, -1, dtype=np.int64)
+        return cls(fp, minus, minus.copy(), minus.copy(), nan, nan.copy(), nan.copy())
+
+    def __len__(self) -> int:
+        return len(self.fingerprints)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Restrictions applied inside every chunk before the top-k."""
+
+    include_overlapping: bool = False
+    bbox: tuple[float, float, float, float] | None = None  # W, S, E, N in degrees
+    image_ids: tuple[int, ...] | None = None  # only these source images
+
+
+def overlaps(
+    image_a: np.ndarray,
+    row_a: np.ndarray,
+    col_a: np.ndarray,
+    lon_a: np.ndarray,
+    lat_a: np.ndarray,
+    half_a: np.ndarray,
+    image_b: int,
+    row_b: int,
+    col_b: int,
+    lon_b: float,
+    lat_b: float,
+    half_b: float,
+) -> np.ndarray:
+    """bool: tiles ``a`` (arrays) whose footprint overlaps tile ``b`` (scalars).
+
+    Same image: ``|drow| < 256`` and ``|dcol| < 256``. Other images, both with lon/lat: the
+    footprints, taken as north-up squares of side ``2 * half`` metres around the centres,
+    intersect (local equirectangular metres around ``b``).
+    """
+    same = (image_a == image_b) & (np.abs(row_a - row_b) < grid.TILE) & (np.abs(col_a - col_b) < grid.TILE)
+    if not (np.isfinite(lon_b) and np.isfinite(lat_b) and np.isfinite(half_b)):
+        return same
+    dx = (lon_a - lon_b) * EARTH_M_PER_DEG * math.cos(math.radians(lat_b))
+    dy = (lat_a - lat_b) * EARTH_M_PER_DEG
+    reach = half_a + half_b
+    with np.errstate(invalid="ignore"):
+        ground = (image_a != image_b) & (np.abs(dx) < reach) & (np.abs(dy) < reach)
+    return same | ground
+
+
+def _select(d2: np.ndarray, uid: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` smallest ``(d2, uid)`` pairs among finite ``d2``, unsorted."""
+    finite = np.flatnonzero(np.isfinite(d2))
+    if len(finite) <= k:
+        return finite
+    part = finite[np.argpartition(d2[finite], k - 1)[:k]]
+    threshold = d2[part].max()
+    cand = finite[d2[finite] <= threshold]  # ties at the boundary: decide by uid
+    if len(cand) == k:
+        return cand
+    return cand[np.lexsort((uid[cand], d2[cand]))[:k]]
+
+
+def chunk_topk(block: dict[str, np.ndarray], queries: Queries, k: int, filters: Filters, half_m: np.ndarray) -> list:
+    """Partial top-k of one chunk for each query: a list of ``m`` RESULT_DTYPE arrays (unsorted).
+
+    ``block``: ``fingerprint`` (n, dim) float32 or float16, ``sqnorm`` (n,) float32 (or absent:
+    computed here), ``valid``, ``uid``, ``image``, ``row``, ``col``, ``lon``, ``lat``.
+    ``half_m``: half tile size in metres per image id (for ground-overlap exclusion).
+    """
+    x = block["fingerprint"]
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    sqnorm = block.get("sqnorm")
+    if sqnorm is None:
+        sqnorm = np.einsum("ij,ij->i", x, x)
+    allowed = block["valid"].astype(bool, copy=True)
+    image, row, col = block["image"], block["row"], block["col"]
+    lon, lat, uid = block["lon"], block["lat"], block["uid"]
+    if filters.bbox is not None:
+        w, s, e, n = filters.bbox
+        with np.errstate(invalid="ignore"):
+            allowed &= (lon >= w) & (lon <= e) & (lat >= s) & (lat <= n)
+    if filters.image_ids is not None:
+        allowed &= np.isin(image, filters.image_ids)
+    q = queries.fingerprints
+    qnorm = np.einsum("ij,ij->i", q, q)
+    # (n, m) squared distances by the norm expansion: one float32 matrix product.
+    d2 = sqnorm[:, None] - 2.0 * (x @ q.T) + qnorm[None, :]
+    half_rows = half_m[image] if len(image) else np.zeros(0)
+    out = []
+    for j in range(len(queries)):
+        ok = allowed
+        if not filters.include_overlapping and (queries.image[j] >= 0 or np.isfinite(queries.lon[j])):
+            ok = ok & ~overlaps(
+                image, row, col, lon, lat, half_rows,
+                queries.image[j], queries.row[j], queries.col[j], queries.lon[j], queries.lat[j], queries.half_m[j],
+            )  # fmt: skip
+        dj = np.where(ok, d2[:, j], np.inf)
+        sel = _select(dj, uid, k)
+        # Exact distances for the few kept rows: the expansion loses precision near zero.
+        diff = x[sel] - q[j]
+        res = np.empty(len(sel), dtype=RESULT_DTYPE)
+        res["d2"] = np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
+        res["uid"], res["lon"], res["lat"] = uid[sel], lon[sel], lat[sel]
+        out.append(res)
+    return out
+
+
+def merge_topk(parts: Sequence[list], k: int) -> list:
+    """Combine step: the same unsorted top-k selection over several partial results."""
+    merged = []
+    for j in range(len(parts[0])):
+        cat = np.concatenate([p[j] for p in parts])
+        merged.append(cat[_select(cat["d2"], cat["uid"], k)])
+    return merged
+
+
+def finalize(part: list) -> list:
+    """Sort each query's results by (distance, uid)."""
+    return [r[np.lexsort((r["uid"], r["d2"]))] for r in part]
+
+
+def tree_topk(
+    blocks: Sequence[Any], queries: Queries, k: int, filters: Filters, half_m: np.ndarray, split_every: int = 8
+):
+    """Dask graph (a ``Delayed``) of the per-chunk map and the tree reduction to the global top-k."""
+    import dask
+
+    if split_every < 2:
+        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    kernel = dask.delayed(chunk_topk, pure=True)
+    combine = dask.delayed(merge_topk, pure=True)
+    level = [kernel(b, queries, k, filters, half_m) for b in blocks]
+    if not level:
+        return dask.delayed(lambda: [np.empty(0, RESULT_DTYPE) for _ in range(len(queries))])()
+    while len(level) > 1:
+        level = [combine(level[s : s + split_every], k) for s in range(0, len(level), split_every)]
+    return dask.delayed(finalize, pure=True)(level[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Store access
+
+
+BLOCK_VARS = ("fingerprint", "valid", "uid", "image", "row", "col", "lon", "lat")
+
+
+def _make_block(*arrays: np.ndarray, with_norms: bool) -> dict[str, np.ndarray]:
+    block = dict(zip(BLOCK_VARS, arrays))
+    if with_norms:
+        x = block["fingerprint"].astype(np.float32, copy=False)
+        block["sqnorm"] = np.einsum("ij,ij->i", x, x)
+    return block
+
+
+def store_blocks(ds, with_norms: bool = False) -> list:
+    """One delayed dict of arrays per Zarr chunk of the store (lazy reads)."""
+    import dask
+
+    arrays = [ds[name].data for name in BLOCK_VARS]
+    arrays[0] = arrays[0].rechunk({1: -1})
+    per_var = [a.to_delayed().ravel() for a in arrays]
+    make = dask.delayed(_make_block, pure=True)
+    return [make(*parts, with_norms=with_norms) for parts in zip(*per_var)]
+
+
+def half_tile_metres(ds) -> np.ndarray:
+    """Half a window's ground size in metres for each image (NaN without a CRS)."""
+    from pipeline.tiles import to_lonlat
+
+    t = ds["transform"].values
+    out = np.full(len(t), np.nan)
+    for i, (a, b, c, d, e, f) in enumerate(t):
+        crs = str(ds["crs"].values[i])
+        if not crs:
+            continue
+        xs = np.array([c, c + a * grid.TILE])
+        ys = np.array([f, f + d * grid.TILE])
+        lon, lat = to_lonlat(xs, ys, crs)
+        dx = (lon[1] - lon[0]) * EARTH_M_PER_DEG * math.cos(math.radians(lat[0]))
+        dy = (lat[1] - lat[0]) * EARTH_M_PER_DEG
+        out[i] = 0.5 * math.hypot(dx, dy)
+    return out
+
+
+@dataclass
+class Result:
+    """Search results for one query (sorted)."""
+
+    query: dict[str, Any]
+    uid: np.ndarray
+    distance: np.ndarray
+    image_path: list[str]
+    row: np.ndarray
+    col: np.ndarray
+    lon: np.ndarray
+    lat: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.uid)
+
+    def records(self) -> list[dict[str, Any]]:
+        def num(v: float) -> float | None:
+            return None if not np.isfinite(v) else float(v)
+
+        return [
+            {
+                "rank": i + 1,
+                "uid": str(int(self.uid[i])),
+                "distance": float(self.distance[i]),
+                "image_path": self.image_path[i],
+                "row": int(self.row[i]),
+                "col": int(self.col[i]),
+                "lon": num(self.lon[i]),
+                "lat": num(self.lat[i]),
+            }
+            for i in range(len(self))
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"query": self.query, "results": self.records()}
+
+    def table(self) -> str:
+        lines = [
+            f"query: {self.query.get('label', '')}",
+            f"{'rank':>4}  {'uid':>20}  {'distance':>10}  {'row':>6}  {'col':>6}  {'lon':>11}  {'lat':>10}  image",
+        ]
+        for r in self.records():
+            lon = f"{r['lon']:.6f}" if r["lon"] is not None else "nan"
+            lat = f"{r['lat']:.6f}" if r["lat"] is not None else "nan"
+            lines.append(
+                f"{r['rank']:>4}  {r['uid']:>20}  {r['distance']:>10.4f}  {r['row']:>6}  {r['col']:>6}  {lon:>11}  {lat:>10}  {r['image_path']}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class SearchIndex:
+    """Exact search over one store. ``persist()`` holds the chunks (and norms) in memory.
+
+    >>> index = SearchIndex.open("tiles.zarr")           # doctest: +SKIP
+    >>> index.persist()                                   # doctest: +SKIP
+    >>> [res] = index.search(index.queries_from_uids([uid]), k=10)  # doctest: +SKIP
+    """
+
+    ds: Any
+    path: str = ""
+    runtime: Any = None  # pipeline.cluster.Runtime; None = local threads
+    split_every: int = 8
+    _blocks: list | None = field(default=None, repr=False)
+    _half_m: np.ndarray | None = field(default=None, repr=False)
+    _paths: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: str, runtime: Any = None, split_every: int = 8) -> SearchIndex:
+        from pipeline.store import open_store
+
+        return cls(open_store(path), str(path), runtime, split_every)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        from pipeline.store import provenance
+
+        return provenance(self.ds)
+
+    @property
+    def half_m(self) -> np.ndarray:
+        if self._half_m is None:
+            self._half_m = half_tile_metres(self.ds)
+        return self._half_m
+
+    @property
+    def image_paths(self) -> np.ndarray:
+        if self._paths is None:
+            self._paths = self.ds["image_path"].values.astype(object)
+        return self._paths
+
+    def blocks(self) -> list:
+        return self._blocks if self._blocks is not None else store_blocks(self.ds)
+
+    def persist(self) -> SearchIndex:
+        """Load every chunk once (with precomputed norms) and keep it in memory or cluster memory."""
+        import dask
+
+        blocks = store_blocks(self.ds, with_norms=True)
+        client = getattr(self.runtime, "client", None)
+        if client is not None:
+            self._blocks = client.persist(blocks)
+        else:
+            self._blocks = [dask.delayed(b, traverse=False) for b in dask.compute(*blocks, scheduler="threads")]
+        return self
+
+    def _compute(self, graph):
+        if self.runtime is not None:
+            return self.runtime.compute(graph)[0]
+        return graph.compute(scheduler="threads")
+
+    def search(
+        self,
+        queries: Queries,
+        k: int,
+        filters: Filters | None = None,
+        diverse: bool = False,
+        labels: Sequence[dict] | None = None,
+    ) -> list[Result]:
+        """The ``k`` nearest valid tiles to each query (exact Euclidean distance)."""
+        if k <= 0:
+            raise SearchError(f"k must be a positive number of results, got {k}")
+        dim = self.ds.sizes["feature"]
+        if queries.fingerprints.shape[1] != dim:
+            raise SearchError(
+                f"query fingerprints have {queries.fingerprints.shape[1]} dimensions but the store holds {dim}-d "
+                f"fingerprints of {self.provenance.get('model', {}).get('arch')}; fingerprint queries with the store's model"
+            )
+        filters = filters or Filters()
+        pool = k * 9 if diverse else k  # a result suppresses at most its 8 same-image neighbours
+        while True:
+            raw = self._compute(tree_topk(self.blocks(), queries, pool, filters, self.half_m, self.split_every))
+            if not diverse:
+                break
+            picked = [self._nms(r, k) for r in raw]
+            saturated = any(len(p) < k and len(r) == pool for p, r in zip(picked, raw))
+            if not saturated:
+                raw = picked
+                break
+            pool *= 4
+        labels = labels or [{} for _ in raw]
+        return [self._result(r, lab) for r, lab in zip(raw, labels)]
+
+    def _nms(self, res: np.ndarray, k: int) -> np.ndarray:
+        image, row, col = grid.unpack_uid(res["uid"])
+        half = self.half_m[image] if len(image) else np.zeros(0)
+        keep: list[int] = []
+        for i in range(len(res)):
+            if len(keep) == k:
+                break
+            if keep:
+                idx = np.array(keep)
+                hit = overlaps(
+                    image[idx], row[idx], col[idx], res["lon"][idx], res["lat"][idx], half[idx],
+                    image[i], row[i], col[i], res["lon"][i], res["lat"][i], half[i],
+                )  # fmt: skip
+                if hit.any():
+                    continue
+            keep.append(i)
+        return res[keep]
+
+    def _result(self, res: np.ndarray, query: dict) -> Result:
+        image, row, col = grid.unpack_uid(res["uid"])
+        return Result(
+            query=query,
+            uid=res["uid"],
+            distance=np.sqrt(np.maximum(res["d2"], 0.0)),
+            image_path=[str(self.image_paths[i]) for i in image],
+            row=row,
+            col=col,
+            lon=res["lon"],
+            lat=res["lat"],
+        )
+
+    # ---- query resolution ----------------------------------------------------------------
+
+    def slot_of(self, uid: int) -> int:
+        """Slot of ``uid`` in this store, from grid math (no scan); SearchError if not a tile."""
+        image_id, row, col = (int(v) for v in grid.unpack_uid(np.uint64(uid)))
+        n_img = self.ds.sizes["img"]
+        if not 0 <= image_id < n_img:
+            raise SearchError(f"uid {uid} names image {image_id}, but the store has images 0..{n_img - 1}")
+        h, w = int(self.ds["height"].values[image_id]), int(self.ds["width"].values[image_id])
+        chunk_px = int(self.provenance["layout"]["chunk_px"])
+        slot = slot_in_image(row, col, h, w, chunk_px)
+        if slot is None:
+            raise SearchError(f"uid {uid} (row {row}, col {col}) is not a window of image {self.image_paths[image_id]}")
+        slot += int(self.ds["tile_start"].values[image_id])
+        if int(self.ds["uid"][slot].values) != uid:
+            raise SearchError(f"store layout does not match uid {uid}; the store may be damaged")
+        return slot
+
+    def queries_from_uids(self, uids: Sequence[int]) -> tuple[Queries, list[dict]]:
+        slots = [self.slot_of(int(u)) for u in uids]
+        sel = self.ds.isel(tile=np.array(slots, dtype=np.int64))[
+            ["fingerprint", "valid", "image", "row", "col", "lon", "lat"]
+        ].compute()
+        for u, ok in zip(uids, sel["valid"].values):
+            if not ok:
+                raise SearchError(f"uid {u} is a dropped window (more than 50% nodata) and has no fingerprint")
+        image = sel["image"].values.astype(np.int64)
+        q = Queries(
+            sel["fingerprint"].values.astype(np.float32),
+            image,
+            sel["row"].values.astype(np.int64),
+            sel["col"].values.astype(np.int64),
+            sel["lon"].values,
+            sel["lat"].values,
+            self.half_m[image],
+        )
+        labels = [
+            {
+                "type": "uid",
+                "uid": str(int(u)),
+                "label": f"uid {int(u)}",
+                "image_path": str(self.image_paths[i]),
+                "row": int(r),
+                "col": int(c),
+            }
+            for u, i, r, c in zip(uids, image, q.row, q.col)
+        ]
+        return q, labels
+
+    def nearest_uid(self, lon: float, lat: float) -> tuple[int, float]:
+        """The valid tile whose centre is nearest ``(lon, lat)`` and the distance in metres."""
+        import dask.array as da
+
+        lons, lats, valid = self.ds["lon"].data, self.ds["lat"].data, self.ds["valid"].data
+        dx = (lons - lon) * EARTH_M_PER_DEG * math.cos(math.radians(lat))
+        dy = (lats - lat) * EARTH_M_PER_DEG
+        dist = da.where(valid & da.isfinite(lons), da.sqrt(dx * dx + dy * dy), np.inf)
+        slot = int(self._compute(dist.argmin()))
+        metres = float(self._compute(dist[slot]))
+        if not np.isfinite(metres):
+            raise SearchError(
+                "the store has no tiles with lon/lat (its images have no CRS); query with --uid or --image"
+            )
+        return int(self.ds["uid"][slot].values), metres
+
+    def image_ids_matching(self, pattern: str) -> tuple[int, ...]:
+        ids = tuple(
+            i
+            for i, p in enumerate(self.image_paths)
+            if fnmatch.fnmatch(str(p), pattern) or fnmatch.fnmatch(str(p).rsplit("/", 1)[-1], pattern)
+        )
+        if not ids:
+            raise SearchError(f"--images {pattern!r} matches none of the store's {len(self.image_paths)} image paths")
+        return ids
+
+
+def slot_in_image(row: int, col: int, height: int, width: int, chunk_px: int) -> int | None:
+    """Slot offset of window ``(row, col)`` within its image (chunks row-major, then windows)."""
+    if row % grid.STRIDE or col % grid.STRIDE:
+        return None
+    i, j = row // grid.STRIDE, col // grid.STRIDE
+    ny, nx = grid.windows_per_axis(height), grid.windows_per_axis(width)
+    if not (0 <= i < ny and 0 <= j < nx):
+        return None
+    per = chunk_px // grid.STRIDE
+    ci, cj = i // per, j // per
+    rows_before = min(ci * per, ny)
+    chunk_h = min(per, ny - ci * per)
+    chunk_w = min(per, nx - cj * per)
+    return rows_before * nx + chunk_h * (cj * per) + (i - ci * per) * chunk_w + (j - cj * per)
