@@ -232,7 +232,7 @@ def half_tile_metres(ds) -> np.ndarray:
 
     t = ds["transform"].values
     out = np.full(len(t), np.nan)
-    for i, (a, b, c, d, e, f) in enumerate(t):
+    for i, (a, _b, c, d, _e, f) in enumerate(t):
         crs = str(ds["crs"].values[i])
         if not crs:
             continue
