@@ -1,0 +1,322 @@
+"""Search against a NumPy brute force over the same store, with the same filters."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from conftest import textured, write_tif
+
+from pipeline import Config, grid, ingest, open_store
+from pipeline.cli import main
+from pipeline.search import Filters, SearchError, SearchIndex
+
+PX = 0.5  # metres per pixel of the synthetic flight
+X0, Y0 = 400000.0, 3300000.0
+SHIFT_R, SHIFT_C = 200, 300  # image b is image a shifted by this many pixels: overlapping flights
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flight")
+    base = textured(1000, 1000, seed=11)
+    write_tif(root / "a.tif", base[:, :768, :768], transform=(PX, 0, X0, 0, -PX, Y0))
+    b = base[:, SHIFT_R : SHIFT_R + 640, SHIFT_C : SHIFT_C + 700]
+    write_tif(root / "b.tif", b, transform=(PX, 0, X0 + SHIFT_C * PX, 0, -PX, Y0 - SHIFT_R * PX))
+    far = textured(512, 768, seed=12)
+    far[:, :, :200] = 0  # some dropped windows
+    write_tif(root / "c_far.tif", far, transform=(PX, 0, X0 + 50000, 0, -PX, Y0))
+    write_tif(root / "d_nocrs.tif", textured(512, 512, seed=13), crs=None, transform=None)
+    shutil.copy(root / "d_nocrs.tif", root / "e_copy.tif")  # identical fingerprints: ties
+    return root
+
+
+def _cfg(dtype="float32", chunk_tiles=4):
+    return Config().override(
+        **{
+            "model.weights": "random",
+            "read.chunk_px": 384,
+            "store.chunk_tiles": chunk_tiles,
+            "store.dtype": dtype,
+            "cluster.progress": False,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def stores(archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores")
+    ingest([archive], out / "f32.zarr", _cfg())
+    ingest([archive], out / "f16.zarr", _cfg("float16", chunk_tiles=7))
+    return {"float32": out / "f32.zarr", "float16": out / "f16.zarr"}
+
+
+def load(path):
+    ds = open_store(path)
+    names = ("fingerprint", "valid", "uid", "image", "row", "col", "lon", "lat", "transform", "crs")
+    return ds, {n: ds[n].values for n in names}
+
+
+def footprint(t, row, col, transform):
+    """Ground box (xmin, xmax, ymin, ymax) of a window from its image's affine (oracle)."""
+    a, _, c, _, e, f = transform
+    x0, x1 = c + a * col, c + a * (col + 256)
+    y0, y1 = f + e * row, f + e * (row + 256)
+    return min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)
+
+
+def overlap_oracle(s, q):
+    """Tiles overlapping tile q: same image within 256 px, or intersecting ground boxes (same CRS)."""
+    n = len(s["uid"])
+    out = np.zeros(n, bool)
+    qb = footprint(None, s["row"][q], s["col"][q], s["transform"][s["image"][q]])
+    for t in range(n):
+        if s["image"][t] == s["image"][q]:
+            out[t] = abs(int(s["row"][t]) - int(s["row"][q])) < 256 and abs(int(s["col"][t]) - int(s["col"][q])) < 256
+        elif s["crs"][s["image"][t]] and s["crs"][s["image"][q]]:
+            tb = footprint(None, s["row"][t], s["col"][t], s["transform"][s["image"][t]])
+            out[t] = tb[0] < qb[1] and qb[0] < tb[1] and tb[2] < qb[3] and qb[2] < tb[3]
+    return out
+
+
+def brute(s, qvec, k, allowed):
+    x = s["fingerprint"].astype(np.float64)
+    d = np.sqrt(((x - qvec.astype(np.float64)) ** 2).sum(1))
+    idx = np.flatnonzero(allowed & s["valid"])
+    order = idx[np.lexsort((s["uid"][idx], d[idx]))][:k]
+    return s["uid"][order], d[order]
+
+
+def check(res, uids, dists):
+    np.testing.assert_array_equal(res.uid, uids)
+    np.testing.assert_allclose(res.distance, dists, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("split_every", [2, 3, 16])
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_topk_equals_brute_force(stores, dtype, split_every, k):
+    ds, s = load(stores[dtype])
+    index = SearchIndex(ds, split_every=split_every)
+    assert ds["fingerprint"].encoding["chunks"][0] < k or k < 10  # k larger than a chunk
+    rng = np.random.default_rng(k)
+    qslots = rng.choice(np.flatnonzero(s["valid"]), 3, replace=False)
+    queries, labels = index.queries_from_uids([int(s["uid"][q]) for q in qslots])
+    results = index.search(queries, k, labels=labels)
+    for q, res in zip(qslots, results):
+        uids, d = brute(s, s["fingerprint"][q], k, ~overlap_oracle(s, q))
+        check(res, uids, d)
+        assert res.query["uid"] == str(int(s["uid"][q]))
+
+
+def test_overlapping_flight_tiles_are_excluded_unless_asked(stores):
+    ds, s = load(stores["float32"])
+    index = SearchIndex(ds)
+    # A tile of a.tif that b.tif also covers: b holds the same pixels shifted.
+    q = int(np.flatnonzero((s["image"] == 0) & (s["row"] == 256) & (s["col"] == 384))[0])
+    ov = overlap_oracle(s, q)
+    assert ov[s["image"] == 1].any()  # the other flight does overlap on the ground
+    queries, _ = index.queries_from_uids([int(s["uid"][q])])
+    [res] = index.search(queries, 15)
+    assert not np.isin(res.uid, s["uid"][ov]).any()
+    check(res, *brute(s, s["fingerprint"][q], 15, ~ov))
+    [incl] = index.search(queries, 15, Filters(include_overlapping=True))
+    check(incl, *brute(s, s["fingerprint"][q], 15, np.ones_like(ov)))
+    assert incl.uid[0] == s["uid"][q] and incl.distance[0] == 0.0
+
+
+def nms_oracle(s, ranked_slots, k):
+    keep = []
+    for t in ranked_slots:
+        if len(keep) == k:
+            break
+        if not any(overlap_oracle(s, t)[keep]):
+            keep.append(t)
+    return keep
+
+
+def test_diverse_returns_k_non_overlapping_results(stores):
+    ds, s = load(stores["float32"])
+    index = SearchIndex(ds)
+    q = int(np.flatnonzero(s["valid"] & (s["image"] == 2))[0])
+    allowed = ~overlap_oracle(s, q) & s["valid"]
+    x = s["fingerprint"].astype(np.float64)
+    d = np.sqrt(((x - x[q]) ** 2).sum(1))
+    idx = np.flatnonzero(allowed)
+    ranked = idx[np.lexsort((s["uid"][idx], d[idx]))]
+    k = 6
+    expect = nms_oracle(s, ranked, k)
+    assert len(expect) == k
+    queries, _ = index.queries_from_uids([int(s["uid"][q])])
+    [res] = index.search(queries, k, diverse=True)
+    np.testing.assert_array_equal(res.uid, s["uid"][expect])
+    [plain] = index.search(queries, k)
+    assert not np.array_equal(plain.uid, res.uid)  # without NMS neighbours crowd in
+
+
+def test_bbox_and_image_filters(stores):
+    ds, s = load(stores["float32"])
+    index = SearchIndex(ds)
+    q = int(np.flatnonzero(s["valid"] & (s["image"] == 0))[3])
+    lon, lat = s["lon"][s["valid"] & (s["image"] <= 1)], s["lat"][s["valid"] & (s["image"] <= 1)]
+    bbox = (float(np.median(lon)), float(lat.min()), float(lon.max()), float(np.median(lat)))
+    queries, _ = index.queries_from_uids([int(s["uid"][q])])
+    [res] = index.search(queries, 50, Filters(bbox=bbox))
+    inside = (s["lon"] >= bbox[0]) & (s["lon"] <= bbox[2]) & (s["lat"] >= bbox[1]) & (s["lat"] <= bbox[3])
+    check(res, *brute(s, s["fingerprint"][q], 50, inside & ~overlap_oracle(s, q)))
+    assert 0 < len(res) < 50  # fewer candidates than k: all of them
+    ids = index.image_ids_matching("*nocrs*")
+    [res2] = index.search(queries, 5, Filters(image_ids=ids))
+    check(res2, *brute(s, s["fingerprint"][q], 5, s["image"] == ids[0]))
+
+
+def test_ties_broken_by_uid_and_k_beyond_candidates(stores):
+    ds, s = load(stores["float32"])
+    index = SearchIndex(ds)
+    d_id, e_id = 3, 4  # identical images: every d tile has an exact twin in e
+    q = int(np.flatnonzero(s["image"] == d_id)[4])
+    twin = np.flatnonzero((s["image"] == e_id) & (s["row"] == s["row"][q]) & (s["col"] == s["col"][q]))[0]
+    np.testing.assert_array_equal(s["fingerprint"][q], s["fingerprint"][twin])
+    queries, _ = index.queries_from_uids([int(s["uid"][q])])
+    [res] = index.search(queries, 10_000)
+    assert len(res) == (s["valid"] & ~overlap_oracle(s, q)).sum()
+    check(res, *brute(s, s["fingerprint"][q], 10_000, ~overlap_oracle(s, q)))
+    assert res.uid[0] == s["uid"][twin] and res.distance[0] == 0.0
+    # Tiles with equal distance appear in uid order.
+    same = res.distance[1:] == res.distance[:-1]
+    assert np.all(res.uid[1:][same] > res.uid[:-1][same])
+    with pytest.raises(SearchError, match="positive"):
+        index.search(queries, 0)
+
+
+def test_persisted_index_and_local_cluster_equal_threads(stores):
+    from distributed import Client, LocalCluster
+
+    from pipeline.cluster import Runtime
+
+    ds, s = load(stores["float32"])
+    plain = SearchIndex(ds)
+    uids = [int(u) for u in s["uid"][s["valid"]][::9]]
+    queries, _ = plain.queries_from_uids(uids)
+    ref = plain.search(queries, 7)
+    mem = SearchIndex(ds).persist().search(queries, 7)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            rt = Runtime("client", client=client, progress=False)
+            dist = SearchIndex(ds, runtime=rt, split_every=2).search(queries, 7)
+            dist_mem = SearchIndex(ds, runtime=rt).persist().search(queries, 7)
+    for a, b, c, d in zip(ref, mem, dist, dist_mem):
+        for other in (b, c, d):
+            np.testing.assert_array_equal(a.uid, other.uid)
+            np.testing.assert_allclose(a.distance, other.distance, rtol=1e-6)
+
+
+def test_slot_of_matches_a_scan(stores):
+    ds, s = load(stores["float16"])
+    index = SearchIndex(ds)
+    for slot in range(0, len(s["uid"]), 5):
+        assert index.slot_of(int(s["uid"][slot])) == slot
+    with pytest.raises(SearchError, match="names image 99"):
+        index.slot_of(99 * 2**40)
+    with pytest.raises(SearchError, match="not a window"):
+        index.slot_of(int(grid.pack_uid(0, 128 * 50, 0)))
+
+
+def test_cli_json_sheet_and_lonlat(stores, tmp_path, capsys):
+    from PIL import Image
+
+    from pipeline.render import GAP, LABEL_H, read_tile
+
+    ds, s = load(stores["float32"])
+    q = int(np.flatnonzero(s["valid"] & (s["image"] == 3))[0])  # no CRS: lon/lat null in JSON
+    out_json, out_png = tmp_path / "r.json", tmp_path / "sheet.png"
+    k = 4
+    rc = main(["search", "--store", str(stores["float32"]), "-k", str(k), "--uid", str(int(s["uid"][q])),
+               "--json", str(out_json), "--sheet", str(out_png), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out_json.read_text())
+    assert doc["query"]["uid"] == str(int(s["uid"][q]))
+    assert [r["rank"] for r in doc["results"]] == list(range(1, k + 1))
+    uids, d = brute(s, s["fingerprint"][q], k, ~overlap_oracle(s, q))
+    assert [r["uid"] for r in doc["results"]] == [str(int(u)) for u in uids]
+    np.testing.assert_allclose([r["distance"] for r in doc["results"]], d, rtol=1e-4)
+    first = doc["results"][0]
+    if first["image_path"].endswith(("d_nocrs.tif", "e_copy.tif")):
+        assert first["lon"] is None and first["lat"] is None
+    img = np.asarray(Image.open(out_png).convert("RGB"))
+    cols = k + 1
+    assert img.shape[1] == GAP + cols * (256 + GAP)  # k + 1 tiles in one row
+    for i, r in enumerate([None] + doc["results"]):  # every cell shows the right window
+        y, x = GAP + LABEL_H, GAP + i * (256 + GAP)
+        tile = img[y : y + 256, x : x + 256].transpose(2, 0, 1)
+        if r is None:
+            expect = read_tile(str(ds["image_path"].values[s["image"][q]]), int(s["row"][q]), int(s["col"][q]))
+        else:
+            expect = read_tile(r["image_path"], r["row"], r["col"])
+        np.testing.assert_array_equal(tile, expect)
+
+    # --lonlat picks the tile centred nearest the point; far away is an error naming the distance.
+    t = int(np.flatnonzero(s["valid"] & (s["image"] == 2))[2])
+    capsys.readouterr()
+    assert main(["search", "--store", str(stores["float32"]), "-k", "2", f"--lonlat={s['lon'][t] + 1e-6},{s['lat'][t]}",
+                 "--json", str(out_json)]) == 0  # fmt: skip
+    assert json.loads(out_json.read_text())["query"]["uid"] == str(int(s["uid"][t]))
+    assert main(["search", "--store", str(stores["float32"]), "--lonlat", "10,10"]) == 2
+    assert re.search(r"nearest tile centre is \d+ m away", capsys.readouterr().err)
+
+
+def test_image_query_uses_the_store_model(stores, archive, tmp_path):
+    from PIL import Image
+
+    ds, s = load(stores["float32"])
+    index = SearchIndex(ds)
+    q = int(np.flatnonzero(s["valid"] & (s["image"] == 0))[5])
+    from pipeline.render import read_tile
+
+    px = read_tile(str(ds["image_path"].values[0]), int(s["row"][q]), int(s["col"][q]))
+    png = tmp_path / "q.png"
+    Image.fromarray(px.transpose(1, 2, 0)).save(png)
+    out = tmp_path / "r.json"
+    assert main(["search", "--store", str(stores["float32"]), "-k", "3", "--image", str(png),
+                 "--include-overlapping", "--json", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert doc["results"][0]["uid"] == str(int(s["uid"][q])) and doc["results"][0]["distance"] < 1e-3
+    assert doc["query"]["type"] == "image"
+
+
+def test_bad_queries_are_clear(stores, archive, tmp_path, capsys):
+    ds, s = load(stores["float32"])
+    store = str(stores["float32"])
+    cases = [
+        (["--uid", str(7 * 2**40)], "names image 7"),
+        (["--uid", "abc"], "uids must be integers"),
+        (["--image", str(tmp_path / "missing.png")], "does not exist"),
+        (["--lonlat", "0,0"], "m away"),
+        ([], "no query given"),
+        (["--uid", str(int(s["uid"][0])), "-k", "0"], "positive"),
+    ]
+    bad_png = tmp_path / "bad.png"
+    bad_png.write_text("not a png")
+    cases.append((["--image", str(bad_png)], "cannot be read"))
+    dropped = int(s["uid"][~s["valid"]][0])
+    cases.append((["--uid", str(dropped)], "dropped window"))
+    for extra, msg in cases:
+        capsys.readouterr()
+        assert main(["search", "--store", store] + extra) == 2, extra
+        assert msg in capsys.readouterr().err, (extra, msg)
+    # A store made by another model: its tiles are not comparable.
+    other = tmp_path / "other.zarr"
+    ingest([archive / "a.tif"], other, _cfg().override(**{"model.arch": "resnet34"}))
+    capsys.readouterr()
+    other_uid = str(int(open_store(other)["uid"].values[0]))
+    assert main(["search", "--store", store, "--query-store", str(other), "--uid", other_uid]) == 2
+    err = capsys.readouterr().err
+    assert "fingerprinted differently" in err and "resnet34" in err
+    # Fingerprints of another dimension through the API.
+    from pipeline.search import Queries
+
+    with pytest.raises(SearchError, match="2048 dimensions but the store holds 512-d"):
+        SearchIndex.open(store).search(Queries.from_fingerprints(np.zeros((1, 2048))), 3)
