@@ -272,7 +272,6 @@ def test_image_query_uses_the_store_model(stores, archive, tmp_path):
     from PIL import Image
 
     ds, s = load(stores["float32"])
-    index = SearchIndex(ds)
     q = int(np.flatnonzero(s["valid"] & (s["image"] == 0))[5])
     from pipeline.render import read_tile
 
