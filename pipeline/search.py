@@ -148,17 +148,19 @@ def chunk_topk(block: dict[str, np.ndarray], queries: Queries, k: int, filters: 
     qnorm = np.einsum("ij,ij->i", q, q)
     # (n, m) squared distances by the norm expansion: one float32 matrix product.
     d2 = sqnorm[:, None] - 2.0 * (x @ q.T) + qnorm[None, :]
-    half_rows = half_m[image] if len(image) else np.zeros(0)
+    d2[~allowed] = np.inf
+    if not filters.include_overlapping:
+        half_rows = half_m[image] if len(image) else np.zeros(0)
+        for j in np.flatnonzero((queries.image >= 0) | np.isfinite(queries.lon)):
+            d2[
+                overlaps(
+                    image, row, col, lon, lat, half_rows,
+                    queries.image[j], queries.row[j], queries.col[j], queries.lon[j], queries.lat[j], queries.half_m[j],
+                ),
+                j,
+            ] = np.inf  # fmt: skip
     out = []
-    for j in range(len(queries)):
-        ok = allowed
-        if not filters.include_overlapping and (queries.image[j] >= 0 or np.isfinite(queries.lon[j])):
-            ok = ok & ~overlaps(
-                image, row, col, lon, lat, half_rows,
-                queries.image[j], queries.row[j], queries.col[j], queries.lon[j], queries.lat[j], queries.half_m[j],
-            )  # fmt: skip
-        dj = np.where(ok, d2[:, j], np.inf)
-        sel = _select(dj, uid, k)
+    for j, sel in enumerate(select_columns(d2, uid, k)):
         # Exact distances for the few kept rows: the expansion loses precision near zero.
         diff = x[sel] - q[j]
         res = np.empty(len(sel), dtype=RESULT_DTYPE)
@@ -166,6 +168,21 @@ def chunk_topk(block: dict[str, np.ndarray], queries: Queries, k: int, filters: 
         res["uid"], res["lon"], res["lat"] = uid[sel], lon[sel], lat[sel]
         out.append(res)
     return out
+
+
+def select_columns(d2: np.ndarray, uid: np.ndarray, k: int) -> list[np.ndarray]:
+    """:func:`_select` for every column of ``d2`` (n, m), vectorized over the columns.
+
+    One ``argpartition`` along axis 0 serves all queries; a column falls back to the exact
+    per-column selection only when it has ties at its k-th value or fewer than k finite rows.
+    """
+    n, m = d2.shape
+    if n <= k:
+        return [_select(d2[:, j], uid, k) for j in range(m)]
+    part = np.argpartition(d2, k - 1, axis=0)[:k]
+    kth = np.take_along_axis(d2, part, axis=0).max(axis=0)
+    exact = ((d2 <= kth).sum(axis=0) == k) & np.isfinite(kth)
+    return [part[:, j] if exact[j] else _select(d2[:, j], uid, k) for j in range(m)]
 
 
 def merge_topk(parts: Sequence[list], k: int) -> list:

@@ -1,0 +1,193 @@
+"""Search speed versus k and N: this project (in memory, and from the store in a fresh process),
+a NumPy reference and faiss IndexFlatL2, in one run. Writes benchmarks/search.json.
+
+    pip install faiss-cpu          # benchmark-only dependency
+    python benchmarks/search.py    # N = 45,000 / 1,000,000 (float32) / 10,000,000 (float16)
+    python benchmarks/search.py --sizes 45000 1000000    # skip the 10M store (10 GB on disk)
+
+Fingerprints are synthetic (ReLU'd Gaussian 512-d vectors, like pooled CNN features), written as
+real stores with the project's schema. At 10M only the project's float16 paths run: a float32
+copy for NumPy or faiss (20 GB) does not fit in 24 GiB next to the store's page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import grid  # noqa: E402
+from pipeline.search import Queries, SearchIndex  # noqa: E402
+from pipeline.store import SCHEMA_VERSION, open_store  # noqa: E402
+
+DIM = 512
+IMAGE_SIDE = 10_240  # px: 79 x 79 windows per synthetic image
+
+
+def synthetic_store(path: Path, n: int, dtype: str, chunk_tiles: int = 8192, seed: int = 0) -> Path:
+    """A store with ``n`` synthetic tiles laid out like an ingest of 10,240 px images."""
+    import dask.array as da
+    import xarray as xr
+
+    if (path / "zarr.json").exists():
+        return path
+    per_img = grid.windows_per_axis(IMAGE_SIDE) ** 2
+    n_img = -(-n // per_img)
+    slot = np.arange(n, dtype=np.int64)
+    image, within = slot // per_img, slot % per_img
+    side = grid.windows_per_axis(IMAGE_SIDE)
+    row, col = (within // side) * grid.STRIDE, (within % side) * grid.STRIDE
+    lon = -100.0 + image * 0.01 + col * 1e-6
+    lat = 40.0 + row * 1e-6
+    rs = da.random.RandomState(seed)
+    fp = da.maximum(rs.standard_normal((n, DIM), chunks=(chunk_tiles, DIM)), 0).astype(dtype)
+    ch = lambda a: da.from_array(a, chunks=chunk_tiles)  # noqa: E731
+    ds = xr.Dataset(
+        {
+            "fingerprint": (("tile", "feature"), fp),
+            "valid": ("tile", ch(np.ones(n, bool))),
+            "uid": ("tile", ch(grid.pack_uid(image, row, col))),
+            "image": ("tile", ch(image.astype(np.int32))),
+            "row": ("tile", ch(row.astype(np.int32))),
+            "col": ("tile", ch(col.astype(np.int32))),
+            "lon": ("tile", ch(lon)),
+            "lat": ("tile", ch(lat)),
+            "image_path": ("img", np.array([f"synthetic/img_{i:06d}.tif" for i in range(n_img)], dtype=object)),
+            "width": ("img", np.full(n_img, IMAGE_SIDE, np.int64)),
+            "height": ("img", np.full(n_img, IMAGE_SIDE, np.int64)),
+            "crs": ("img", np.array([""] * n_img, dtype=object)),
+            "transform": (("img", "affine"), np.tile([1.0, 0, 0, 0, 1.0, 0], (n_img, 1))),
+            "tile_start": ("img", np.arange(n_img, dtype=np.int64) * per_img),
+            "tile_count": ("img", np.minimum(per_img, n - np.arange(n_img) * per_img)),
+            "status": ("img", np.array(["done"] * n_img, dtype=object)),
+        },
+        attrs={"schema_version": SCHEMA_VERSION, "model": {"arch": "synthetic", "dim": DIM},
+               "layout": {"chunk_tiles": chunk_tiles, "chunk_px": 2 ** 20}},  # fmt: skip
+    )
+    print(f"writing synthetic store {path} ({n:,} x {DIM} {dtype}) ...", flush=True)
+    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    return path
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    out, times = None, []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def numpy_reference(x: np.ndarray, sqnorm: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """Precomputed norms + one matrix product + argpartition; sort only the top k."""
+    d2 = sqnorm[:, None] - 2.0 * (x @ q.T) + np.einsum("ij,ij->i", q, q)[None, :]
+    top = np.argpartition(d2, k - 1, axis=0)[:k]
+    order = np.take_along_axis(d2, top, axis=0).argsort(axis=0)
+    return np.take_along_axis(top, order, axis=0).T
+
+
+def child_store_search(path: str, k: int, seed: int) -> None:
+    """Fresh process: open the store and answer one query from it (no index in memory)."""
+    t0 = time.perf_counter()
+    index = SearchIndex.open(path)
+    q = np.maximum(np.random.default_rng(seed).standard_normal((1, DIM)), 0).astype(np.float32)
+    [res] = index.search(Queries.from_fingerprints(q), k)
+    seconds = time.perf_counter() - t0
+    ds = open_store(path)
+    nbytes = ds["fingerprint"].nbytes
+    print(json.dumps({"seconds": seconds, "fingerprint_bytes": int(nbytes), "uids": [str(u) for u in res.uid]}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[45_000, 1_000_000, 10_000_000])
+    ap.add_argument("--workdir", default="/tmp/aerial-search-bench")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("search.json")))
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_store_search(args.child[0], int(args.child[1]), int(args.child[2]))
+        return
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+        print("faiss-cpu not installed: its column stays empty (pip install faiss-cpu)")
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    ks = (2, 5, 10, 100)
+    for n in args.sizes:
+        dtype = "float32" if n <= 1_000_000 else "float16"
+        path = synthetic_store(work / f"synth-{n}-{dtype}.zarr", n, dtype)
+        index = SearchIndex.open(str(path))
+        t0 = time.perf_counter()
+        index.persist()
+        load_s = time.perf_counter() - t0
+        q = np.maximum(np.random.default_rng(1).standard_normal((1, DIM)), 0).astype(np.float32)
+        queries = Queries.from_fingerprints(q)
+        x = sqnorm = fidx = None
+        if dtype == "float32":
+            x = open_store(path)["fingerprint"].values
+            sqnorm = np.einsum("ij,ij->i", x, x)
+            if faiss is not None:
+                fidx = faiss.IndexFlatL2(DIM)
+                fidx.add(x)
+        repeat = args.repeat if n <= 1_000_000 else 2
+        for k in ks if n <= 1_000_000 else (10,):
+            row = {"n": n, "dtype": dtype, "k": k, "queries": 1, "index_load_s": load_s}
+            row["project_memory_s"], [res] = timed(lambda: index.search(queries, k), repeat)
+            if x is not None:
+                row["numpy_s"], ref = timed(lambda: numpy_reference(x, sqnorm, q, k), repeat)
+                uid = open_store(path)["uid"].values
+                assert np.array_equal(res.uid, uid[ref[0]]), "project and NumPy disagree"
+            if fidx is not None:
+                row["faiss_s"], (fd, fi) = timed(lambda: fidx.search(q, k), repeat)
+                assert set(fi[0].tolist()) == set(ref[0].tolist()), "faiss and NumPy disagree"
+            out = subprocess.run([sys.executable, __file__, "--child", str(path), str(k), "1"],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            child = json.loads(out.stdout.strip().splitlines()[-1])
+            assert child["uids"] == [str(u) for u in res.uid], "store path and in-memory path disagree"
+            row["project_store_s"] = child["seconds"]
+            row["store_read_gb_per_s"] = child["fingerprint_bytes"] / child["seconds"] / 1e9
+            rows.append(row)
+            print(json.dumps({k2: (round(v, 5) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
+        if n == 1_000_000 and x is not None:
+            qb = np.maximum(np.random.default_rng(2).standard_normal((100, DIM)), 0).astype(np.float32)
+            row = {"n": n, "dtype": dtype, "k": 10, "queries": 100}
+            row["project_memory_s"], res100 = timed(lambda: index.search(Queries.from_fingerprints(qb), 10), 3)
+            row["numpy_s"], ref100 = timed(lambda: numpy_reference(x, sqnorm, qb, 10), 3)
+            uid = open_store(path)["uid"].values
+            assert all(np.array_equal(r.uid, uid[f]) for r, f in zip(res100, ref100))
+            if fidx is not None:
+                row["faiss_s"], _ = timed(lambda: fidx.search(qb, 10), 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del x, sqnorm, fidx, index
+    Path(args.out).write_text(json.dumps({"rows": rows, "page_cache": "warm (stores were just written or read)"}, indent=2))
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    def ms(v):
+        return f"{v * 1e3:9.1f}" if v is not None else "        -"
+
+    print(f"\n{'N':>11} {'dtype':>8} {'k':>4} {'q':>4} | {'memory ms':>9} {'store ms':>9} {'numpy ms':>9} {'faiss ms':>9} | mem/numpy  store GB/s")
+    for r in rows:
+        ratio = r["project_memory_s"] / r["numpy_s"] if r.get("numpy_s") else float("nan")
+        gbs = r.get("store_read_gb_per_s")
+        print(f"{r['n']:>11,} {r['dtype']:>8} {r['k']:>4} {r['queries']:>4} | {ms(r['project_memory_s'])} {ms(r.get('project_store_s'))} "
+              f"{ms(r.get('numpy_s'))} {ms(r.get('faiss_s'))} | {ratio:9.2f}  {gbs if gbs is None else round(gbs, 2)}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
