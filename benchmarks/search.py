@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import grid  # noqa: E402
 from pipeline.search import Queries, SearchIndex  # noqa: E402
-from pipeline.store import SCHEMA_VERSION, open_store  # noqa: E402
+from pipeline.store import SCHEMA_VERSION, fingerprint_compressors, open_store  # noqa: E402
 
 DIM = 512
 IMAGE_SIDE = 10_240  # px: 79 x 79 windows per synthetic image
@@ -73,7 +73,8 @@ def synthetic_store(path: Path, n: int, dtype: str, chunk_tiles: int = 8192, see
                "layout": {"chunk_tiles": chunk_tiles, "chunk_px": 2 ** 20}},  # fmt: skip
     )
     print(f"writing synthetic store {path} ({n:,} x {DIM} {dtype}) ...", flush=True)
-    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    encoding = {"fingerprint": {"compressors": fingerprint_compressors("lz4")}}  # the ingest default
+    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
     return path
 
 

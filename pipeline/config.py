@@ -110,9 +110,11 @@ class StoreConfig:
 
     dtype: str = "float32"  # float32 | float16
     chunk_tiles: int = 8192  # tiles per Zarr chunk (the unit of search tasks)
+    compressor: str = "lz4"  # lz4 | zstd | none, for fingerprints (lz4: ~4 GB/s decode per core)
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "float16"), "store.dtype", f"{self.dtype!r} is not float32 or float16")
+        _require(self.compressor in ("lz4", "zstd", "none"), "store.compressor", f"{self.compressor!r} is not lz4, zstd or none")
         _require(self.chunk_tiles >= 1, "store.chunk_tiles", "must be >= 1")
 
 

@@ -246,6 +246,8 @@ def ingest(
                 for name in store.TILE_VARS
                 if ds.sizes["tile"]
             }
+            if "fingerprint" in encoding:
+                encoding["fingerprint"]["compressors"] = store.fingerprint_compressors(cfg.store.compressor)
             delayed = ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, compute=False, encoding=encoding)
             log.info("ingesting %d images on %s", len(plans), rt.describe())
             rt.compute(delayed)

@@ -202,19 +202,40 @@ def finalize(part: list) -> list:
 def tree_topk(
     blocks: Sequence[Any], queries: Queries, k: int, filters: Filters, half_m: np.ndarray, split_every: int = 8
 ):
-    """Dask graph (a ``Delayed``) of the per-chunk map and the tree reduction to the global top-k."""
-    import dask
+    """Dask graph (a ``Delayed``) of the per-chunk map and the tree reduction to the global top-k.
+
+    ``blocks``: ``Delayed`` objects yielding the dicts :func:`chunk_topk` takes. The layer is
+    written as a plain task dict: building it costs microseconds per chunk, not a tokenization
+    of every argument, which matters when a persisted index answers queries at memory speed.
+    """
+    import uuid
+
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
 
     if split_every < 2:
         raise ValueError(f"split_every must be >= 2, got {split_every}")
-    kernel = dask.delayed(chunk_topk, pure=True)
-    combine = dask.delayed(merge_topk, pure=True)
-    level = [kernel(b, queries, k, filters, half_m) for b in blocks]
-    if not level:
-        return dask.delayed(lambda: [np.empty(0, RESULT_DTYPE) for _ in range(len(queries))])()
+    name = f"topk-{uuid.uuid4().hex}"
+    dsk: dict[Any, Any] = {}
+    level = []
+    for i, b in enumerate(blocks):
+        dsk[(name, 0, i)] = (chunk_topk, b.key, queries, k, filters, half_m)
+        level.append((name, 0, i))
+    depth = 0
     while len(level) > 1:
-        level = [combine(level[s : s + split_every], k) for s in range(0, len(level), split_every)]
-    return dask.delayed(finalize, pure=True)(level[0])
+        depth += 1
+        nxt = []
+        for s in range(0, len(level), split_every):
+            dsk[(name, depth, s)] = (merge_topk, list(level[s : s + split_every]), k)
+            nxt.append((name, depth, s))
+        level = nxt
+    final = (name, "final")
+    dsk[final] = (finalize, level[0]) if level else (_empty_results, len(queries))
+    return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=list(blocks)), layer=name)
+
+
+def _empty_results(m: int) -> list:
+    return [np.empty(0, RESULT_DTYPE) for _ in range(m)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,15 +253,23 @@ def _make_block(*arrays: np.ndarray, with_norms: bool) -> dict[str, np.ndarray]:
     return block
 
 
-def store_blocks(ds, with_norms: bool = False) -> list:
-    """One delayed dict of arrays per Zarr chunk of the store (lazy reads)."""
+def store_blocks(ds, with_norms: bool = False, rows: int | None = None) -> list:
+    """One delayed dict of arrays per block of ``rows`` tiles (default: per Zarr chunk), lazy."""
     import dask
 
     arrays = [ds[name].data for name in BLOCK_VARS]
     arrays[0] = arrays[0].rechunk({1: -1})
+    if rows is not None:
+        arrays = [a.rechunk({0: rows}) for a in arrays]
     per_var = [a.to_delayed().ravel() for a in arrays]
     make = dask.delayed(_make_block, pure=True)
     return [make(*parts, with_norms=with_norms) for parts in zip(*per_var)]
+
+
+def _cores() -> int:
+    from pipeline.cluster import cpu_count
+
+    return cpu_count()
 
 
 def half_tile_metres(ds) -> np.ndarray:
@@ -357,16 +386,30 @@ class SearchIndex:
     def blocks(self) -> list:
         return self._blocks if self._blocks is not None else store_blocks(self.ds)
 
-    def persist(self) -> SearchIndex:
-        """Load every chunk once (with precomputed norms) and keep it in memory or cluster memory."""
+    def persist(self, block_rows: int | None = None) -> SearchIndex:
+        """Load every chunk once (with precomputed norms) and keep it in memory or cluster memory.
+
+        ``block_rows``: rows per in-memory block. Default: the store's chunks on a cluster (spread
+        over the workers); locally, about four blocks per core (fewer, larger tasks per query).
+        """
+        import uuid
+
         import dask
 
-        blocks = store_blocks(self.ds, with_norms=True)
         client = getattr(self.runtime, "client", None)
+        chunk = int(self.ds["fingerprint"].data.chunksize[0]) or 1
+        n = self.ds.sizes["tile"]
+        if block_rows is None:
+            threads = getattr(self.runtime, "dask_threads", 0) or _cores()
+            block_rows = chunk if client is not None else max(chunk, -(-n // (4 * threads)))
+        block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
+        blocks = store_blocks(self.ds, with_norms=True, rows=block_rows)
         if client is not None:
             self._blocks = client.persist(blocks)
         else:
-            self._blocks = [dask.delayed(b, traverse=False) for b in dask.compute(*blocks, scheduler="threads")]
+            tag = uuid.uuid4().hex
+            loaded = dask.compute(*blocks, scheduler="threads")
+            self._blocks = [dask.delayed(b, name=f"index-{tag}-{i}", traverse=False) for i, b in enumerate(loaded)]
         return self
 
     def _compute(self, graph):

@@ -45,6 +45,22 @@ class StoreError(ValueError):
     """The path is not a fingerprint store this version understands, or cannot be written."""
 
 
+def fingerprint_compressors(name: str) -> tuple:
+    """Zarr v3 compressors for the fingerprint array.
+
+    Measured on real SqueezeNet fingerprints (one core): blosc-lz4 with byte shuffle decodes at
+    ~4.6 GB/s (ratio 1.14), zstd at ~1.2 GB/s (ratio 1.38). Search from the store is bound by
+    decoding, so lz4 is the default; zstd suits cold archives.
+    """
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    return {
+        "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
+        "zstd": (ZstdCodec(level=3),),
+        "none": (),
+    }[name]
+
+
 def _is_zarr_group(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 

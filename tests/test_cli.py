@@ -32,6 +32,8 @@ def test_ingest_and_info(tmp_path, capsys):
             "--batch-size",
             "3",
             "--no-progress",
+            "--compressor",
+            "zstd",
         ]
     )
     assert rc == 0
@@ -39,6 +41,10 @@ def test_ingest_and_info(tmp_path, capsys):
     assert "windows      9 (9 kept, 0 dropped" in out and "NOT PRETRAINED" in out
     ds = open_store(tmp_path / "s.zarr")
     assert ds["fingerprint"].dtype == np.float16 and ds["fingerprint"].encoding["chunks"] == (4, 512)
+    import zarr
+
+    codecs = zarr.open_group(tmp_path / "s.zarr", mode="r")["fingerprint"].metadata.codecs
+    assert [type(c).__name__ for c in codecs] == ["BytesCodec", "ZstdCodec"], codecs
     assert ds.attrs["config"]["model"]["batch_size"] == 3 and ds.attrs["config"]["read"]["chunk_px"] == 256
     assert ds["image_path"].values[0] == str(img.resolve())
     assert main(["info", "--store", str(tmp_path / "s.zarr"), "--json"]) == 0
