@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import grid  # noqa: E402
 from pipeline.search import Queries, SearchIndex  # noqa: E402
-from pipeline.store import SCHEMA_VERSION, fingerprint_compressors, open_store  # noqa: E402
+from pipeline.store import META_CHUNK_FACTOR, SCHEMA_VERSION, fingerprint_compressors, open_store  # noqa: E402
 
 DIM = 512
 IMAGE_SIDE = 10_240  # px: 79 x 79 windows per synthetic image
@@ -49,11 +49,11 @@ def synthetic_store(path: Path, n: int, dtype: str, chunk_tiles: int = 8192, see
     lat = 40.0 + row * 1e-6
     rs = da.random.RandomState(seed)
     fp = da.maximum(rs.standard_normal((n, DIM), chunks=(chunk_tiles, DIM)), 0).astype(dtype)
-    ch = lambda a: da.from_array(a, chunks=chunk_tiles)  # noqa: E731
+    ch = lambda a: da.from_array(a, chunks=chunk_tiles * META_CHUNK_FACTOR)  # noqa: E731 (as ingest writes)
     ds = xr.Dataset(
         {
             "fingerprint": (("tile", "feature"), fp),
-            "valid": ("tile", ch(np.ones(n, bool))),
+            "valid": ("tile", da.ones(n, bool, chunks=chunk_tiles)),
             "uid": ("tile", ch(grid.pack_uid(image, row, col))),
             "image": ("tile", ch(image.astype(np.int32))),
             "row": ("tile", ch(row.astype(np.int32))),
@@ -173,7 +173,7 @@ def main() -> None:
                 row["faiss_s"], _ = timed(lambda: fidx.search(qb, 10), 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del x, sqnorm, fidx, index
+        x = sqnorm = fidx = index = None  # free memory before the next size
     Path(args.out).write_text(json.dumps({"rows": rows, "page_cache": "warm (stores were just written or read)"}, indent=2))
     print_table(rows)
 

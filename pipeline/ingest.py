@@ -141,7 +141,9 @@ def build_dataset(plans: Sequence[ImagePlan], cfg: Config, spec: ModelSpec, attr
 
     z = cfg.store.chunk_tiles
     if any(p.tile_count for p in plans):
-        e, i, c = (a.rechunk({0: z}) for a in _chunk_layers(plans, cfg, spec))
+        e, i, c = _chunk_layers(plans, cfg, spec)
+        meta = z * store.META_CHUNK_FACTOR
+        e, i, c = e.rechunk({0: z}), i.rechunk({0: meta}), c.rechunk({0: meta})
     else:  # no image yields a window: an empty but valid store
         e = da.zeros((0, spec.dim + 1), dtype=np.float32)
         i = da.zeros((0, 4), dtype=np.int64)
@@ -241,8 +243,9 @@ def ingest(
         ds = build_dataset(plans, cfg, spec, provenance(cfg, spec, weights))
         tmp = store.temp_path(final)
         try:
+            meta = cfg.store.chunk_tiles * store.META_CHUNK_FACTOR
             encoding = {
-                name: {"chunks": (cfg.store.chunk_tiles,) + ds[name].shape[1:]}
+                name: {"chunks": (cfg.store.chunk_tiles if name in ("fingerprint", "valid") else meta,) + ds[name].shape[1:]}
                 for name in store.TILE_VARS
                 if ds.sizes["tile"]
             }

@@ -126,7 +126,7 @@ def chunk_topk(block: dict[str, np.ndarray], queries: Queries, k: int, filters: 
     """Partial top-k of one chunk for each query: a list of ``m`` RESULT_DTYPE arrays (unsorted).
 
     ``block``: ``fingerprint`` (n, dim) float32 or float16, ``sqnorm`` (n,) float32 (or absent:
-    computed here), ``valid``, ``uid``, ``image``, ``row``, ``col``, ``lon``, ``lat``.
+    computed here), ``valid``, ``uid``, ``lon``, ``lat`` (image, row, col come from the uid).
     ``half_m``: half tile size in metres per image id (for ground-overlap exclusion).
     """
     x = block["fingerprint"]
@@ -136,7 +136,7 @@ def chunk_topk(block: dict[str, np.ndarray], queries: Queries, k: int, filters: 
     if sqnorm is None:
         sqnorm = np.einsum("ij,ij->i", x, x)
     allowed = block["valid"].astype(bool, copy=True)
-    image, row, col = block["image"], block["row"], block["col"]
+    image, row, col = grid.unpack_uid(block["uid"])  # cheaper than reading three more arrays
     lon, lat, uid = block["lon"], block["lat"], block["uid"]
     if filters.bbox is not None:
         w, s, e, n = filters.bbox
@@ -242,7 +242,7 @@ def _empty_results(m: int) -> list:
 # Store access
 
 
-BLOCK_VARS = ("fingerprint", "valid", "uid", "image", "row", "col", "lon", "lat")
+BLOCK_VARS = ("fingerprint", "valid", "uid", "lon", "lat")
 
 
 def _make_block(*arrays: np.ndarray, with_norms: bool) -> dict[str, np.ndarray]:
@@ -259,8 +259,10 @@ def store_blocks(ds, with_norms: bool = False, rows: int | None = None) -> list:
 
     arrays = [ds[name].data for name in BLOCK_VARS]
     arrays[0] = arrays[0].rechunk({1: -1})
-    if rows is not None:
-        arrays = [a.rechunk({0: rows}) for a in arrays]
+    # Small per-tile arrays are stored in larger chunks (store.META_CHUNK_FACTOR): slice them
+    # to the fingerprint chunks so that each is read once and shared by the tasks that need it.
+    rows = rows or arrays[0].chunks[0]
+    arrays = [a.rechunk({0: rows}) for a in arrays]
     per_var = [a.to_delayed().ravel() for a in arrays]
     make = dask.delayed(_make_block, pure=True)
     return [make(*parts, with_norms=with_norms) for parts in zip(*per_var)]
