@@ -121,6 +121,8 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
                 f"`dask scheduler` and workers with `dask worker {cfg.scheduler}`, or use --scheduler threads"
             ) from e
         rt.torch_threads = 0
+    if cfg.progress:
+        print(f"dask dashboard: {rt.client.dashboard_link}", file=sys.stderr)
     return rt
 
 

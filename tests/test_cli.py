@@ -103,3 +103,22 @@ def test_console_script_runs_with_local_cluster(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "dask cluster" in res.stdout and "windows      3" in res.stdout
+
+
+def test_ingest_and_search_on_a_running_scheduler(tmp_path, capsys):
+    """--scheduler tcp://host:port: the graph runs on an existing cluster's workers."""
+    from distributed import LocalCluster
+
+    img = write_tif(tmp_path / "img.tif", textured(512, 512, seed=5))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, protocol="tcp", dashboard_address=":0") as cluster:
+        addr = cluster.scheduler_address
+        assert addr.startswith("tcp://")
+        assert main(["ingest", str(img), "--store", str(tmp_path / "s.zarr"), "--weights", "random", "--scheduler", addr]) == 0
+        out = capsys.readouterr()
+        assert f"dask cluster {addr}" in out.out and "dashboard" in out.err
+        uid = str(int(open_store(tmp_path / "s.zarr")["uid"].values[4]))
+        rc = main(["search", "--store", str(tmp_path / "s.zarr"), "--uid", uid, "-k", "3", "--include-overlapping",
+                   "--scheduler", addr, "--json", str(tmp_path / "r.json")])  # fmt: skip
+        assert rc == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["results"][0]["uid"] == uid and doc["results"][0]["distance"] == 0.0

@@ -1,0 +1,103 @@
+"""Backbones and weights: strict loading, headless files, provenance, device handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from pipeline import embed
+from pipeline.embed import ModelSpec, WeightsError
+
+
+def _windows(n=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, 256, 256), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "squeezenet1_1", "mobilenet_v2"])
+def test_backbones_give_their_dimension_and_match_torchvision(arch, tmp_path):
+    """A state_dict file loads strictly; fingerprints equal torchvision's pooled features."""
+    torch.manual_seed(3)
+    net = torchvision.models.get_model(arch, weights=None).eval()
+    path = tmp_path / f"{arch}.pth"
+    torch.save(net.state_dict(), path)
+    spec = ModelSpec(arch=arch, weights=str(path), batch_size=2, torch_threads=1)
+    got = embed.embed_batch(_windows(), spec)
+    assert got.shape == (3, embed.BACKBONES[arch].dim)
+    x = (torch.from_numpy(_windows()).float() / 255 - torch.tensor(embed.MEAN).view(1, 3, 1, 1)) / torch.tensor(embed.STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        feats = net.features(x) if hasattr(net, "features") else None
+        if arch.startswith("resnet"):
+            net.fc = torch.nn.Identity()
+            ref = net(x)
+        else:
+            ref = torch.nn.functional.adaptive_avg_pool2d(feats, 1).flatten(1)
+    assert np.abs(got - ref.numpy()).max() < 1e-4
+
+
+def test_headless_file_loads_and_mismatched_file_is_refused(tmp_path):
+    net = torchvision.models.resnet18(weights=None)
+    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    headless = tmp_path / "headless.pth"
+    torch.save(sd, headless)
+    embed.build_model(ModelSpec(weights=str(headless)))  # strict on all but the dropped classifier
+    other = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), other)
+    with pytest.raises(WeightsError, match="do not fit torchvision's resnet18.*--model"):
+        embed.build_model(ModelSpec(weights=str(other)))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot be loaded"):
+        embed.build_model(ModelSpec(weights=str(junk)))
+
+
+def test_provenance_and_sha_check(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    info = embed.describe_weights("resnet18", str(path))
+    assert info["pretrained"] and len(info["weights_sha256"]) == 64 and info["weights_id"].startswith("file:")
+    assert "NOT PRETRAINED" in embed.describe_weights("resnet18", "random")["weights_id"]
+    with pytest.raises(WeightsError, match="sha256"):
+        embed.build_model(ModelSpec(weights=str(path), weights_sha256="0" * 64))
+    with pytest.raises(WeightsError, match="does not exist"):
+        embed.describe_weights("resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_random_weights_are_seeded():
+    a = embed.embed_batch(_windows(2), ModelSpec(weights="random", seed=1, torch_threads=1))
+    b = embed.build_model(ModelSpec(weights="random", seed=1))
+    with torch.no_grad():
+        x = (torch.from_numpy(_windows(2)).float() / 255 - torch.tensor(embed.MEAN).view(1, 3, 1, 1)) / torch.tensor(embed.STD).view(1, 3, 1, 1)
+        np.testing.assert_allclose(a, b(x).numpy(), atol=1e-4)
+    c = embed.embed_batch(_windows(2), ModelSpec(weights="random", seed=2, torch_threads=1))
+    assert np.abs(a - c).max() > 1e-2
+
+
+def test_amp_on_cpu_warns_and_runs_float32():
+    spec = ModelSpec(weights="random", torch_threads=1)
+    ref = embed.embed_batch(_windows(2), spec)
+    with pytest.warns(UserWarning, match="CUDA only"):
+        got = embed.embed_batch(_windows(2), ModelSpec(weights="random", torch_threads=1, amp="bf16"))
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(WeightsError, match="no CUDA GPU.*--device cpu"):
+        embed.resolve_device("cuda")
+    assert embed.resolve_device("auto") == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_gpu_fingerprints_match_cpu(amp):
+    """Run with -m gpu on a CUDA machine: same windows, CPU float32 vs GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    w = _windows(8)
+    cpu = embed.embed_batch(w, ModelSpec(weights="random", device="cpu"))
+    gpu = embed.embed_batch(w, ModelSpec(weights="random", device="cuda", amp=amp, batch_size=4))
+    tol = 1e-3 if amp == "none" else 0.1
+    assert np.abs(cpu - gpu).max() / np.abs(cpu).max() < tol
