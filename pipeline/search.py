@@ -129,9 +129,7 @@ def chunk_topk(block: dict[str, np.ndarray], queries: Queries, k: int, filters: 
     computed here), ``valid``, ``uid``, ``lon``, ``lat`` (image, row, col come from the uid).
     ``half_m``: half tile size in metres per image id (for ground-overlap exclusion).
     """
-    x = block["fingerprint"]
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)
+    x = as_float32(block["fingerprint"])
     sqnorm = block.get("sqnorm")
     if sqnorm is None:
         sqnorm = masked_sqnorm(x, block["valid"])
@@ -253,9 +251,20 @@ def _empty_results(m: int) -> list:
 BLOCK_VARS = ("fingerprint", "valid", "uid", "lon", "lat")
 
 
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """float32 view or copy; float16 goes through torch's vectorized conversion (~2x NumPy's)."""
+    if x.dtype == np.float32:
+        return x
+    if x.dtype == np.float16:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+    return x.astype(np.float32)
+
+
 def masked_sqnorm(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Squared norms of the rows of ``x`` (float32), +inf where ``valid`` is False."""
-    x = x.astype(np.float32, copy=False)
+    x = as_float32(x)
     return np.where(valid, np.einsum("ij,ij->i", x, x), np.float32(np.inf))
 
 
