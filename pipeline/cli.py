@@ -57,7 +57,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheduler")
-    g.add_argument("--scheduler", dest="cluster.scheduler", help="threads (default) | sync | local | tcp://host:8786")
+    g.add_argument(
+        "--scheduler",
+        dest="cluster.scheduler",
+        help="threads (default) | sync | local | local-cuda | kubernetes | slurm | pbs | tcp://host:8786",
+    )
     g.add_argument("--workers", dest="cluster.n_workers", type=int, help="local: worker processes")
     g.add_argument("--threads", dest="cluster.threads", type=int, help="dask threads (per worker for local)")
     g.add_argument("--no-progress", dest="cluster.progress", action="store_false", default=None)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import ClusterConfig
@@ -79,8 +81,8 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
     - ``threads``: the local threaded scheduler (default). ``cfg.threads`` dask threads
       (0: as many as cores) and ``cores // threads`` torch threads each.
     - ``sync``: everything in the calling thread (debugging).
-    - ``local``: a ``distributed.LocalCluster`` of ``cfg.n_workers`` processes with
-      ``cfg.threads`` threads each (0: 1), torch threads sharing the remaining cores.
+    - ``local``, ``local-cuda``, ``kubernetes``, ``slurm``, ``pbs``: a cluster from
+      :func:`make_cluster` and a Client on it, both closed with the runtime.
     - ``tcp://host:port`` (any address with ``://``): connect to a running scheduler; workers
       size their torch threads to their own cores.
 
@@ -94,25 +96,10 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
         return Runtime(
             cfg.scheduler, dask_threads=threads, torch_threads=max(1, cores // threads), progress=cfg.progress
         )
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     rt = Runtime(cfg.scheduler, progress=cfg.progress)
-    if cfg.scheduler == "local":
-        n_workers = cfg.n_workers or max(1, min(2, cores))
-        threads = cfg.threads or 1
-        cluster = rt._stack.enter_context(
-            LocalCluster(
-                n_workers=n_workers,
-                threads_per_worker=threads,
-                processes=True,
-                dashboard_address=":0",
-                silence_logs=40,
-            )
-        )
-        rt.client = rt._stack.enter_context(Client(cluster))
-        rt.dask_threads = threads
-        rt.torch_threads = max(1, cores // (n_workers * threads))
-    else:
+    if "://" in cfg.scheduler:
         try:
             rt.client = rt._stack.enter_context(Client(cfg.scheduler, timeout="30s"))
         except OSError as e:
@@ -121,9 +108,126 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
                 f"`dask scheduler` and workers with `dask worker {cfg.scheduler}`, or use --scheduler threads"
             ) from e
         rt.torch_threads = 0
+    else:
+        cluster, rt.dask_threads, rt.torch_threads = make_cluster(cfg)
+        rt._stack.enter_context(cluster)
+        rt.client = rt._stack.enter_context(Client(cluster))
     if cfg.progress:
         print(f"dask dashboard: {rt.client.dashboard_link}", file=sys.stderr)
     return rt
+
+
+def make_cluster(cfg: ClusterConfig) -> tuple[Any, int, int]:
+    """Build the cluster ``cfg.scheduler`` names: ``(cluster, dask threads per worker, torch threads)``.
+
+    Optional packages are imported only for the kind chosen, with an install hint when missing.
+    """
+    cores = cpu_count()
+    kind = cfg.scheduler
+    if kind == "local":
+        from distributed import LocalCluster
+
+        n_workers = cfg.n_workers or max(1, min(2, cores))
+        threads = cfg.threads or 1
+        cluster = LocalCluster(
+            n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=":0", silence_logs=40
+        )
+        return cluster, threads, max(1, cores // (n_workers * threads))
+    if kind == "local-cuda":
+        gpus = [g.strip() for g in cfg.gpus.split(",")] if cfg.gpus else visible_gpus()
+        if not gpus:
+            raise RuntimeError(
+                "--scheduler local-cuda found no GPU (nvidia-smi and CUDA_VISIBLE_DEVICES); use --scheduler local"
+            )
+        torch_threads = max(1, cores // len(gpus))
+        try:
+            from dask_cuda import LocalCUDACluster
+
+            return (
+                LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(gpus), threads_per_worker=1, dashboard_address=":0"),
+                1,
+                torch_threads,
+            )
+        except Exception as e:  # not installed, or built against another dask: use the plain equivalent
+            if not isinstance(e, ImportError):
+                warnings.warn(f"dask_cuda.LocalCUDACluster failed ({e}); using one plain worker per GPU", stacklevel=2)
+            return gpu_worker_cluster(gpus), 1, torch_threads
+    if kind == "kubernetes":
+        KubeCluster = _optional("dask_kubernetes.operator", "KubeCluster", "dask-kubernetes")
+        cluster = KubeCluster(custom_cluster_spec=kubernetes_spec(cfg))
+        if cfg.n_workers:
+            cluster.scale(cfg.n_workers)
+        return cluster, 1, 0
+    if kind in ("slurm", "pbs"):
+        cluster = jobqueue_cluster(cfg)
+        cluster.scale(jobs=cfg.n_workers or 1)
+        return cluster, 1, 0
+    raise ValueError(f"unknown cluster kind {kind!r}")
+
+
+def _optional(module: str, name: str, package: str) -> Any:
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise RuntimeError(f"this cluster kind needs {package}: pip install {package} ({e})") from e
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use, found without initializing CUDA (workers must do that).
+
+    ``CUDA_VISIBLE_DEVICES`` when set, else one id per line of ``nvidia-smi -L``.
+    """
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def gpu_worker_cluster(gpus: list[str]):
+    """One single-threaded worker process per GPU, each seeing only its GPU as ``cuda:0``.
+
+    The plain-distributed equivalent of ``dask_cuda.LocalCUDACluster``: Nanny processes are
+    spawned (not forked), so CUDA is first initialized inside each worker, on its own device.
+    """
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {
+        f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": g}, "silence_logs": 40}}
+        for g in gpus
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="aerial-search-gpus")
+
+
+DEFAULT_K8S_SPEC = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes" / "daskcluster.yaml"
+
+
+def kubernetes_spec(cfg: ClusterConfig) -> dict[str, Any]:
+    """The DaskCluster manifest (dict) that the operator's KubeCluster will create."""
+    import yaml
+
+    path = Path(cfg.kubernetes_spec or DEFAULT_K8S_SPEC)
+    if not path.is_file():
+        raise RuntimeError(f"DaskCluster manifest {path} not found; set cluster.kubernetes_spec")
+    spec = yaml.safe_load(path.read_text())
+    if cfg.n_workers:
+        spec["spec"]["worker"]["replicas"] = cfg.n_workers
+    return spec
+
+
+def jobqueue_cluster(cfg: ClusterConfig):
+    """SLURMCluster / PBSCluster from ``cfg.jobqueue`` (or dask's jobqueue config); starts no job."""
+    name = "SLURMCluster" if cfg.scheduler == "slurm" else "PBSCluster"
+    cls = _optional("dask_jobqueue", name, "dask-jobqueue")
+    return cls(**cfg.jobqueue)
 
 
 def worker_torch_threads() -> int:

@@ -114,7 +114,11 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "float16"), "store.dtype", f"{self.dtype!r} is not float32 or float16")
-        _require(self.compressor in ("lz4", "zstd", "none"), "store.compressor", f"{self.compressor!r} is not lz4, zstd or none")
+        _require(
+            self.compressor in ("lz4", "zstd", "none"),
+            "store.compressor",
+            f"{self.compressor!r} is not lz4, zstd or none",
+        )
         _require(self.chunk_tiles >= 1, "store.chunk_tiles", "must be >= 1")
 
 
@@ -122,19 +126,31 @@ class StoreConfig:
 class ClusterConfig:
     """Where the dask graph runs. Only :mod:`pipeline.cluster` acts on this."""
 
-    scheduler: str = "threads"  # threads | sync | local | tcp://host:8786
-    n_workers: int = 0  # local: worker processes (0 = 2 or the number of cores, whichever is less)
+    # threads | sync | local | local-cuda | kubernetes | slurm | pbs | a scheduler address (tcp://host:8786)
+    scheduler: str = "threads"
+    n_workers: int = 0  # local: processes (0 = min(2, cores)); kubernetes: workers; slurm/pbs: jobs (0 = 1)
     threads: int = 0  # threads: dask threads; local: threads per worker (0 = automatic)
+    gpus: str = ""  # local-cuda: comma-separated GPU ids, "" = every visible GPU
+    kubernetes_spec: str = ""  # kubernetes: DaskCluster manifest ("" = deploy/kubernetes/daskcluster.yaml)
+    jobqueue: dict[str, Any] = field(default_factory=dict)  # slurm/pbs: keyword arguments of SLURMCluster/PBSCluster
     progress: bool = True
 
     def __post_init__(self) -> None:
         _require(
-            self.scheduler in ("threads", "sync", "local") or "://" in self.scheduler,
+            self.scheduler in SCHEDULERS or "://" in self.scheduler,
             "cluster.scheduler",
-            f"{self.scheduler!r} is not threads, sync, local or a scheduler address like tcp://host:8786",
+            f"{self.scheduler!r} is not one of {', '.join(SCHEDULERS)} or a scheduler address like tcp://host:8786",
         )
         _require(self.n_workers >= 0, "cluster.n_workers", "must be >= 0")
         _require(self.threads >= 0, "cluster.threads", "must be >= 0")
+        _require(
+            all(g.strip().isdigit() for g in self.gpus.split(",")) if self.gpus else True,
+            "cluster.gpus",
+            f"must be comma-separated GPU ids like 0,1, got {self.gpus!r}",
+        )
+
+
+SCHEDULERS = ("threads", "sync", "local", "local-cuda", "kubernetes", "slurm", "pbs")
 
 
 @dataclass(frozen=True)
@@ -187,6 +203,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
         inner = get_args(tup)[0]
         return tuple(_coerce(v, inner, key) for v in value)
+    if origin is dict:
+        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        return dict(value)
     if hint is bool:
         _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
         return value

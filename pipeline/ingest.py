@@ -245,7 +245,10 @@ def ingest(
         try:
             meta = cfg.store.chunk_tiles * store.META_CHUNK_FACTOR
             encoding = {
-                name: {"chunks": (cfg.store.chunk_tiles if name in ("fingerprint", "valid") else meta,) + ds[name].shape[1:]}
+                name: {
+                    "chunks": (cfg.store.chunk_tiles if name in ("fingerprint", "valid") else meta,)
+                    + ds[name].shape[1:]
+                }
                 for name in store.TILE_VARS
                 if ds.sizes["tile"]
             }

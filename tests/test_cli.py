@@ -110,10 +110,15 @@ def test_ingest_and_search_on_a_running_scheduler(tmp_path, capsys):
     from distributed import LocalCluster
 
     img = write_tif(tmp_path / "img.tif", textured(512, 512, seed=5))
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, protocol="tcp", dashboard_address=":0") as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, protocol="tcp", dashboard_address=":0"
+    ) as cluster:
         addr = cluster.scheduler_address
         assert addr.startswith("tcp://")
-        assert main(["ingest", str(img), "--store", str(tmp_path / "s.zarr"), "--weights", "random", "--scheduler", addr]) == 0
+        assert (
+            main(["ingest", str(img), "--store", str(tmp_path / "s.zarr"), "--weights", "random", "--scheduler", addr])
+            == 0
+        )
         out = capsys.readouterr()
         assert f"dask cluster {addr}" in out.out and "dashboard" in out.err
         uid = str(int(open_store(tmp_path / "s.zarr")["uid"].values[4]))

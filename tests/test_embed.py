@@ -25,7 +25,9 @@ def test_backbones_give_their_dimension_and_match_torchvision(arch, tmp_path):
     spec = ModelSpec(arch=arch, weights=str(path), batch_size=2, torch_threads=1)
     got = embed.embed_batch(_windows(), spec)
     assert got.shape == (3, embed.BACKBONES[arch].dim)
-    x = (torch.from_numpy(_windows()).float() / 255 - torch.tensor(embed.MEAN).view(1, 3, 1, 1)) / torch.tensor(embed.STD).view(1, 3, 1, 1)
+    x = (torch.from_numpy(_windows()).float() / 255 - torch.tensor(embed.MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        embed.STD
+    ).view(1, 3, 1, 1)
     with torch.no_grad():
         feats = net.features(x) if hasattr(net, "features") else None
         if arch.startswith("resnet"):
@@ -68,7 +70,9 @@ def test_random_weights_are_seeded():
     a = embed.embed_batch(_windows(2), ModelSpec(weights="random", seed=1, torch_threads=1))
     b = embed.build_model(ModelSpec(weights="random", seed=1))
     with torch.no_grad():
-        x = (torch.from_numpy(_windows(2)).float() / 255 - torch.tensor(embed.MEAN).view(1, 3, 1, 1)) / torch.tensor(embed.STD).view(1, 3, 1, 1)
+        x = (torch.from_numpy(_windows(2)).float() / 255 - torch.tensor(embed.MEAN).view(1, 3, 1, 1)) / torch.tensor(
+            embed.STD
+        ).view(1, 3, 1, 1)
         np.testing.assert_allclose(a, b(x).numpy(), atol=1e-4)
     c = embed.embed_batch(_windows(2), ModelSpec(weights="random", seed=2, torch_threads=1))
     assert np.abs(a - c).max() > 1e-2
