@@ -88,14 +88,14 @@ def rss_child(tif: str, store: str) -> None:
     """Runs in a fresh process: ingest with a stand-in model, print peak RSS as JSON."""
     from pipeline import tiles
 
-    def standin(windows: np.ndarray, spec: ModelSpec) -> np.ndarray:
-        # 512-d: 3 band means over an 8 x 8 grid of 32 px cells, padded; costs ~nothing.
-        cells = windows.reshape(len(windows), 3, 8, 32, 8, 32).mean(axis=(3, 5)).reshape(len(windows), -1)
-        out = np.zeros((len(windows), spec.dim), np.float32)
-        out[:, : cells.shape[1]] = cells
+    def standin(rgb: np.ndarray, ij: np.ndarray, spec: ModelSpec) -> np.ndarray:
+        # 512-d: the 3 band means of each window, padded; costs ~nothing next to a CNN.
+        out = np.zeros((len(ij), spec.dim), np.float32)
+        for k, (i, j) in enumerate(ij):
+            out[k, :3] = rgb[:, i * 128 : i * 128 + 256, j * 128 : j * 128 + 256].mean(axis=(1, 2))
         return out
 
-    tiles.embed_batch = standin  # the graph calls tiles.fingerprint_chunk -> tiles.embed_batch
+    tiles.embed_chunk = standin  # the graph calls tiles.fingerprint_chunk -> tiles.embed_chunk
     cfg = Config().override(**{"model.weights": "random", "cluster.progress": False})
     t0 = time.perf_counter()
     report = ingest([tif], store, cfg, overwrite=True)

@@ -35,7 +35,7 @@ class ModelConfig:
     arch: str = "resnet18"
     weights: str = "imagenet"  # imagenet | random | path to a torchvision state_dict file
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 64
+    batch_size: int = 64  # 0 = sized from free GPU memory (64 on the CPU)
     amp: str = "none"  # none | bf16 | fp16 (autocast, CUDA only)
     channels_last: bool = True
     seed: int = 0  # only for weights=random
@@ -55,7 +55,7 @@ class ModelConfig:
             "model.device",
             f"{self.device!r} is not auto, cpu, cuda or cuda:N",
         )
-        _require(self.batch_size >= 1, "model.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.batch_size >= 0, "model.batch_size", f"must be >= 1 (or 0: sized to the device), got {self.batch_size}")
         _require(self.amp in ("none", "bf16", "fp16"), "model.amp", f"{self.amp!r} is not none, bf16 or fp16")
         _require(self.torch_threads >= 0, "model.torch_threads", "must be >= 0 (0 = automatic)")
 

@@ -263,6 +263,57 @@ def get_model(spec: ModelSpec):
     return model, device
 
 
+class _Runner:
+    """One forward pipeline on one device: normalization constants, memory format, autocast."""
+
+    def __init__(self, spec: ModelSpec):
+        import torch
+
+        configure_threads(spec.torch_threads)
+        self.spec = spec
+        self.model, self.device = get_model(spec)
+        self.on_cuda = self.device.startswith("cuda")
+        # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtract and one multiply.
+        self.shift = torch.tensor([255.0 * m for m in MEAN], device=self.device).view(1, 3, 1, 1)
+        self.inv = torch.tensor([1.0 / (255.0 * s) for s in STD], device=self.device).view(1, 3, 1, 1)
+        self.fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+        if spec.amp != "none" and not self.on_cuda:
+            warnings.warn("model.amp applies to CUDA only; running float32 on the CPU", stacklevel=3)
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp) if self.on_cuda else None
+        self.batch = spec.batch_size or auto_batch_size(spec, self.device)
+
+    def upload(self, array: np.ndarray):
+        """uint8 host array -> tensor on the device (pinned, non-blocking copy on CUDA)."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(array))
+        return x.pin_memory().to(self.device, non_blocking=True) if self.on_cuda else x
+
+    def forward(self, x) -> np.ndarray:
+        """uint8 ``(n, 3, H, W)`` on the device -> float32 ``(n, dim)`` on the host."""
+        import torch
+
+        x = x.to(dtype=torch.float32, memory_format=self.fmt).sub_(self.shift).mul_(self.inv)
+        if self.amp is not None:
+            with torch.autocast("cuda", dtype=self.amp):
+                y = self.model(x)
+        else:
+            y = self.model(x)
+        return y.float().cpu().numpy()
+
+
+def auto_batch_size(spec: ModelSpec, device: str) -> int:
+    """Windows per forward pass for ``batch_size: 0``: 64 on the CPU; on a GPU, half its free
+    memory at ~16 MiB per 256 px window in float32 (8 MiB under autocast), 32..1024."""
+    if not device.startswith("cuda"):
+        return 64
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    per_window = (16 if spec.amp == "none" else 8) * 2**20 * (4 if spec.arch == "resnet50" else 1)
+    return int(min(1024, max(32, free // 2 // per_window)))
+
+
 def embed_batch(windows: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """Fingerprints of uint8 windows ``(n, 3, H, W)`` -> float32 ``(n, dim)``.
 
@@ -271,29 +322,34 @@ def embed_batch(windows: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """
     import torch
 
-    configure_threads(spec.torch_threads)
-    model, device = get_model(spec)
+    run = _Runner(spec)
     out = np.empty((len(windows), spec.dim), dtype=np.float32)
-    if not len(windows):
-        return out
-    # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtract and one multiply.
-    shift = torch.tensor([255.0 * m for m in MEAN], device=device).view(1, 3, 1, 1)
-    inv = torch.tensor([1.0 / (255.0 * s) for s in STD], device=device).view(1, 3, 1, 1)
-    fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
-    on_cuda = device.startswith("cuda")
-    if spec.amp != "none" and not on_cuda:
-        warnings.warn("model.amp applies to CUDA only; running float32 on the CPU", stacklevel=2)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp)
     with torch.inference_mode():
-        for s in range(0, len(windows), spec.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(windows[s : s + spec.batch_size]))
-            if on_cuda:
-                x = x.pin_memory().to(device, non_blocking=True)
-            x = x.to(dtype=torch.float32, memory_format=fmt).sub_(shift).mul_(inv)
-            if amp_dtype is not None and on_cuda:
-                with torch.autocast("cuda", dtype=amp_dtype):
-                    y = model(x)
-            else:
-                y = model(x)
-            out[s : s + len(x)] = y.float().cpu().numpy()
+        for s in range(0, len(windows), run.batch):
+            out[s : s + run.batch] = run.forward(run.upload(windows[s : s + run.batch]))
+    return out
+
+
+def embed_chunk(rgb: np.ndarray, ij: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Fingerprints of the windows ``ij`` (``(n, 2)`` grid indexes) of one chunk ``(3, h, w)``.
+
+    The chunk crosses to the device once and the windows are cut there (``unfold``): with
+    256 px windows at stride 128 every pixel lies in four windows, so cutting on the host would
+    move each pixel over the bus four times. The CPU runs the very same code.
+    """
+    import torch
+
+    from pipeline.grid import STRIDE, TILE
+
+    run = _Runner(spec)
+    out = np.empty((len(ij), spec.dim), dtype=np.float32)
+    if not len(ij):
+        return out
+    with torch.inference_mode():
+        views = run.upload(rgb).unfold(1, TILE, STRIDE).unfold(2, TILE, STRIDE)  # (3, ny, nx, 256, 256)
+        rows = torch.as_tensor(ij[:, 0], device=run.device)
+        cols = torch.as_tensor(ij[:, 1], device=run.device)
+        for s in range(0, len(ij), run.batch):
+            windows = views[:, rows[s : s + run.batch], cols[s : s + run.batch]].transpose(0, 1)
+            out[s : s + run.batch] = run.forward(windows)
     return out

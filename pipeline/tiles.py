@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline import grid
-from pipeline.embed import ModelSpec, embed_batch
+from pipeline.embed import ModelSpec, embed_chunk
 
 
 def nodata_pixels(block: np.ndarray, black_level: int) -> np.ndarray:
@@ -23,16 +23,6 @@ def keep_windows(block: np.ndarray, black_level: int, max_nodata_fraction: float
     """bool ``(ny, nx)``: windows whose nodata fraction is at most ``max_nodata_fraction``."""
     counts = grid.window_nodata_counts(nodata_pixels(block, black_level))
     return counts <= max_nodata_fraction * grid.TILE * grid.TILE
-
-
-def cut_windows(rgb: np.ndarray, ij: np.ndarray) -> np.ndarray:
-    """Copy windows out of a chunk: ``rgb`` uint8 ``(3, h, w)``, ``ij`` int ``(n, 2)`` window
-    indexes within the chunk -> uint8 ``(n, 3, 256, 256)``."""
-    out = np.empty((len(ij), rgb.shape[0], grid.TILE, grid.TILE), dtype=rgb.dtype)
-    for k, (i, j) in enumerate(ij):
-        r, c = i * grid.STRIDE, j * grid.STRIDE
-        out[k] = rgb[:, r : r + grid.TILE, c : c + grid.TILE]
-    return out
 
 
 def fingerprint_chunk(block: np.ndarray, spec: ModelSpec, black_level: int, max_nodata_fraction: float) -> np.ndarray:
@@ -47,7 +37,7 @@ def fingerprint_chunk(block: np.ndarray, spec: ModelSpec, black_level: int, max_
     flat = np.flatnonzero(keep.ravel())
     if len(flat):
         ij = np.stack(np.unravel_index(flat, keep.shape), axis=1)
-        out[flat, : spec.dim] = embed_batch(cut_windows(block[:3], ij), spec)
+        out[flat, : spec.dim] = embed_chunk(block[:3], ij, spec)
         out[flat, spec.dim] = 1.0
     return out
 

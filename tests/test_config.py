@@ -24,7 +24,7 @@ def test_default_yaml_lists_every_setting_with_the_code_defaults():
         ({"model": {"archh": "resnet18"}}, "model.archh"),
         ({"modell": {}}, "modell"),
         ({"model": {"arch": "vgg99"}}, "model.arch"),
-        ({"model": {"batch_size": 0}}, "model.batch_size"),
+        ({"model": {"batch_size": -1}}, "model.batch_size"),
         ({"model": {"batch_size": "8"}}, "model.batch_size"),
         ({"tiling": {"bands": [1, 2]}}, "tiling.bands"),
         ({"tiling": {"scale": [10, 5]}}, "tiling.scale"),

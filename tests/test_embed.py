@@ -78,6 +78,18 @@ def test_random_weights_are_seeded():
     assert np.abs(a - c).max() > 1e-2
 
 
+def test_windows_cut_on_the_device_equal_host_cut_windows():
+    """embed_chunk (upload once, unfold on the device) == embed_batch of windows cut with NumPy."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (3, 640, 512), dtype=np.uint8)
+    ij = np.array([[0, 0], [3, 2], [1, 1], [2, 0], [0, 2]])
+    host = np.stack([rgb[:, i * 128 : i * 128 + 256, j * 128 : j * 128 + 256] for i, j in ij])
+    spec = ModelSpec(weights="random", batch_size=2, torch_threads=1, device="cpu")
+    np.testing.assert_allclose(embed.embed_chunk(rgb, ij, spec), embed.embed_batch(host, spec), atol=1e-5)
+    assert embed.embed_chunk(rgb, np.zeros((0, 2), int), spec).shape == (0, 512)
+    assert embed.auto_batch_size(spec, "cpu") == 64
+
+
 def test_amp_on_cpu_warns_and_runs_float32():
     spec = ModelSpec(weights="random", torch_threads=1)
     ref = embed.embed_batch(_windows(2), spec)
