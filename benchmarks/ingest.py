@@ -51,7 +51,12 @@ def synthetic_tif(path: Path, h: int, w: int, block: int = 2048, seed: int = 0) 
             for c in range(0, w, block):
                 bh, bw = min(block, h - r), min(block, w - c)
                 f = rng.uniform(0.01, 0.06, 3)
-                px = np.stack([127 + 80 * np.sin((yy[:bh, :bw] + r) * f[b]) * np.cos((xx[:bh, :bw] + c) * f[(b + 1) % 3]) for b in range(3)])
+                px = np.stack(
+                    [
+                        127 + 80 * np.sin((yy[:bh, :bw] + r) * f[b]) * np.cos((xx[:bh, :bw] + c) * f[(b + 1) % 3])
+                        for b in range(3)
+                    ]
+                )
                 px += rng.normal(0, 20, px.shape)
                 dst.write(np.clip(px, 1, 255).astype(np.uint8), window=Window(c, r, bw, bh))
     return path
@@ -135,25 +140,33 @@ def main() -> None:
                 r = end_to_end(tif, work, batch, dt, tt)
                 r.update(batch=batch, dask_threads=dt, torch_threads=tt)
                 results["e2e"].append(r)
-                print(f"end to end   batch {batch:>3}  {dt} x {tt} threads: {r['tiles_per_s']:7.1f} tiles/s ({r['tiles']} tiles)")
+                print(
+                    f"end to end   batch {batch:>3}  {dt} x {tt} threads: {r['tiles_per_s']:7.1f} tiles/s ({r['tiles']} tiles)"
+                )
         best_bare = max(results["bare"], key=lambda r: r["tiles_per_s"])
         best_e2e = max(results["e2e"], key=lambda r: r["tiles_per_s"])
         default = next(r for r in results["e2e"] if r["batch"] == 64 and r["dask_threads"] == cores)
         results["ratio_best_e2e_to_best_bare"] = best_e2e["tiles_per_s"] / best_bare["tiles_per_s"]
         results["ratio_default_e2e_to_best_bare"] = default["tiles_per_s"] / best_bare["tiles_per_s"]
-        print(f"\nbest bare model {best_bare['tiles_per_s']:.1f} tiles/s; best end to end {best_e2e['tiles_per_s']:.1f} tiles/s")
+        print(
+            f"\nbest bare model {best_bare['tiles_per_s']:.1f} tiles/s; best end to end {best_e2e['tiles_per_s']:.1f} tiles/s"
+        )
         print(f"ratio end-to-end / bare: best {results['ratio_best_e2e_to_best_bare']:.2f}, "
               f"default layout (batch 64, {cores} dask x 1 torch) {results['ratio_default_e2e_to_best_bare']:.2f}  (target >= 0.8)")  # fmt: skip
 
         if not args.skip_rss:
             big = synthetic_tif(work / "big.tif", args.rss_px, args.rss_px)
-            print(f"\n{args.rss_px} x {args.rss_px} GeoTIFF written ({big.stat().st_size / 2**30:.2f} GiB on disk); ingesting with a stand-in model ...")
+            print(
+                f"\n{args.rss_px} x {args.rss_px} GeoTIFF written ({big.stat().st_size / 2**30:.2f} GiB on disk); ingesting with a stand-in model ..."
+            )
             out = subprocess.run([sys.executable, __file__, "--rss-child", str(big), str(work / "big.zarr")],
                                  capture_output=True, text=True, check=True)  # fmt: skip
             rss = json.loads(out.stdout.strip().splitlines()[-1])
             rss["image_px"] = args.rss_px
             results["rss"] = rss
-            print(f"peak RSS {rss['peak_rss_gib']:.2f} GiB for {rss['windows']} windows in {rss['seconds']:.0f} s (target < 3 GiB)")
+            print(
+                f"peak RSS {rss['peak_rss_gib']:.2f} GiB for {rss['windows']} windows in {rss['seconds']:.0f} s (target < 3 GiB)"
+            )
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwritten {args.out}")
 

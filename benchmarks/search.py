@@ -69,8 +69,12 @@ def synthetic_store(path: Path, n: int, dtype: str, chunk_tiles: int = 8192, see
             "tile_count": ("img", np.minimum(per_img, n - np.arange(n_img) * per_img)),
             "status": ("img", np.array(["done"] * n_img, dtype=object)),
         },
-        attrs={"schema_version": SCHEMA_VERSION, "model": {"arch": "synthetic", "dim": DIM},
-               "layout": {"chunk_tiles": chunk_tiles, "chunk_px": 2 ** 20}},  # fmt: skip
+        attrs={
+            "schema_version": SCHEMA_VERSION,
+            "complete": True,
+            "model": {"arch": "synthetic", "dim": DIM},
+            "layout": {"chunk_tiles": chunk_tiles, "chunk_px": 2**20},
+        },  # fmt: skip
     )
     print(f"writing synthetic store {path} ({n:,} x {DIM} {dtype}) ...", flush=True)
     encoding = {"fingerprint": {"compressors": fingerprint_compressors("lz4")}}  # the ingest default
@@ -177,7 +181,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         x = sqnorm = fidx = index = None  # free memory before the next size
-    Path(args.out).write_text(json.dumps({"rows": rows, "page_cache": "warm (stores were just written or read)"}, indent=2))
+    Path(args.out).write_text(
+        json.dumps({"rows": rows, "page_cache": "warm (stores were just written or read)"}, indent=2)
+    )
     print_table(rows)
 
 
@@ -185,7 +191,9 @@ def print_table(rows: list[dict]) -> None:
     def ms(v):
         return f"{v * 1e3:9.1f}" if v is not None else "        -"
 
-    print(f"\n{'N':>11} {'dtype':>8} {'k':>4} {'q':>4} | {'memory ms':>9} {'store ms':>9} {'numpy ms':>9} {'faiss ms':>9} | mem/numpy  mem/faiss  store GB/s (search phase; open s)")
+    print(
+        f"\n{'N':>11} {'dtype':>8} {'k':>4} {'q':>4} | {'memory ms':>9} {'store ms':>9} {'numpy ms':>9} {'faiss ms':>9} | mem/numpy  mem/faiss  store GB/s (search phase; open s)"
+    )
     for r in rows:
         ratio = r["project_memory_s"] / r["numpy_s"] if r.get("numpy_s") else float("nan")
         fratio = r["project_memory_s"] / r["faiss_s"] if r.get("faiss_s") else float("nan")

@@ -55,7 +55,9 @@ class ModelConfig:
             "model.device",
             f"{self.device!r} is not auto, cpu, cuda or cuda:N",
         )
-        _require(self.batch_size >= 0, "model.batch_size", f"must be >= 1 (or 0: sized to the device), got {self.batch_size}")
+        _require(
+            self.batch_size >= 0, "model.batch_size", f"must be >= 1 (or 0: sized to the device), got {self.batch_size}"
+        )
         _require(self.amp in ("none", "bf16", "fp16"), "model.amp", f"{self.amp!r} is not none, bf16 or fp16")
         _require(self.torch_threads >= 0, "model.torch_threads", "must be >= 0 (0 = automatic)")
 

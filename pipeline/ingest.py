@@ -107,6 +107,7 @@ def provenance(cfg: Config, spec: ModelSpec, weights: dict[str, Any]) -> dict[st
     """Group attributes that say how every fingerprint in the store was made."""
     return {
         "schema_version": store.SCHEMA_VERSION,
+        "complete": False,  # set once every chunk is written; open_store refuses incomplete stores
         "software": f"aerial-search {__version__}",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {
@@ -242,6 +243,7 @@ def ingest(
         spec = ModelSpec.from_config(cfg.model, weights["weights_sha256"], torch_threads=rt.torch_threads)
         ds = build_dataset(plans, cfg, spec, provenance(cfg, spec, weights))
         tmp = store.temp_path(final)
+        store.prepare(final, tmp)
         try:
             meta = cfg.store.chunk_tiles * store.META_CHUNK_FACTOR
             encoding = {
@@ -259,6 +261,7 @@ def ingest(
             rt.compute(delayed)
             _mark_done(tmp, plans)
             valid = _read_valid(tmp)
+            store.mark_complete(tmp)
             store.commit(tmp, final)
         except BaseException:
             store.discard(tmp)
@@ -278,16 +281,16 @@ def ingest(
     )
 
 
-def _mark_done(path: Path, plans: Sequence[ImagePlan]) -> None:
+def _mark_done(path: Path | str, plans: Sequence[ImagePlan]) -> None:
     import zarr
 
-    g = zarr.open_group(path, mode="r+", zarr_format=3)
+    g = zarr.open_group(str(path), mode="r+", zarr_format=3)
     status = np.array(["done" if p.tile_count else "empty" for p in plans], dtype=object)
     if len(status):
         g["status"][:] = status
 
 
-def _read_valid(path: Path) -> np.ndarray:
+def _read_valid(path: Path | str) -> np.ndarray:
     import zarr
 
-    return np.asarray(zarr.open_group(path, mode="r", zarr_format=3)["valid"][:], dtype=bool)
+    return np.asarray(zarr.open_group(str(path), mode="r", zarr_format=3)["valid"][:], dtype=bool)

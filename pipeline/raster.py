@@ -49,7 +49,7 @@ def expand_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
     for src in sources:
         s = os.fspath(src)
         if is_uri(s):
-            found.append(s)
+            found.extend(_expand_uri(s))
             continue
         p = Path(s).expanduser()
         if p.is_dir():
@@ -72,6 +72,20 @@ def expand_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
     if len(unique) < len(found):
         warnings.warn(f"{len(found) - len(unique)} duplicate source path(s) ignored", stacklevel=2)
     return unique
+
+
+def _expand_uri(uri: str) -> list[str]:
+    """An object-storage URI: the object itself, or every *.tif/*.tiff under a prefix ending in /."""
+    if not uri.endswith("/"):
+        return [uri]
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    protocol = uri.split("://", 1)[0]
+    hits = [f"{protocol}://{k}" for k in fs.find(root) if k.lower().endswith(IMAGE_SUFFIXES)]
+    if not hits:
+        warnings.warn(f"{uri} holds no *.tif/*.tiff objects", stacklevel=3)
+    return hits
 
 
 @dataclass(frozen=True)
@@ -137,7 +151,25 @@ def read_header(path: str) -> ImageInfo:
     if not is_uri(path):
         st = os.stat(path)
         info = ImageInfo(**{**info.__dict__, "size": st.st_size, "mtime": st.st_mtime})
+    else:
+        info = ImageInfo(**{**info.__dict__, **_object_facts(path)})
     return info
+
+
+def _object_facts(uri: str) -> dict:
+    """Size and modification time of an object, where fsspec can tell (else -1 / nan)."""
+    try:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(uri)
+        meta = fs.info(root)
+    except Exception:  # no fsspec driver or no listing rights: the facts are optional
+        return {}
+    mtime = meta.get("LastModified") or meta.get("mtime") or meta.get("updated")
+    return {
+        "size": int(meta.get("size", -1)),
+        "mtime": float(mtime.timestamp()) if hasattr(mtime, "timestamp") else float("nan"),
+    }
 
 
 def check_image(info: ImageInfo, bands: Sequence[int], scale: Sequence[float] | None) -> None:

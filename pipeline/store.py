@@ -63,12 +63,46 @@ def fingerprint_compressors(name: str) -> tuple:
     }[name]
 
 
-def _is_zarr_group(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    return "://" in str(path)
 
 
-def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
+def _fs(url: str):
+    """fsspec filesystem and root for an object-storage URL (s3://, gs://, ...)."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise StoreError(f"store {url} needs an fsspec driver: pip install 'aerial-search[cloud]' ({e})") from e
+
+
+def _is_zarr_group(path: Path | str) -> bool:
+    if is_remote(path):
+        fs, root = _fs(str(path))
+        return fs.exists(f"{root.rstrip('/')}/zarr.json")
+    return (Path(path) / "zarr.json").is_file()
+
+
+def _exists(path: Path | str) -> bool:
+    if is_remote(path):
+        fs, root = _fs(str(path))
+        return fs.exists(root)
+    return Path(path).exists()
+
+
+def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path | str:
     """Refuse early (before any work) if ``path`` cannot receive a new store."""
+    if is_remote(path):
+        url = str(path).rstrip("/")
+        if _exists(url):
+            if not _is_zarr_group(url):
+                raise StoreError(f"{url} exists and is not a fingerprint store; choose another --store path")
+            if not overwrite:
+                raise StoreError(
+                    f"store {url} already exists; pass --overwrite to replace it or choose another --store path"
+                )
+        return url
     p = Path(path).expanduser().resolve()
     if p.exists():
         if not _is_zarr_group(p):
@@ -87,12 +121,38 @@ def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
     return p
 
 
-def temp_path(final: Path) -> Path:
+def temp_path(final: Path | str) -> Path | str:
+    """Where a new store is written before :func:`commit`.
+
+    Local: a hidden sibling folder, renamed into place when complete. Object storage has no
+    atomic rename: the store is written in place and only :func:`mark_complete` makes it
+    openable, so a reader never sees a half-written store either way.
+    """
+    if is_remote(final):
+        return final
+    final = Path(final)
     return final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
 
 
-def commit(tmp: Path, final: Path) -> None:
+def prepare(final: Path | str, tmp: Path | str) -> None:
+    """Object storage, --overwrite: the old store goes first (no rename to swap it atomically)."""
+    if is_remote(final) and _exists(final):
+        fs, root = _fs(str(final))
+        fs.rm(root, recursive=True)
+
+
+def mark_complete(path: Path | str) -> None:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    g.attrs["complete"] = True
+
+
+def commit(tmp: Path | str, final: Path | str) -> None:
     """Move a finished store into place; an existing store is replaced only after that."""
+    if is_remote(final):
+        return  # written in place; mark_complete already made it visible
+    tmp, final = Path(tmp), Path(final)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
@@ -102,16 +162,22 @@ def commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def discard(tmp: Path) -> None:
+def discard(tmp: Path | str) -> None:
+    if is_remote(tmp):
+        fs, root = _fs(str(tmp))
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        return
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_store(path: str | os.PathLike[str]):
-    """Open a store as a lazy ``xarray.Dataset`` after checking its schema version."""
+    """Open a store (folder or object-storage URL) as a lazy ``xarray.Dataset``, after checking
+    that it is a complete fingerprint store of a schema version this code reads."""
     import xarray as xr
 
-    p = Path(path).expanduser()
-    if not p.exists():
+    p: Path | str = str(path).rstrip("/") if is_remote(path) else Path(path).expanduser()
+    if not _exists(p):
         raise StoreError(f"store {p} does not exist; create it with `aerial-search ingest SOURCE --store {p}`")
     if not _is_zarr_group(p):
         raise StoreError(f"{p} is not a fingerprint store (no zarr.json); pass the --store path given to ingest")
@@ -127,7 +193,16 @@ def open_store(path: str | os.PathLike[str]):
             f"store {p} has schema version {version}; this aerial-search reads version {SCHEMA_VERSION}: "
             f"re-ingest into a new store or install the matching aerial-search release"
         )
+    if ds.attrs.get("complete") is not True:
+        raise StoreError(f"store {p} is incomplete (its ingest did not finish); run the ingest again with --overwrite")
     return ds
+
+
+def store_bytes(path: str | os.PathLike[str]) -> int:
+    if is_remote(path):
+        fs, root = _fs(str(path))
+        return int(fs.du(root))
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def provenance(ds) -> dict[str, Any]:
@@ -144,10 +219,10 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     ds = open_store(path)
     valid = ds["valid"].values
     status = ds["status"].values.astype(object)
-    nbytes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    nbytes = store_bytes(path)
     prov = provenance(ds)
     return {
-        "store": str(Path(path).resolve()),
+        "store": str(path) if is_remote(path) else str(Path(path).resolve()),
         "images": int(ds.sizes["img"]),
         "images_by_status": {s: int((status == s).sum()) for s in sorted(set(status))},
         "tiles": int(valid.sum()),

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One prepared GPU check, for a machine with a CUDA GPU, torch and pytest, but no internet.
+#
+#   cp -r ../shared/device-wheels .whl        # dask, distributed, zarr, numcodecs, rasterio + needs
+#   bash benchmarks/gpu_check.sh [WHEEL_DIR] [REPORT]     (defaults: .whl, $OUT/gpu_report.json or ./gpu_report.json)
+#
+# Installs the carried wheels into /tmp/site, installs this project without dependencies, runs
+# the gpu-marked tests, then measures bare-model tiles/s (fp32/bf16/fp16, channels_last, batch
+# sizes) and end-to-end ingest tiles/s on a synthetic 16,384 x 16,384 GeoTIFF. About 3-4 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=${1:-.whl}
+REPORT=${2:-${OUT:-.}/gpu_report.json}
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>/dev/null \
+  || echo "(editable install skipped; using PYTHONPATH=$PWD)"
+python3 -c "import torch, dask, zarr, rasterio; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+python3 -m pytest -q -m gpu tests/ -p no:cacheprovider
+python3 benchmarks/gpu_bench.py --device cuda --out "$REPORT"
