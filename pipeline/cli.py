@@ -119,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_cluster(p)
 
-    from pipeline import demo
+    from pipeline import demo, weights
 
     demo.add_parser(sub)
+    weights.add_parser(sub)
 
     p = sub.add_parser("info", help="summarize a store")
     p.add_argument("--store", required=True)
@@ -174,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.search_cmd import run_search
 
             return run_search(args, config_from_args(args))
+        elif args.command == "weights":
+            from pipeline import weights
+
+            return weights.main(args)
         elif args.command == "demo":
             from pipeline import demo
 

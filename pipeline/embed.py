@@ -126,11 +126,20 @@ def describe_weights(arch: str, weights: str, seed: int = 0) -> dict[str, Any]:
             f"weights file {weights} does not exist; pass --weights imagenet, --weights random "
             f"(tests only) or the path of a torchvision {arch} state_dict (.pth)"
         )
-    return {
-        "weights_id": f"file:{os.path.abspath(weights)}",
-        "weights_sha256": sha256_file(weights),
-        "pretrained": True,
-    }
+    sha = sha256_file(weights)
+    wid = f"file:{os.path.abspath(weights)}"
+    if _is_torchvision_imagenet(arch, sha):
+        wid = f"torchvision:{BACKBONES[arch].weights_enum}.IMAGENET1K_V1 ({wid})"
+    return {"weights_id": wid, "weights_sha256": sha, "pretrained": True}
+
+
+def _is_torchvision_imagenet(arch: str, sha256: str) -> bool:
+    """torchvision names its files ``<arch>-<first hex digits of the sha256>.pth``: a local copy
+    of IMAGENET1K_V1 (e.g. resnet18-f37072fd.pth) is recognised by that prefix."""
+    import re
+
+    m = re.search(r"-([0-9a-f]{6,})\.pth$", _imagenet_weights(arch).url)
+    return bool(m) and sha256.startswith(m.group(1))
 
 
 def _state_dict(arch: str, weights: str) -> dict[str, Any]:

@@ -117,3 +117,19 @@ def test_gpu_fingerprints_match_cpu(amp):
     gpu = embed.embed_batch(w, ModelSpec(weights="random", device="cuda", amp=amp, batch_size=4))
     tol = 1e-3 if amp == "none" else 0.1
     assert np.abs(cpu - gpu).max() / np.abs(cpu).max() < tol
+
+
+def test_local_copy_of_torchvision_imagenet_file_is_recognised(tmp_path, monkeypatch):
+    """torchvision's file names carry the sha256 prefix (resnet18-f37072fd.pth); a file with
+    that prefix is recorded as IMAGENET1K_V1, any other as a plain file."""
+    from types import SimpleNamespace
+
+    path = tmp_path / "w.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    sha = embed.sha256_file(str(path))
+    real_url = embed._imagenet_weights("resnet18").url
+    assert real_url.endswith("resnet18-f37072fd.pth")
+    assert not embed.describe_weights("resnet18", str(path))["weights_id"].startswith("torchvision:")
+    monkeypatch.setattr(embed, "_imagenet_weights", lambda arch: SimpleNamespace(url=f"https://x/resnet18-{sha[:8]}.pth"))
+    wid = embed.describe_weights("resnet18", str(path))["weights_id"]
+    assert wid.startswith("torchvision:ResNet18_Weights.IMAGENET1K_V1 (file:")
