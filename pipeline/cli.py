@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_cluster(p)
 
-    from pipeline import demo, weights
+    from pipeline import demo, evaluate, weights
 
+    evaluate.add_parser(sub, _add_model)
     demo.add_parser(sub)
     weights.add_parser(sub)
 
@@ -175,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.search_cmd import run_search
 
             return run_search(args, config_from_args(args))
+        elif args.command == "evaluate":
+            from pipeline import evaluate
+
+            return evaluate.main(args, config_from_args(args))
         elif args.command == "weights":
             from pipeline import weights
 

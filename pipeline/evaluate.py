@@ -1,0 +1,279 @@
+"""``aerial-search evaluate DATASET``: retrieval quality on a labelled image set (UC Merced layout:
+one subfolder of images per class). Every image is a query against all the others; mAP,
+precision@k and per-class AP are reported as a table, JSON and pictures.
+
+The ranking goes through the same engine as ``search`` (:class:`~pipeline.search.SearchIndex`
+over an in-memory dataset, each query excluding only itself). Post-processing, query expansion
+(alpha-QE) and database-side augmentation (DBA) come from :mod:`pipeline.post`; with ``tune``,
+their parameters are chosen on the queries of one half of each class and reported on the other.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import post
+from pipeline.embed import ModelSpec, describe_weights, embed_batch
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+PRECISION_AT = (5, 10, 20, 50, 100)
+
+
+def list_dataset(root: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """Image paths, integer labels and class names of a folder-per-class dataset (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist; pass a folder with one subfolder of images per class")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += [str(p) for p in files]
+        labels += [c] * len(files)
+    if len(classes) < 2 or not paths:
+        raise FileNotFoundError(f"{root} needs at least two class subfolders holding images")
+    return paths, np.array(labels), classes
+
+
+def average_precision(relevant: np.ndarray) -> float:
+    """AP of one ranked list (bool, best first) over all its relevant items."""
+    hits = np.flatnonzero(relevant)
+    if not len(hits):
+        return 0.0
+    return float(np.mean(np.arange(1, len(hits) + 1) / (hits + 1)))
+
+
+def retrieval_metrics(ranked_labels: np.ndarray, query_labels: np.ndarray) -> dict[str, Any]:
+    """mAP, P@k and AP per query from ``ranked_labels`` (m, n-1): labels of each query's ranking."""
+    rel = ranked_labels == query_labels[:, None]
+    ap = np.array([average_precision(r) for r in rel])
+    out: dict[str, Any] = {"mAP": float(ap.mean()), "ap": ap}
+    for k in PRECISION_AT:
+        out[f"P@{k}"] = float(rel[:, :k].mean())
+    return out
+
+
+def memory_dataset(x: np.ndarray, chunk: int = 512):
+    """An in-memory dataset with the store's schema, one 'image' per row, for SearchIndex."""
+    import dask.array as da
+    import xarray as xr
+
+    n = len(x)
+    ids = np.arange(n, dtype=np.uint64)
+    nan = np.full(n, np.nan)
+    return xr.Dataset(
+        {
+            "fingerprint": (("tile", "feature"), da.from_array(np.asarray(x, np.float32), chunks=(chunk, -1))),
+            "valid": ("tile", da.ones(n, bool, chunks=chunk)),
+            "uid": ("tile", da.from_array(ids << np.uint64(40), chunks=chunk)),
+            "lon": ("tile", da.from_array(nan, chunks=chunk)),
+            "lat": ("tile", da.from_array(nan.copy(), chunks=chunk)),
+            "image_path": ("img", np.array([str(i) for i in range(n)], dtype=object)),
+            "crs": ("img", np.array([""] * n, dtype=object)),
+            "transform": (("img", "affine"), np.tile([1.0, 0, 0, 0, 1.0, 0], (n, 1))),
+        }
+    )
+
+
+def rank_all(x: np.ndarray, queries: np.ndarray | None = None, split_every: int = 8) -> np.ndarray:
+    """Row indices of every database item ranked for each query (the query itself excluded).
+
+    ``x`` (n, d) database; ``queries`` (m, d) for the rows ``0..m-1`` of ``x`` (default ``x``).
+    Returns int (m, n - 1), nearest first, through :class:`SearchIndex`.
+    """
+    from pipeline.search import Queries, SearchIndex
+
+    index = SearchIndex(memory_dataset(x), split_every=split_every)
+    q = x if queries is None else queries
+    m = len(q)
+    qs = Queries(
+        np.asarray(q, np.float32), np.arange(m), np.zeros(m, np.int64), np.zeros(m, np.int64),
+        np.full(m, np.nan), np.full(m, np.nan), np.full(m, np.nan),
+    )  # fmt: skip
+    index._half_m = np.full(len(x), np.nan)
+    results = index.search(qs, len(x) - 1)
+    return np.stack([(r.uid >> np.uint64(40)).astype(np.int64) for r in results])
+
+
+@dataclass(frozen=True)
+class Options:
+    post: str = "none"
+    dims: int = 128
+    qe: int = 0  # query expansion depth (0 = off)
+    dba: int = 0  # database-side augmentation depth (0 = off)
+    alpha: float = 3.0
+
+    def label(self) -> str:
+        s = self.post + (f"{self.dims}" if self.post == "pca" else "")
+        if self.dba:
+            s += f"+DBA{self.dba}"
+        if self.qe:
+            s += f"+aQE{self.qe}"
+        return s + (f" (alpha {self.alpha:g})" if (self.qe or self.dba) else "")
+
+
+def run_options(raw: np.ndarray, opts: Options, fit_rows: np.ndarray | None = None) -> np.ndarray:
+    """Rankings (n, n-1) of every item after post-processing, DBA and QE."""
+    t = post.fit(opts.post, raw if fit_rows is None else raw[fit_rows], opts.dims)
+    x = t.apply(raw)
+    if opts.dba:
+        order = rank_all(x)
+        x = post.expand_queries(x, x[order[:, : opts.dba]], opts.alpha)
+    q = x
+    if opts.qe:
+        order = rank_all(x)
+        q = post.expand_queries(x, x[order[:, : opts.qe]], opts.alpha)
+    return rank_all(x, q)
+
+
+def fingerprint_images(paths: list[str], spec: ModelSpec) -> np.ndarray:
+    from pipeline.query import load_image
+
+    out = np.empty((len(paths), spec.dim), np.float32)
+    step = 256
+    for s in range(0, len(paths), step):
+        out[s : s + step] = embed_batch(np.stack([load_image(p) for p in paths[s : s + step]]), spec)
+    return out
+
+
+def tune(raw: np.ndarray, labels: np.ndarray, grid: list[Options]) -> tuple[Options, list[dict]]:
+    """Pick the options with the best mAP over the queries of one half of each class."""
+    half_a = _halves(labels)
+    trials = []
+    for opts in grid:
+        m = retrieval_metrics(labels[run_options(raw, opts)][half_a], labels[half_a])
+        trials.append({"options": opts.label(), "mAP_tuning_half": m["mAP"]})
+    best = grid[int(np.argmax([t["mAP_tuning_half"] for t in trials]))]
+    return best, trials
+
+
+def _halves(labels: np.ndarray) -> np.ndarray:
+    """bool: the first half (even positions) of each class's images."""
+    half = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        half[idx[::2]] = True
+    return half
+
+
+def evaluate(dataset: str, spec: ModelSpec, options: list[Options], out: Path | None = None, tune_grid: bool = False) -> dict:
+    """Fingerprint the dataset once, then report every option (and a tuned one when asked)."""
+    paths, labels, classes = list_dataset(dataset)
+    t0 = time.perf_counter()
+    raw = fingerprint_images(paths, spec)
+    report: dict[str, Any] = {
+        "dataset": str(Path(dataset).resolve()),
+        "images": len(paths),
+        "classes": classes,
+        "model": spec.arch,
+        "weights": describe_weights(spec.arch, spec.weights, spec.seed)["weights_id"],
+        "fingerprint_seconds": time.perf_counter() - t0,
+        "runs": [],
+    }
+    half_b = ~_halves(labels)
+    if tune_grid:
+        depths = [(0, 0), (0, 10), (10, 0), (5, 5), (10, 10)]  # (dba, qe)
+        grid = [Options(p, dba=d, qe=q, alpha=a) for p in ("l2", "hellinger") for d, q in depths
+                for a in (1.0, 3.0) if (d or q or a == 3.0)]  # fmt: skip
+        best, trials = tune(raw, labels, grid)
+        report["tuning"] = {"grid": trials, "chosen": best.label()}
+        options = [*options, best]
+    for opts in options:
+        order = run_options(raw, opts)
+        m = retrieval_metrics(labels[order], labels)
+        held = retrieval_metrics(labels[order][half_b], labels[half_b])
+        per_class = {c: float(m["ap"][labels == i].mean()) for i, c in enumerate(classes)}
+        run = {"options": opts.label(), **{k: v for k, v in m.items() if k != "ap"}, "mAP_held_out_half": held["mAP"],
+               "per_class_AP": per_class}  # fmt: skip
+        report["runs"].append(run)
+        if out is not None and opts is options[-1]:
+            _pictures(out, paths, labels, classes, order, m["ap"], per_class, opts.label())
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def table(report: dict) -> str:
+    cols = ["mAP", *[f"P@{k}" for k in PRECISION_AT], "mAP_held_out_half"]
+    lines = [f"{report['model']} / {report['weights']} on {report['images']} images, {len(report['classes'])} classes",
+             f"{'options':<32} " + " ".join(f"{c:>8}" for c in cols[:-1]) + "  held-out mAP"]  # fmt: skip
+    for r in report["runs"]:
+        lines.append(f"{r['options']:<32} " + " ".join(f"{r[c]:8.3f}" for c in cols[:-1]) + f"  {r['mAP_held_out_half']:12.3f}")
+    return "\n".join(lines)
+
+
+def _pictures(out: Path, paths, labels, classes, order, ap, per_class, title: str) -> None:
+    """per_class_ap.png (bar chart) and best_worst.png (3 best, 3 worst queries, top 5 each)."""
+    from PIL import Image, ImageDraw
+
+    from pipeline.query import load_image
+    from pipeline.render import sheet
+
+    out.mkdir(parents=True, exist_ok=True)
+    w, bar_h = 720, 22
+    img = Image.new("RGB", (w, 40 + bar_h * len(classes)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), f"per-class AP: {title}", fill=(0, 0, 0))
+    for i, (c, v) in enumerate(sorted(per_class.items(), key=lambda kv: -kv[1])):
+        y = 36 + i * bar_h
+        d.text((10, y + 4), c[:22], fill=(0, 0, 0))
+        d.rectangle([180, y + 3, 180 + int(480 * v), y + bar_h - 3], fill=(70, 110, 180))
+        d.text((186 + int(480 * v), y + 4), f"{v:.3f}", fill=(0, 0, 0))
+    img.save(out / "per_class_ap.png")
+    picks = list(np.argsort(-ap)[:3]) + list(np.argsort(ap)[:3])
+    tiles, labs = [], []
+    for q in picks:
+        tiles.append(load_image(paths[q]))
+        labs.append(f"Q {classes[labels[q]][:14]} AP {ap[q]:.2f}")
+        for r in order[q, :5]:
+            tiles.append(load_image(paths[r]))
+            labs.append(("ok " if labels[r] == labels[q] else "x ") + classes[labels[r]][:16])
+    sheet(tiles, labs, columns=6, highlight_first=False).save(out / "best_worst.png")
+
+
+def parse_options(text: str) -> Options:
+    """``post[:dims][+dbaN][+qeN][@alpha]``, e.g. ``l2``, ``pca:128``, ``hellinger+dba10+qe10@3``."""
+    alpha = 3.0
+    if "@" in text:
+        text, a = text.split("@")
+        alpha = float(a)
+    parts = text.split("+")
+    name, _, dims = parts[0].partition(":")
+    kw: dict[str, Any] = {"post": name, "alpha": alpha}
+    if dims:
+        kw["dims"] = int(dims)
+    for p in parts[1:]:
+        for key in ("dba", "qe"):
+            if p.startswith(key):
+                kw[key] = int(p[len(key) :])
+    if name not in post.METHODS:
+        raise ValueError(f"unknown post-processing {name!r} in {text!r}; choose one of {post.METHODS}")
+    return Options(**kw)
+
+
+def add_parser(sub, add_model) -> None:
+    p = sub.add_parser("evaluate", help="retrieval quality (mAP, precision@k) on a folder-per-class image set")
+    p.add_argument("dataset", help="folder with one subfolder of images per class (UC Merced layout)")
+    p.add_argument("--out", default="evaluation", help="folder for metrics.json and the pictures")
+    p.add_argument("--options", nargs="+", default=["none"], type=parse_options,
+                   help="post-processing runs: none, l2, hellinger, pca:DIMS, with +dbaN, +qeN, @ALPHA")  # fmt: skip
+    p.add_argument("--tune", action="store_true", help="also pick post/QE/DBA settings on half the queries")
+    add_model(p)
+
+
+def main(args, cfg) -> int:
+    from pipeline.embed import ModelSpec as Spec
+
+    spec = Spec.from_config(cfg.model, describe_weights(cfg.model.arch, cfg.model.weights, cfg.model.seed)["weights_sha256"])
+    report = evaluate(args.dataset, spec, list(args.options), Path(args.out), tune_grid=args.tune)
+    print(table(report))
+    print(f"\nwritten {Path(args.out) / 'metrics.json'}, per_class_ap.png, best_worst.png")
+    return 0
+
