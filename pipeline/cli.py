@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", dest="json_out", help="write results as JSON to this file")
     g.add_argument("--sheet", help="write a PNG of the query and its results (several queries: NAME-1.png, ...)")
     g.add_argument("--split-every", type=int, default=8, help="fan-in of the top-k tree reduction")
+    g.add_argument("--raw", action="store_true", help="ignore the store's post-processing (raw fingerprints)")
+    g.add_argument("--qe", type=int, default=0, help="alpha query expansion with this many top results (0: off)")
+    g.add_argument("--alpha", type=float, default=3.0, help="query expansion weight exponent")
     g.add_argument("--weights", dest="query_weights", help="local copy of the store's weights file (checked by sha256)")
     g.add_argument("--device", dest="model.device", help="auto | cpu | cuda for --image queries")
     _add_common(p)
@@ -124,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub, _add_model)
     demo.add_parser(sub)
     weights.add_parser(sub)
+
+    p = sub.add_parser("postprocess", help="fit a fingerprint post-processing into a store (applied by search)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--method", required=True, choices=["none", "l2", "hellinger", "pca"])
+    p.add_argument("--dims", type=int, default=128, help="pca: output dimensions")
+    p.add_argument("--sample", type=int, default=200_000, help="pca: fit on at most this many tiles")
 
     p = sub.add_parser("info", help="summarize a store")
     p.add_argument("--store", required=True)
@@ -148,6 +157,8 @@ def _print_info(summary: dict[str, Any]) -> None:
         f"fingerprints  {summary['feature_dim']}-d {summary['fingerprint_dtype']}, {summary['chunk_tiles']} tiles per chunk"
     )
     print(f"model         {model.get('arch')} weights {model.get('weights_id')}")
+    if summary.get("postprocess"):
+        print(f"postprocess   {summary['postprocess']}")
     print(f"on disk       {summary['bytes_on_disk'] / 1e6:.2f} MB")
     if summary["lonlat_bounds"]:
         w, s, e, n = summary["lonlat_bounds"]
@@ -176,6 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.search_cmd import run_search
 
             return run_search(args, config_from_args(args))
+        elif args.command == "postprocess":
+            from pipeline.post import fit_store
+
+            t = fit_store(args.store, args.method, args.dims, args.sample)
+            print(f"{args.store}: post-processing {t.method}{'' if t.dims is None else f' ({t.dims} dims)'} saved; search applies it")
         elif args.command == "evaluate":
             from pipeline import evaluate
 

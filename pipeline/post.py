@@ -79,3 +79,50 @@ def expand_queries(q: np.ndarray, neighbours: np.ndarray, alpha: float) -> np.nd
     sim = np.einsum("md,mkd->mk", qn, nb)
     w = np.maximum(sim, 0.0) ** alpha
     return l2n(qn + np.einsum("mk,mkd->md", w, nb))
+
+
+def load_transform(ds) -> Transform:
+    """The transform fitted into a store by :func:`save_transform` (``none`` if there is none)."""
+    meta = ds.attrs.get("postprocess")
+    if not meta:
+        return Transform()
+    if meta["method"] != "pca":
+        return Transform(meta["method"])
+    return Transform("pca", ds["post_mean"].values.astype(np.float32), ds["post_projection"].values.astype(np.float32))
+
+
+def save_transform(path: str, t: Transform, fitted_on: int) -> None:
+    """Write a fitted transform into a store (arrays + attributes); the raw fingerprints stay."""
+    import datetime as dt
+
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    for name in ("post_mean", "post_projection"):
+        if name in g:
+            del g[name]
+    if t.method == "pca":
+        m = g.create_array("post_mean", shape=t.mean.shape, dtype="float32", dimension_names=("feature",))
+        m[:] = t.mean
+        p = g.create_array("post_projection", shape=t.projection.shape, dtype="float32", dimension_names=("feature", "post_feature"))
+        p[:] = t.projection
+    g.attrs["postprocess"] = {
+        "method": t.method,
+        "dims": t.dims,
+        "fitted_on_tiles": int(fitted_on),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def fit_store(path: str, method: str, dims: int = 128, sample: int = 200_000, seed: int = 0) -> Transform:
+    """Fit ``method`` on (a sample of) a store's valid raw fingerprints and save it there."""
+    from pipeline.store import open_store
+
+    ds = open_store(path)
+    valid = np.flatnonzero(ds["valid"].values)
+    if method == "pca" and len(valid) > sample:
+        valid = np.sort(np.random.default_rng(seed).choice(valid, sample, replace=False))
+    x = ds["fingerprint"].data[valid].compute() if method == "pca" else np.zeros((0, ds.sizes["feature"]), np.float32)
+    t = fit(method, x, dims)
+    save_transform(path, t, len(valid))
+    return t

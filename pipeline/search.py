@@ -18,6 +18,7 @@ applies spatial non-maximum suppression and widens the candidate pool until it h
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -268,16 +269,19 @@ def masked_sqnorm(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(valid, np.einsum("ij,ij->i", x, x), np.float32(np.inf))
 
 
-def _make_block(*arrays: np.ndarray, with_norms: bool) -> dict[str, np.ndarray]:
-    """A block for :func:`chunk_topk`; ``with_norms`` precomputes what an index reuses per query."""
+def _make_block(*arrays: np.ndarray, with_norms: bool, transform: Any = None) -> dict[str, np.ndarray]:
+    """A block for :func:`chunk_topk`; ``transform`` post-processes the raw fingerprints;
+    ``with_norms`` precomputes what an index reuses per query."""
     block = dict(zip(BLOCK_VARS, arrays))
+    if transform is not None and transform.method != "none":
+        block["fingerprint"] = transform.apply(block["fingerprint"])
     if with_norms:
         block["sqnorm"] = masked_sqnorm(block["fingerprint"], block["valid"])
         block["image"], block["row"], block["col"] = grid.unpack_uid(block["uid"])
     return block
 
 
-def store_blocks(ds, with_norms: bool = False, rows: int | None = None) -> list:
+def store_blocks(ds, with_norms: bool = False, rows: int | None = None, transform: Any = None) -> list:
     """One delayed dict of arrays per block of ``rows`` tiles (default: per Zarr chunk), lazy."""
     import dask
 
@@ -289,7 +293,7 @@ def store_blocks(ds, with_norms: bool = False, rows: int | None = None) -> list:
     arrays = [a.rechunk({0: rows}) for a in arrays]
     per_var = [a.to_delayed().ravel() for a in arrays]
     make = dask.delayed(_make_block, pure=True)
-    return [make(*parts, with_norms=with_norms) for parts in zip(*per_var)]
+    return [make(*parts, with_norms=with_norms, transform=transform) for parts in zip(*per_var)]
 
 
 def _cores() -> int:
@@ -386,6 +390,8 @@ class SearchIndex:
     _half_m: np.ndarray | None = field(default=None, repr=False)
     _paths: np.ndarray | None = field(default=None, repr=False)
     _table: dict | None = field(default=None, repr=False)
+    use_post: bool = True  # apply the store's post-processing (False: raw fingerprints)
+    _transform: Any = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str, runtime: Any = None, split_every: int = 8) -> SearchIndex:
@@ -419,7 +425,16 @@ class SearchIndex:
         return self._table
 
     def blocks(self) -> list:
-        return self._blocks if self._blocks is not None else store_blocks(self.ds)
+        return self._blocks if self._blocks is not None else store_blocks(self.ds, transform=self.transform)
+
+    @property
+    def transform(self):
+        """The store's fitted post-processing (``aerial-search postprocess``), or None."""
+        if self._transform is None:
+            from pipeline.post import Transform, load_transform
+
+            self._transform = load_transform(self.ds) if self.use_post else Transform()
+        return self._transform
 
     def persist(self, block_rows: int | None = None) -> SearchIndex:
         """Load every chunk once (with precomputed norms) and keep it in memory or cluster memory.
@@ -441,7 +456,7 @@ class SearchIndex:
             threads = getattr(self.runtime, "dask_threads", 0) or _cores()
             block_rows = chunk if client is not None else min(max(chunk, -(-n // threads)), 1 << 20)
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
-        blocks = store_blocks(self.ds, with_norms=True, rows=block_rows)
+        blocks = store_blocks(self.ds, with_norms=True, rows=block_rows, transform=self.transform)
         if client is not None:
             self._blocks = client.persist(blocks)
         else:
@@ -462,8 +477,10 @@ class SearchIndex:
         filters: Filters | None = None,
         diverse: bool = False,
         labels: Sequence[dict] | None = None,
+        expand: tuple[int, float] | None = None,
     ) -> list[Result]:
-        """The ``k`` nearest valid tiles to each query (exact Euclidean distance)."""
+        """The ``k`` nearest valid tiles to each query (exact Euclidean distance, after the
+        store's post-processing). ``expand=(depth, alpha)``: alpha query expansion first."""
         if k <= 0:
             raise SearchError(f"k must be a positive number of results, got {k}")
         dim = self.ds.sizes["feature"]
@@ -473,6 +490,9 @@ class SearchIndex:
                 f"fingerprints of {self.provenance.get('model', {}).get('arch')}; fingerprint queries with the store's model"
             )
         filters = filters or Filters()
+        queries = self._transformed(queries)
+        if expand is not None:
+            queries = self._expand(queries, filters, *expand)
         pool = k * 9 if diverse else k  # a result suppresses at most its 8 same-image neighbours
         while True:
             raw = self._compute(tree_topk(self.blocks(), queries, pool, filters, self.half_m, self.split_every))
@@ -486,6 +506,26 @@ class SearchIndex:
             pool *= 4
         labels = labels or [{} for _ in raw]
         return [self._result(r, lab) for r, lab in zip(raw, labels)]
+
+    def _transformed(self, queries: Queries) -> Queries:
+        t = self.transform
+        if t.method == "none":
+            return queries
+        return dataclasses.replace(queries, fingerprints=t.apply(queries.fingerprints))
+
+    def _expand(self, queries: Queries, filters: Filters, depth: int, alpha: float) -> Queries:
+        """alpha-QE with the top ``depth`` results (their post-processed fingerprints)."""
+        from pipeline.post import expand_queries
+
+        first = self._compute(tree_topk(self.blocks(), queries, depth, filters, self.half_m, self.split_every))
+        neighbours = []
+        for res in first:
+            slots = [self.slot_of(int(u)) for u in res["uid"]]
+            raw = self.ds["fingerprint"].data[np.array(slots, dtype=np.int64)].compute() if slots else np.zeros((0, self.ds.sizes["feature"]))
+            x = self.transform.apply(raw)
+            pad = np.zeros((depth - len(x), queries.fingerprints.shape[1]), np.float32)  # fewer results than depth
+            neighbours.append(np.concatenate([x, pad]) if len(pad) else x)
+        return dataclasses.replace(queries, fingerprints=expand_queries(queries.fingerprints, np.stack(neighbours), alpha))
 
     def _nms(self, res: np.ndarray, k: int) -> np.ndarray:
         image, row, col = grid.unpack_uid(res["uid"])

@@ -111,6 +111,7 @@ def run_search(args: argparse.Namespace, cfg: Config) -> int:
 
     with runtime(cfg.cluster) as rt:
         index = SearchIndex.open(args.store, rt, split_every=args.split_every)
+        index.use_post = not args.raw
         if args.k <= 0:
             raise SearchError(f"-k must be a positive number of results, got {args.k}")
         filters = Filters(
@@ -119,7 +120,8 @@ def run_search(args: argparse.Namespace, cfg: Config) -> int:
             image_ids=index.image_ids_matching(args.images) if args.images else None,
         )
         queries, labels, pixels = resolve_queries(index, args, cfg.model.device)
-        results = index.search(queries, args.k, filters, diverse=args.diverse, labels=labels)
+        expand = (args.qe, args.alpha) if args.qe else None
+        results = index.search(queries, args.k, filters, diverse=args.diverse, labels=labels, expand=expand)
     for res in results:
         print(res.table())
         print()

@@ -235,6 +235,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         "model": prov.get("model", {}),
         "preprocessing": prov.get("preprocessing", {}),
         "created": prov.get("created"),
+        "postprocess": prov.get("postprocess"),
         "software": prov.get("software"),
         "lonlat_bounds": _bounds(ds, valid),
     }

@@ -319,3 +319,61 @@ def test_bad_queries_are_clear(stores, archive, tmp_path, capsys):
 
     with pytest.raises(SearchError, match="2048 dimensions but the store holds 512-d"):
         SearchIndex.open(store).search(Queries.from_fingerprints(np.zeros((1, 2048))), 3)
+
+
+def _numpy_post(method: str, x: np.ndarray, valid: np.ndarray, dims: int = 16) -> np.ndarray:
+    x = x.astype(np.float64)
+    if method == "l2":
+        n = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+    if method == "hellinger":
+        return _numpy_post("l2", np.sqrt(x), valid)
+    c = x - x[valid].mean(0)
+    val, vec = np.linalg.eigh(np.cov(c[valid], rowvar=False))
+    top = np.argsort(val)[::-1][:dims]
+    return _numpy_post("l2", c @ (vec[:, top] / np.sqrt(val[top] + 1e-6)), valid)
+
+
+@pytest.mark.parametrize("method", ["l2", "hellinger", "pca"])
+def test_store_postprocessing_applies_at_search_time(stores, tmp_path, method):
+    """postprocess fits into the store; search ranks as NumPy does on the transformed raw fingerprints."""
+    from pipeline.post import fit_store
+
+    path = tmp_path / "p.zarr"
+    shutil.copytree(stores["float32"], path)
+    ds, s = load(path)
+    t = fit_store(str(path), method, dims=16)
+    assert open_store(path).attrs["postprocess"]["method"] == method and t.method == method
+    np.testing.assert_array_equal(open_store(path)["fingerprint"].values, s["fingerprint"])  # raw kept
+    index = SearchIndex.open(str(path))
+    xt = _numpy_post(method, s["fingerprint"], s["valid"])
+    for q in np.flatnonzero(s["valid"])[[2, 17]]:
+        queries, _ = index.queries_from_uids([int(s["uid"][q])])
+        [res] = index.search(queries, 8)
+        allowed = ~overlap_oracle(s, q)
+        uids, d = brute({**s, "fingerprint": xt}, xt[q], 8, allowed)
+        np.testing.assert_array_equal(res.uid, uids)
+        np.testing.assert_allclose(res.distance, d, atol=1e-4)
+    raw = SearchIndex.open(str(path))
+    raw.use_post = False
+    [r0] = raw.search(index.queries_from_uids([int(s["uid"][q])])[0], 8)
+    check(r0, *brute(s, s["fingerprint"][q], 8, ~overlap_oracle(s, q)))
+
+
+def test_query_expansion_in_search_equals_numpy(stores):
+    ds, s = load(stores["float32"])
+    index = SearchIndex(ds)
+    q = int(np.flatnonzero(s["valid"])[9])
+    allowed = ~overlap_oracle(s, q)
+    first, _ = brute(s, s["fingerprint"][q], 3, allowed)
+    x = s["fingerprint"].astype(np.float64)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    qn = unit(x[q])
+    acc = qn.copy()
+    for u in first:
+        nb = unit(x[np.flatnonzero(s["uid"] == u)[0]])
+        acc += max(float(qn @ nb), 0.0) ** 3.0 * nb
+    expanded = unit(acc)
+    queries, _ = index.queries_from_uids([int(s["uid"][q])])
+    [res] = index.search(queries, 6, expand=(3, 3.0))
+    check(res, *brute(s, expanded.astype(np.float32), 6, allowed))
