@@ -211,22 +211,12 @@ def table(report: dict) -> str:
 
 def _pictures(out: Path, paths, labels, classes, order, ap, per_class, title: str) -> None:
     """per_class_ap.png (bar chart) and best_worst.png (3 best, 3 worst queries, top 5 each)."""
-    from PIL import Image, ImageDraw
-
     from pipeline.query import load_image
-    from pipeline.render import sheet
+    from pipeline.render import bar_chart, sheet
 
     out.mkdir(parents=True, exist_ok=True)
-    w, bar_h = 720, 22
-    img = Image.new("RGB", (w, 40 + bar_h * len(classes)), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), f"per-class AP: {title}", fill=(0, 0, 0))
-    for i, (c, v) in enumerate(sorted(per_class.items(), key=lambda kv: -kv[1])):
-        y = 36 + i * bar_h
-        d.text((10, y + 4), c[:22], fill=(0, 0, 0))
-        d.rectangle([180, y + 3, 180 + int(480 * v), y + bar_h - 3], fill=(70, 110, 180))
-        d.text((186 + int(480 * v), y + 4), f"{v:.3f}", fill=(0, 0, 0))
-    img.save(out / "per_class_ap.png")
+    ranked = sorted(per_class.items(), key=lambda kv: -kv[1])
+    bar_chart(f"per-class AP: {title}", [c for c, _ in ranked], [v for _, v in ranked], str(out / "per_class_ap.png"))
     picks = list(np.argsort(-ap)[:3]) + list(np.argsort(ap)[:3])
     tiles, labs = [], []
     for q in picks:

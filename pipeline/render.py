@@ -60,3 +60,21 @@ def result_sheet(result, query_tile: np.ndarray, prov: dict[str, Any], out_path:
         labels.append(f"#{r['rank']}  d={r['distance']:.3f}")
     sheet(tiles, labels, columns).save(out_path)
     return out_path
+
+
+def bar_chart(title: str, labels: Sequence[str], values: Sequence[float], out_path: str, unit: str = "") -> str:
+    """A horizontal bar chart as PNG (no plotting dependency): one bar per label, value printed."""
+    from PIL import Image, ImageDraw
+
+    width, bar_h, left, span = 760, 22, 230, 440
+    img = Image.new("RGB", (width, 44 + bar_h * len(labels)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 10), title, fill=(0, 0, 0))
+    top = max(max(values, default=0.0), 1e-12)
+    for i, (label, v) in enumerate(zip(labels, values)):
+        y = 36 + i * bar_h
+        draw.text((10, y + 4), str(label)[:34], fill=(0, 0, 0))
+        draw.rectangle([left, y + 3, left + int(span * v / top), y + bar_h - 3], fill=(70, 110, 180))
+        draw.text((left + 6 + int(span * v / top), y + 4), f"{v:.3g}{unit}", fill=(0, 0, 0))
+    img.save(out_path)
+    return out_path
