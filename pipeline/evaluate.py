@@ -29,7 +29,9 @@ def list_dataset(root: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
     """Image paths, integer labels and class names of a folder-per-class dataset (sorted)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} does not exist; pass a folder with one subfolder of images per class")
+        raise FileNotFoundError(
+            f"dataset folder {root} does not exist; pass a folder with one subfolder of images per class"
+        )
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     paths, labels = [], []
     for c, name in enumerate(classes):
@@ -162,7 +164,9 @@ def _halves(labels: np.ndarray) -> np.ndarray:
     return half
 
 
-def evaluate(dataset: str, spec: ModelSpec, options: list[Options], out: Path | None = None, tune_grid: bool = False) -> dict:
+def evaluate(
+    dataset: str, spec: ModelSpec, options: list[Options], out: Path | None = None, tune_grid: bool = False
+) -> dict:
     """Fingerprint the dataset once, then report every option (and a tuned one when asked)."""
     paths, labels, classes = list_dataset(dataset)
     t0 = time.perf_counter()
@@ -205,7 +209,9 @@ def table(report: dict) -> str:
     lines = [f"{report['model']} / {report['weights']} on {report['images']} images, {len(report['classes'])} classes",
              f"{'options':<32} " + " ".join(f"{c:>8}" for c in cols[:-1]) + "  held-out mAP"]  # fmt: skip
     for r in report["runs"]:
-        lines.append(f"{r['options']:<32} " + " ".join(f"{r[c]:8.3f}" for c in cols[:-1]) + f"  {r['mAP_held_out_half']:12.3f}")
+        lines.append(
+            f"{r['options']:<32} " + " ".join(f"{r[c]:8.3f}" for c in cols[:-1]) + f"  {r['mAP_held_out_half']:12.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -261,9 +267,10 @@ def add_parser(sub, add_model) -> None:
 def main(args, cfg) -> int:
     from pipeline.embed import ModelSpec as Spec
 
-    spec = Spec.from_config(cfg.model, describe_weights(cfg.model.arch, cfg.model.weights, cfg.model.seed)["weights_sha256"])
+    spec = Spec.from_config(
+        cfg.model, describe_weights(cfg.model.arch, cfg.model.weights, cfg.model.seed)["weights_sha256"]
+    )
     report = evaluate(args.dataset, spec, list(args.options), Path(args.out), tune_grid=args.tune)
     print(table(report))
     print(f"\nwritten {Path(args.out) / 'metrics.json'}, per_class_ap.png, best_worst.png")
     return 0
-

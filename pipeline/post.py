@@ -92,19 +92,22 @@ def load_transform(ds) -> Transform:
 
 
 def save_transform(path: str, t: Transform, fitted_on: int) -> None:
-    """Write a fitted transform into a store (arrays + attributes); the raw fingerprints stay."""
+    """Write a fitted transform into a store (arrays + attributes); the raw fingerprints stay.
+    A previous DBA array is dropped: it was derived under the old transform."""
     import datetime as dt
 
     import zarr
 
     g = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    for name in ("post_mean", "post_projection"):
+    for name in ("post_mean", "post_projection", "fingerprint_dba"):
         if name in g:
             del g[name]
     if t.method == "pca":
         m = g.create_array("post_mean", shape=t.mean.shape, dtype="float32", dimension_names=("feature",))
         m[:] = t.mean
-        p = g.create_array("post_projection", shape=t.projection.shape, dtype="float32", dimension_names=("feature", "post_feature"))
+        p = g.create_array(
+            "post_projection", shape=t.projection.shape, dtype="float32", dimension_names=("feature", "post_feature")
+        )
         p[:] = t.projection
     g.attrs["postprocess"] = {
         "method": t.method,
@@ -126,3 +129,44 @@ def fit_store(path: str, method: str, dims: int = 128, sample: int = 200_000, se
     t = fit(method, x, dims)
     save_transform(path, t, len(valid))
     return t
+
+
+def augment_store(path: str, depth: int, alpha: float = 1.0, batch: int = 256, runtime=None) -> int:
+    """Database-side augmentation: write ``fingerprint_dba`` (tile, post_feature), each valid
+    tile's post-processed fingerprint alpha-QE-expanded with its ``depth`` nearest tiles
+    (overlapping tiles excluded, as in search). A derived array: rebuild it after adding images;
+    search uses it in place of the transformed raw fingerprints while it matches the transform."""
+    import zarr
+
+    from pipeline.search import SearchIndex
+
+    index = SearchIndex.open(path, runtime)
+    ds = index.ds
+    valid = np.flatnonzero(ds["valid"].values)
+    uids = ds["uid"].values
+    if runtime is None:
+        index.persist()
+    x = index.transform.apply(ds["fingerprint"].values)
+    out = np.zeros_like(x)
+    slot_of = {int(u): i for i, u in enumerate(uids)}
+    for s in range(0, len(valid), batch):
+        rows = valid[s : s + batch]
+        queries, _ = index.queries_from_uids([int(uids[r]) for r in rows])
+        results = index.search(queries, depth)
+        nb = np.zeros((len(rows), depth, x.shape[1]), np.float32)
+        for i, res in enumerate(results):
+            idx = [slot_of[int(u)] for u in res.uid]
+            nb[i, : len(idx)] = x[idx]
+        out[rows] = expand_queries(x[rows], nb, alpha)
+    g = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    if "fingerprint_dba" in g:
+        del g["fingerprint_dba"]
+    chunks = (int(ds["fingerprint"].encoding.get("chunks", (len(x),))[0]), x.shape[1])
+    arr = g.create_array(
+        "fingerprint_dba", shape=out.shape, chunks=chunks, dtype="float32", dimension_names=("tile", "post_feature")
+    )
+    arr[:] = out
+    meta = dict(g.attrs.get("postprocess") or {"method": "none", "dims": None})
+    meta["dba"] = {"depth": depth, "alpha": alpha, "tiles": int(len(valid))}
+    g.attrs["postprocess"] = meta
+    return len(valid)

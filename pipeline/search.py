@@ -282,10 +282,16 @@ def _make_block(*arrays: np.ndarray, with_norms: bool, transform: Any = None) ->
 
 
 def store_blocks(ds, with_norms: bool = False, rows: int | None = None, transform: Any = None) -> list:
-    """One delayed dict of arrays per block of ``rows`` tiles (default: per Zarr chunk), lazy."""
+    """One delayed dict of arrays per block of ``rows`` tiles (default: per Zarr chunk), lazy.
+
+    With a transform and a ``fingerprint_dba`` array in the store (``postprocess --dba``), the
+    blocks hold the augmented fingerprints, which are already post-processed."""
     import dask
 
     arrays = [ds[name].data for name in BLOCK_VARS]
+    if transform is not None and "fingerprint_dba" in ds:
+        arrays[0] = ds["fingerprint_dba"].data
+        transform = None
     arrays[0] = arrays[0].rechunk({1: -1})
     # Small per-tile arrays are stored in larger chunks (store.META_CHUNK_FACTOR): slice them
     # to the fingerprint chunks so that each is read once and shared by the tasks that need it.
@@ -425,7 +431,11 @@ class SearchIndex:
         return self._table
 
     def blocks(self) -> list:
-        return self._blocks if self._blocks is not None else store_blocks(self.ds, transform=self.transform)
+        return self._blocks if self._blocks is not None else store_blocks(self.ds, transform=self._post())
+
+    def _post(self):
+        """What store_blocks applies: the store's post-processing, or None for --raw."""
+        return self.transform if self.use_post else None
 
     @property
     def transform(self):
@@ -456,7 +466,7 @@ class SearchIndex:
             threads = getattr(self.runtime, "dask_threads", 0) or _cores()
             block_rows = chunk if client is not None else min(max(chunk, -(-n // threads)), 1 << 20)
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
-        blocks = store_blocks(self.ds, with_norms=True, rows=block_rows, transform=self.transform)
+        blocks = store_blocks(self.ds, with_norms=True, rows=block_rows, transform=self._post())
         if client is not None:
             self._blocks = client.persist(blocks)
         else:
@@ -521,11 +531,17 @@ class SearchIndex:
         neighbours = []
         for res in first:
             slots = [self.slot_of(int(u)) for u in res["uid"]]
-            raw = self.ds["fingerprint"].data[np.array(slots, dtype=np.int64)].compute() if slots else np.zeros((0, self.ds.sizes["feature"]))
+            raw = (
+                self.ds["fingerprint"].data[np.array(slots, dtype=np.int64)].compute()
+                if slots
+                else np.zeros((0, self.ds.sizes["feature"]))
+            )
             x = self.transform.apply(raw)
             pad = np.zeros((depth - len(x), queries.fingerprints.shape[1]), np.float32)  # fewer results than depth
             neighbours.append(np.concatenate([x, pad]) if len(pad) else x)
-        return dataclasses.replace(queries, fingerprints=expand_queries(queries.fingerprints, np.stack(neighbours), alpha))
+        return dataclasses.replace(
+            queries, fingerprints=expand_queries(queries.fingerprints, np.stack(neighbours), alpha)
+        )
 
     def _nms(self, res: np.ndarray, k: int) -> np.ndarray:
         image, row, col = grid.unpack_uid(res["uid"])

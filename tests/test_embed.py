@@ -130,6 +130,8 @@ def test_local_copy_of_torchvision_imagenet_file_is_recognised(tmp_path, monkeyp
     real_url = embed._imagenet_weights("resnet18").url
     assert real_url.endswith("resnet18-f37072fd.pth")
     assert not embed.describe_weights("resnet18", str(path))["weights_id"].startswith("torchvision:")
-    monkeypatch.setattr(embed, "_imagenet_weights", lambda arch: SimpleNamespace(url=f"https://x/resnet18-{sha[:8]}.pth"))
+    monkeypatch.setattr(
+        embed, "_imagenet_weights", lambda arch: SimpleNamespace(url=f"https://x/resnet18-{sha[:8]}.pth")
+    )
     wid = embed.describe_weights("resnet18", str(path))["weights_id"]
     assert wid.startswith("torchvision:ResNet18_Weights.IMAGENET1K_V1 (file:")

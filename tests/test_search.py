@@ -377,3 +377,31 @@ def test_query_expansion_in_search_equals_numpy(stores):
     queries, _ = index.queries_from_uids([int(s["uid"][q])])
     [res] = index.search(queries, 6, expand=(3, 3.0))
     check(res, *brute(s, expanded.astype(np.float32), 6, allowed))
+
+
+def test_database_side_augmentation_is_a_rebuildable_derived_array(stores, tmp_path):
+    """postprocess --dba: each tile becomes alpha-QE of itself and its nearest tiles (overlaps
+    excluded); search ranks with those vectors; the raw fingerprints are untouched."""
+    from pipeline.cli import main
+
+    path = tmp_path / "d.zarr"
+    shutil.copytree(stores["float32"], path)
+    ds, s = load(path)
+    assert main(["postprocess", "--store", str(path), "--method", "l2", "--dba", "3", "--alpha", "1"]) == 0
+    dba = open_store(path)["fingerprint_dba"].values
+    xn = _numpy_post("l2", s["fingerprint"], s["valid"])
+    expect = np.zeros_like(xn)
+    for t in np.flatnonzero(s["valid"]):
+        near, _ = brute({**s, "fingerprint": xn}, xn[t], 3, ~overlap_oracle(s, t))
+        acc = xn[t].copy()
+        for u in near:
+            nb = xn[np.flatnonzero(s["uid"] == u)[0]]
+            acc += max(float(xn[t] @ nb), 0.0) * nb
+        expect[t] = acc / np.linalg.norm(acc)
+    np.testing.assert_allclose(dba, expect, atol=1e-5)
+    q = int(np.flatnonzero(s["valid"])[5])
+    index = SearchIndex.open(str(path))
+    [res] = index.search(index.queries_from_uids([int(s["uid"][q])])[0], 5)
+    uids, d = brute({**s, "fingerprint": expect}, xn[q].astype(np.float32), 5, ~overlap_oracle(s, q))
+    np.testing.assert_array_equal(res.uid, uids)
+    np.testing.assert_array_equal(open_store(path)["fingerprint"].values, s["fingerprint"])
