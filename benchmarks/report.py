@@ -150,7 +150,7 @@ def main() -> None:
               [f"{r['store']} store vs {t} tiles" for r in c for t in ("uint8", "float32")],
               [r[f"x_vs_{t}_fingerprints"] for r in c for t in ("uint8", "float32")], str(out / "compression.png"), "x")  # fmt: skip
     s = report["search_vs_k"]
-    bar_chart("search time over 45,000 tiles, ms (paper vs in memory vs fresh store)",
+    bar_chart("search time over 45,000 tiles, ms (paper vs in memory vs from the store)",
               [f"{lab} k={r['k']}" for r in s for lab in ("paper", "ours memory", "ours store")],
               [v * 1e3 for r in s for v in (r["paper_s"], r["memory_s"], r["store_s"])], str(out / "search_vs_k.png"), " ms")  # fmt: skip
     rr = report["retrieval"]
@@ -164,7 +164,7 @@ def main() -> None:
     for r in c:
         print(f"| {r['store']} {r['dim']}-d | {r['tiles']} | {r['fingerprint_bytes']:,} | {r['x_vs_uint8_fingerprints']:.0f}x | "
               f"{r['x_vs_float32_fingerprints']:.0f}x | {r['x_vs_uint8_whole_store']:.0f}x |")  # fmt: skip
-    print("\n| k | paper (s) | ours in memory (ms) | ours, fresh process from the store (ms) | speed-up in memory |")
+    print("\n| k | paper (s) | ours in memory (ms) | ours from the store, no index in memory (ms) | speed-up in memory |")
     print("|---|---|---|---|---|")
     for r in s:
         print(
