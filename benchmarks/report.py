@@ -164,7 +164,9 @@ def main() -> None:
     for r in c:
         print(f"| {r['store']} {r['dim']}-d | {r['tiles']} | {r['fingerprint_bytes']:,} | {r['x_vs_uint8_fingerprints']:.0f}x | "
               f"{r['x_vs_float32_fingerprints']:.0f}x | {r['x_vs_uint8_whole_store']:.0f}x |")  # fmt: skip
-    print("\n| k | paper (s) | ours in memory (ms) | ours from the store, no index in memory (ms) | speed-up in memory |")
+    print(
+        "\n| k | paper (s) | ours in memory (ms) | ours from the store, no index in memory (ms) | speed-up in memory |"
+    )
     print("|---|---|---|---|---|")
     for r in s:
         print(

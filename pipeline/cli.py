@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)"
     )
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first unreadable file (default: report it, go on)"
+    )
     _add_common(p)
     _add_model(p)
     g = p.add_argument_group("tiling and layout")
@@ -183,8 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.ingest import ingest
 
             cfg = config_from_args(args)
-            report = ingest(args.sources, args.store, cfg, overwrite=args.overwrite)
+            report = ingest(args.sources, args.store, cfg, overwrite=args.overwrite, strict=args.strict)
             print(report)
+            if report.failed:
+                return 1
         elif args.command == "search":
             from pipeline.search_cmd import run_search
 

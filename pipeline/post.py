@@ -148,7 +148,7 @@ def augment_store(path: str, depth: int, alpha: float = 1.0, batch: int = 256, r
         index.persist()
     x = index.transform.apply(ds["fingerprint"].values)
     out = np.zeros_like(x)
-    slot_of = {int(u): i for i, u in enumerate(uids)}
+    slot_of = {int(uids[i]): int(i) for i in valid}  # padding slots repeat uid 0: never map them
     for s in range(0, len(valid), batch):
         rows = valid[s : s + batch]
         queries, _ = index.queries_from_uids([int(uids[r]) for r in rows])

@@ -123,12 +123,20 @@ def _select(d2: np.ndarray, uid: np.ndarray, k: int) -> np.ndarray:
     return cand[np.lexsort((uid[cand], d2[cand]))[:k]]
 
 
-def chunk_topk(block: dict[str, np.ndarray], queries: Queries, k: int, filters: Filters, half_m: np.ndarray) -> list:
+def chunk_topk(
+    block: dict[str, np.ndarray],
+    queries: Queries,
+    k: int,
+    filters: Filters,
+    half_m: np.ndarray,
+    usable: np.ndarray | None = None,
+) -> list:
     """Partial top-k of one chunk for each query: a list of ``m`` RESULT_DTYPE arrays (unsorted).
 
     ``block``: ``fingerprint`` (n, dim) float32 or float16, ``sqnorm`` (n,) float32 (or absent:
     computed here), ``valid``, ``uid``, ``lon``, ``lat`` (image, row, col come from the uid).
-    ``half_m``: half tile size in metres per image id (for ground-overlap exclusion).
+    ``half_m``: half tile size in metres per image id (for ground-overlap exclusion);
+    ``usable``: per image id, whether its ingest is done (tiles of other images are skipped).
     """
     x = as_float32(block["fingerprint"])
     sqnorm = block.get("sqnorm")
@@ -140,10 +148,13 @@ def chunk_topk(block: dict[str, np.ndarray], queries: Queries, k: int, filters: 
         image, row, col = grid.unpack_uid(block["uid"])  # cheaper than reading three more arrays
     lon, lat, uid = block["lon"], block["lat"], block["uid"]
     allowed = None
+    if usable is not None and not usable.all():
+        allowed = usable[image]
     if filters.bbox is not None:
         w, s, e, n = filters.bbox
         with np.errstate(invalid="ignore"):
-            allowed = (lon >= w) & (lon <= e) & (lat >= s) & (lat <= n)
+            inside = (lon >= w) & (lon <= e) & (lat >= s) & (lat <= n)
+        allowed = inside if allowed is None else allowed & inside
     if filters.image_ids is not None:
         in_images = np.isin(image, filters.image_ids)
         allowed = in_images if allowed is None else allowed & in_images
@@ -207,7 +218,13 @@ def finalize(part: list) -> list:
 
 
 def tree_topk(
-    blocks: Sequence[Any], queries: Queries, k: int, filters: Filters, half_m: np.ndarray, split_every: int = 8
+    blocks: Sequence[Any],
+    queries: Queries,
+    k: int,
+    filters: Filters,
+    half_m: np.ndarray,
+    split_every: int = 8,
+    usable: np.ndarray | None = None,
 ):
     """Dask graph (a ``Delayed``) of the per-chunk map and the tree reduction to the global top-k.
 
@@ -226,7 +243,7 @@ def tree_topk(
     dsk: dict[Any, Any] = {}
     level = []
     for i, b in enumerate(blocks):
-        dsk[(name, 0, i)] = (chunk_topk, b.key, queries, k, filters, half_m)
+        dsk[(name, 0, i)] = (chunk_topk, b.key, queries, k, filters, half_m, usable)
         level.append((name, 0, i))
     depth = 0
     while len(level) > 1:
@@ -396,6 +413,7 @@ class SearchIndex:
     _half_m: np.ndarray | None = field(default=None, repr=False)
     _paths: np.ndarray | None = field(default=None, repr=False)
     _table: dict | None = field(default=None, repr=False)
+    _usable: np.ndarray | None = field(default=None, repr=False)
     use_post: bool = True  # apply the store's post-processing (False: raw fingerprints)
     _transform: Any = field(default=None, repr=False)
 
@@ -422,6 +440,13 @@ class SearchIndex:
         if self._paths is None:
             self._paths = self.ds["image_path"].values.astype(object)
         return self._paths
+
+    @property
+    def usable(self) -> np.ndarray | None:
+        """Per image: searchable (its ingest is done). None when the store has no status table."""
+        if self._usable is None and "status" in self.ds:
+            self._usable = self.ds["status"].values.astype(object) == "done"
+        return self._usable
 
     @property
     def image_table(self) -> dict[str, np.ndarray]:
@@ -505,7 +530,9 @@ class SearchIndex:
             queries = self._expand(queries, filters, *expand)
         pool = k * 9 if diverse else k  # a result suppresses at most its 8 same-image neighbours
         while True:
-            raw = self._compute(tree_topk(self.blocks(), queries, pool, filters, self.half_m, self.split_every))
+            raw = self._compute(
+                tree_topk(self.blocks(), queries, pool, filters, self.half_m, self.split_every, self.usable)
+            )
             if not diverse:
                 break
             picked = [self._nms(r, k) for r in raw]
@@ -527,7 +554,9 @@ class SearchIndex:
         """alpha-QE with the top ``depth`` results (their post-processed fingerprints)."""
         from pipeline.post import expand_queries
 
-        first = self._compute(tree_topk(self.blocks(), queries, depth, filters, self.half_m, self.split_every))
+        first = self._compute(
+            tree_topk(self.blocks(), queries, depth, filters, self.half_m, self.split_every, self.usable)
+        )
         neighbours = []
         for res in first:
             slots = [self.slot_of(int(u)) for u in res["uid"]]
@@ -598,7 +627,12 @@ class SearchIndex:
         sel = self.ds.isel(tile=np.array(slots, dtype=np.int64))[
             ["fingerprint", "valid", "image", "row", "col", "lon", "lat"]
         ].compute()
-        for u, ok in zip(uids, sel["valid"].values):
+        for u, ok, img in zip(uids, sel["valid"].values, sel["image"].values):
+            if self.usable is not None and not self.usable[int(img)]:
+                status = self.ds["status"].values[int(img)]
+                raise SearchError(
+                    f"uid {u} belongs to {self.image_paths[int(img)]}, whose ingest is {status}, not done"
+                )
             if not ok:
                 raise SearchError(f"uid {u} is a dropped window (more than 50% nodata) and has no fingerprint")
         image = sel["image"].values.astype(np.int64)
@@ -631,7 +665,10 @@ class SearchIndex:
         lons, lats, valid = self.ds["lon"].data, self.ds["lat"].data, self.ds["valid"].data
         dx = (lons - lon) * EARTH_M_PER_DEG * math.cos(math.radians(lat))
         dy = (lats - lat) * EARTH_M_PER_DEG
-        dist = da.where(valid & da.isfinite(lons), da.sqrt(dx * dx + dy * dy), np.inf)
+        ok = valid & da.isfinite(lons)
+        if self.usable is not None and not self.usable.all():
+            ok = ok & da.from_array(self.usable)[self.ds["image"].data.clip(0)]
+        dist = da.where(ok, da.sqrt(dx * dx + dy * dy), np.inf)
         slot = int(self._compute(dist.argmin()))
         metres = float(self._compute(dist[slot]))
         if not np.isfinite(metres):

@@ -14,7 +14,8 @@ Layout (dims ``tile``, ``feature``, ``img``, ``affine``)::
     crs         (img,)          str      "" without a CRS
     transform   (img, affine)   float64  affine a, b, c, d, e, f
     mtime       (img,)          float64  modification time, seconds since the epoch
-    status      (img,)          str      pending | done | empty (no windows)
+    status      (img,)          str      pending | done | empty (no windows) | failed | replaced
+    error       (img,)          str      why a failed image failed
     tile_start, tile_count (img,) int64  the image's contiguous slot range on ``tile``
 
 Slots: images in image-id order (sorted paths), each image's grid chunks row-major, each chunk's
@@ -24,7 +25,9 @@ along ``tile``, the small per-tile arrays by 16 times that (one ~1 MB read serve
 chunks); the graph rechunks to exactly these chunks, so each Zarr chunk is written by one task.
 
 Group attributes hold the provenance (:data:`SCHEMA_VERSION`, model, weights, preprocessing).
-A store is written to a temporary sibling folder and renamed into place only when complete.
+A new local store is written to a hidden sibling folder (``.NAME.partial``, where a rerun resumes)
+and renamed into place when every image is done; an existing or object-storage store grows in
+place, and readers use only images whose ``status`` is ``done``.
 """
 
 from __future__ import annotations
@@ -121,37 +124,8 @@ def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path | str:
     return p
 
 
-def temp_path(final: Path | str) -> Path | str:
-    """Where a new store is written before :func:`commit`.
-
-    Local: a hidden sibling folder, renamed into place when complete. Object storage has no
-    atomic rename: the store is written in place and only :func:`mark_complete` makes it
-    openable, so a reader never sees a half-written store either way.
-    """
-    if is_remote(final):
-        return final
-    final = Path(final)
-    return final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
-
-
-def prepare(final: Path | str, tmp: Path | str) -> None:
-    """Object storage, --overwrite: the old store goes first (no rename to swap it atomically)."""
-    if is_remote(final) and _exists(final):
-        fs, root = _fs(str(final))
-        fs.rm(root, recursive=True)
-
-
-def mark_complete(path: Path | str) -> None:
-    import zarr
-
-    g = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    g.attrs["complete"] = True
-
-
 def commit(tmp: Path | str, final: Path | str) -> None:
-    """Move a finished store into place; an existing store is replaced only after that."""
-    if is_remote(final):
-        return  # written in place; mark_complete already made it visible
+    """Move a finished local store into place; an existing store is replaced only after that."""
     tmp, final = Path(tmp), Path(final)
     old = None
     if final.exists():
@@ -193,8 +167,6 @@ def open_store(path: str | os.PathLike[str]):
             f"store {p} has schema version {version}; this aerial-search reads version {SCHEMA_VERSION}: "
             f"re-ingest into a new store or install the matching aerial-search release"
         )
-    if ds.attrs.get("complete") is not True:
-        raise StoreError(f"store {p} is incomplete (its ingest did not finish); run the ingest again with --overwrite")
     return ds
 
 
@@ -203,6 +175,105 @@ def store_bytes(path: str | os.PathLike[str]) -> int:
         fs, root = _fs(str(path))
         return int(fs.du(root))
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+IMG_STR_VARS = ("image_path", "crs", "status", "error")
+IMG_INT_VARS = ("width", "height", "size", "tile_start", "tile_count")
+IMG_CHUNK = 4096
+
+
+def create_store(
+    path: Path | str, attrs: dict[str, Any], dim: int, dtype: str, chunk_tiles: int, compressor: str
+) -> None:
+    """An empty store: every variable with zero tiles and zero images, ready to grow."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes=attrs)
+    meta = chunk_tiles * META_CHUNK_FACTOR
+    g.create_array("fingerprint", shape=(0, dim), chunks=(chunk_tiles, dim), dtype=dtype,
+                   compressors=fingerprint_compressors(compressor), dimension_names=("tile", "feature"))  # fmt: skip
+    g.create_array("valid", shape=(0,), chunks=(chunk_tiles,), dtype=bool, fill_value=False, dimension_names=("tile",))
+    for name, dt, fill in (("uid", "uint64", 0), ("image", "int32", -1), ("row", "int32", 0), ("col", "int32", 0)):
+        g.create_array(name, shape=(0,), chunks=(meta,), dtype=dt, fill_value=fill, dimension_names=("tile",))
+    for name in ("x", "y", "lon", "lat"):
+        g.create_array(
+            name, shape=(0,), chunks=(meta,), dtype="float64", fill_value=float("nan"), dimension_names=("tile",)
+        )
+    for name in IMG_STR_VARS:
+        g.create_array(name, shape=(0,), chunks=(IMG_CHUNK,), dtype=str, dimension_names=("img",))
+    for name in IMG_INT_VARS:
+        g.create_array(name, shape=(0,), chunks=(IMG_CHUNK,), dtype="int64", fill_value=0, dimension_names=("img",))
+    g.create_array(
+        "mtime", shape=(0,), chunks=(IMG_CHUNK,), dtype="float64", fill_value=float("nan"), dimension_names=("img",)
+    )
+    g.create_array(
+        "transform",
+        shape=(0, 6),
+        chunks=(IMG_CHUNK, 6),
+        dtype="float64",
+        fill_value=0.0,
+        dimension_names=("img", "affine"),
+    )
+
+
+def read_table(path: Path | str) -> dict[str, np.ndarray]:
+    """The image table as NumPy arrays (strings as object arrays)."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r", zarr_format=3)
+    out = {}
+    for name in (*IMG_STR_VARS, *IMG_INT_VARS, "mtime", "transform"):
+        a = g[name][...]
+        out[name] = a.astype(object) if name in IMG_STR_VARS else np.asarray(a)
+    out["n_tiles"] = np.array(g["valid"].shape[0])
+    return out
+
+
+def empty_table() -> dict[str, np.ndarray]:
+    """The image table of a store that does not exist yet."""
+    out: dict[str, np.ndarray] = {name: np.zeros(0, dtype=object) for name in IMG_STR_VARS}
+    out.update({name: np.zeros(0, dtype=np.int64) for name in IMG_INT_VARS})
+    out["mtime"] = np.zeros(0)
+    out["transform"] = np.zeros((0, 6))
+    out["n_tiles"] = np.array(0)
+    return out
+
+
+def grow(path: Path | str, n_tiles: int, n_images: int) -> None:
+    """Resize the tile arrays to ``n_tiles`` slots and the image table to ``n_images`` rows."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    for name in TILE_VARS:
+        a = g[name]
+        a.resize((n_tiles, *a.shape[1:]))
+    for name in (*IMG_STR_VARS, *IMG_INT_VARS, "mtime", "transform"):
+        a = g[name]
+        a.resize((n_images, *a.shape[1:]))
+
+
+def write_rows(path: Path | str, ids: np.ndarray, values: dict[str, Any]) -> None:
+    """Write image-table rows ``ids`` (one small write per variable)."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    ids = np.asarray(ids, dtype=np.int64)
+    if not len(ids):
+        return
+    for name, v in values.items():
+        a = g[name]
+        if np.all(np.diff(ids) == 1):
+            a[int(ids[0]) : int(ids[-1]) + 1] = v
+        else:
+            for i, row in zip(ids, np.asarray(v, dtype=object if name in IMG_STR_VARS else None)):
+                a[int(i)] = row
+
+
+def set_attrs(path: Path | str, **attrs: Any) -> None:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    g.attrs.update(attrs)
 
 
 def provenance(ds) -> dict[str, Any]:

@@ -232,16 +232,11 @@ def test_local_cluster_equals_threads_and_runs_in_workers(archive, ingested, tmp
     np.testing.assert_allclose(a["fingerprint"].values, b["fingerprint"].values, atol=1e-5)
 
 
-def test_failure_leaves_no_store_and_keeps_the_old_one(tmp_path, cfg):
-    good = write_tif(tmp_path / "good.tif", textured(512, 512, seed=7))
-    data = textured(1024, 1024, seed=8)
-    bad = write_tif(tmp_path / "bad.tif", data, tiled=True)
-    # Corrupt the middle of a deflate-compressed copy: headers and the last tile still read.
-    import shutil
-
-    with rasterio.open(bad) as src:
-        profile = src.profile
-    profile.update(compress="deflate")
+def _corrupt_copy(tmp_path, data):
+    """A deflate-compressed tiled GeoTIFF whose middle is garbage: the header and the last tile
+    still read (so it passes the header probe) but chunks in the middle fail to decode."""
+    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=3, dtype="uint8",
+                   tiled=True, blockxsize=256, blockysize=256, compress="deflate")  # fmt: skip
     comp = tmp_path / "corrupt.tif"
     with rasterio.open(comp, "w", **profile) as dst:
         dst.write(data)
@@ -249,29 +244,110 @@ def test_failure_leaves_no_store_and_keeps_the_old_one(tmp_path, cfg):
     mid = len(raw) // 3
     raw[mid : mid + 4000] = os.urandom(4000)
     comp.write_bytes(bytes(raw))
-    os.remove(bad)
+    return comp
 
+
+def test_unreadable_file_is_reported_and_the_rest_ingested(tmp_path, cfg):
+    good = write_tif(tmp_path / "good.tif", textured(512, 512, seed=7))
+    comp = _corrupt_copy(tmp_path, textured(1024, 1024, seed=8))
+    target = tmp_path / "s.zarr"
+    report = ingest([good, comp], target, cfg)
+    assert [p for p, _ in report.failed] == [str(comp)] and "corrupt.tif: reading rows" in report.failed[0][1]
+    ds = open_store(target)
+    status = dict(zip(ds["image_path"].values.astype(object), ds["status"].values.astype(object)))
+    assert status == {str(comp): "failed", str(good.resolve()): "done"}
+    assert "corrupt.tif" in ds["error"].values.astype(object)[list(status).index(str(comp))]
+    assert report.processed == 1 and report.tiles == 9
+
+
+def test_strict_failure_never_shows_a_half_written_store_and_resumes(tmp_path, cfg):
+    good = write_tif(tmp_path / "good.tif", textured(512, 512, seed=7))
+    comp = _corrupt_copy(tmp_path, textured(1024, 1024, seed=8))
+    target = tmp_path / "new.zarr"
+    with pytest.raises(raster.RasterError, match=r"corrupt.tif: reading rows"):
+        ingest([good, comp], target, cfg, strict=True)
+    assert not target.exists()  # nothing at the final path
+    partial = tmp_path / ".new.zarr.partial"
+    assert partial.exists() and not (tmp_path / ".new.zarr.lock").exists()  # kept for resuming; lock released
+    report = ingest([good], target, cfg)  # rerun without the bad file: resumes the partial store
+    assert report.processed == 1 and target.exists() and not partial.exists()
+    ds = open_store(target)  # corrupt.tif stays 'pending' (not in this run's sources): never searched
+    status = dict(zip(ds["image_path"].values.astype(object), ds["status"].values.astype(object)))
+    assert status == {str(comp): "pending", str(good.resolve()): "done"}
+
+
+def test_overwrite_keeps_the_old_store_until_the_new_one_is_done(tmp_path, cfg):
+    good = write_tif(tmp_path / "good.tif", textured(512, 512, seed=7))
+    comp = _corrupt_copy(tmp_path, textured(1024, 1024, seed=8))
     target = tmp_path / "s.zarr"
     ingest([good], target, cfg)
     before = open_store(target)["uid"].values.copy()
-    with pytest.raises(raster.RasterError, match=r"corrupt.tif: reading rows"):
-        ingest([good, comp], target, cfg, overwrite=True)
-    np.testing.assert_array_equal(open_store(target)["uid"].values, before)  # old store untouched
     with pytest.raises(raster.RasterError, match="corrupt.tif"):
-        ingest([comp], tmp_path / "new.zarr", cfg)
-    assert not (tmp_path / "new.zarr").exists()
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name]
-    shutil.rmtree(target)
+        ingest([comp], target, cfg, overwrite=True, strict=True)
+    np.testing.assert_array_equal(open_store(target)["uid"].values, before)
 
 
-def test_refuses_existing_store_and_non_store(tmp_path, cfg):
+def test_incremental_ingest_adds_new_skips_unchanged_and_replaces_changed(tmp_path, cfg):
+    a = write_tif(tmp_path / "a.tif", textured(512, 512, seed=1))
+    b = write_tif(tmp_path / "b.tif", textured(512, 640, seed=2))
+    target = tmp_path / "s.zarr"
+    first = ingest([a], target, cfg)
+    assert (first.processed, first.skipped) == (1, 0)
+    second = ingest([a, b], target, cfg)
+    assert (second.processed, second.skipped, second.replaced) == (1, 1, 0)
+    os.utime(a, (1, 1))  # "changed": new modification time (and new pixels)
+    write_tif(a, textured(512, 512, seed=9))
+    third = ingest([a, b], target, cfg)
+    assert (third.processed, third.skipped, third.replaced) == (1, 1, 1)
+    ds = open_store(target)
+    status = ds["status"].values.astype(object).tolist()
+    assert status == ["replaced", "done", "done"]  # ids never reused: a's new version is image 2
+    # Searches see the new version only, and equal a fresh store of the current files.
+    fresh = tmp_path / "fresh.zarr"
+    ingest([a, b], fresh, cfg)
+    f = open_store(fresh)
+    live = np.isin(ds["image"].values, [1, 2]) & ds["valid"].values
+    got = {(str(ds["image_path"].values[i]), int(r), int(c)): fp for i, r, c, fp in
+           zip(ds["image"].values[live], ds["row"].values[live], ds["col"].values[live], ds["fingerprint"].values[live])}  # fmt: skip
+    fv = f["valid"].values
+    want = {(str(f["image_path"].values[i]), int(r), int(c)): fp for i, r, c, fp in
+            zip(f["image"].values[fv], f["row"].values[fv], f["col"].values[fv], f["fingerprint"].values[fv])}  # fmt: skip
+    assert got.keys() == want.keys()
+    for key in got:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-5)
+
+
+def test_second_writer_is_refused_and_a_crashed_writers_lock_recovered(tmp_path, cfg):
+    import json
+    import socket
+
+    from pipeline.lock import StoreLock, lock_path
+
+    img = write_tif(tmp_path / "i.tif", textured(256, 256))
+    target = tmp_path / "s.zarr"
+    with StoreLock(target):
+        with pytest.raises(store.StoreError, match="being written by pid"):
+            ingest([img], target, cfg)
+    # A lock left by a process that no longer exists (crashed holder) is taken over.
+    dead = json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "since": 0})
+    lock_path(target).write_text(dead)
+    assert ingest([img], target, cfg).processed == 1 and not lock_path(target).exists()
+    # Another host's fresh lock is respected; once stale (not refreshed), it is taken over.
+    lock_path(target).write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": 0}))
+    with pytest.raises(store.StoreError, match="on elsewhere"):
+        ingest([img], target, cfg)
+    os.utime(lock_path(target), (0, 0))
+    assert ingest([img], target, cfg).skipped == 1
+
+
+def test_refuses_non_store_and_other_models(tmp_path, cfg):
     img = write_tif(tmp_path / "i.tif", textured(256, 256))
     (tmp_path / "notastore").mkdir()
     with pytest.raises(store.StoreError, match="not a fingerprint store"):
         ingest([img], tmp_path / "notastore", cfg)
     ingest([img], tmp_path / "s.zarr", cfg)
-    with pytest.raises(store.StoreError, match="--overwrite"):
-        ingest([img], tmp_path / "s.zarr", cfg)
+    with pytest.raises(store.StoreError, match="never mix in one store"):
+        ingest([img], tmp_path / "s.zarr", cfg.override(**{"model.arch": "resnet34"}))
     with pytest.raises(store.StoreError, match="does not exist"):
         open_store(tmp_path / "nope.zarr")
     with pytest.raises(store.StoreError, match="not a fingerprint store"):

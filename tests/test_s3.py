@@ -86,22 +86,27 @@ def test_ingest_s3_sources_into_an_s3_store_equals_local(s3, tmp_path, cfg):
     assert main(["info", "--store", url]) == 0
 
 
-def test_s3_store_failure_leaves_nothing_openable(s3, cfg, monkeypatch):
-    import fsspec
-
+def test_s3_store_interrupted_run_is_invisible_then_resumed(s3, cfg, monkeypatch):
+    """Object storage has no rename: an interrupted run leaves images 'pending', which search
+    ignores; the rerun finishes them."""
     from pipeline import ingest, tiles
-    from pipeline.store import StoreError, open_store
+    from pipeline.search import SearchError, SearchIndex
+    from pipeline.store import open_store
 
     bucket, _ = s3
-    url = f"{bucket}/stores/broken.zarr"
+    url = f"{bucket}/stores/resumed.zarr"
+    real = tiles.embed_chunk
 
     def boom(*args, **kwargs):
-        raise RuntimeError("worker lost")
+        raise RuntimeError("client lost")
 
     monkeypatch.setattr(tiles, "embed_chunk", boom)
-    with pytest.raises(RuntimeError, match="worker lost"):
+    with pytest.raises(RuntimeError, match="client lost"):
         ingest([f"{bucket}/flights/a.tif"], url, cfg)
-    fs, root = fsspec.core.url_to_fs(url)
-    assert not fs.exists(root)  # discarded
-    with pytest.raises(StoreError, match="does not exist"):
-        open_store(url)
+    ds = open_store(url)
+    assert ds["status"].values.astype(object).tolist() == ["pending"]
+    with pytest.raises(SearchError, match="pending, not done"):
+        SearchIndex.open(url).queries_from_uids([int(ds["uid"].values[0])])
+    monkeypatch.setattr(tiles, "embed_chunk", real)
+    report = ingest([f"{bucket}/flights/a.tif"], url, cfg)
+    assert report.processed == 1 and open_store(url)["status"].values.astype(object).tolist() == ["done"]
