@@ -113,6 +113,7 @@ class StoreConfig:
     dtype: str = "float32"  # float32 | float16
     chunk_tiles: int = 8192  # tiles per Zarr chunk (the unit of search tasks)
     compressor: str = "lz4"  # lz4 | zstd | none, for fingerprints (lz4: ~4 GB/s decode per core)
+    batch_tiles: int = 0  # tiles per committed batch of images (0 = 8 x chunk_tiles): the unit of resume
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "float16"), "store.dtype", f"{self.dtype!r} is not float32 or float16")
@@ -122,6 +123,7 @@ class StoreConfig:
             f"{self.compressor!r} is not lz4, zstd or none",
         )
         _require(self.chunk_tiles >= 1, "store.chunk_tiles", "must be >= 1")
+        _require(self.batch_tiles >= 0, "store.batch_tiles", "must be >= 0 (0 = 8 x chunk_tiles)")
 
 
 @dataclass(frozen=True)

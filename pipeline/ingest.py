@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import __version__, grid, raster, store, tiles
+from pipeline import __version__, faults, grid, raster, store, tiles
 from pipeline.config import Config
 from pipeline.embed import MEAN, STD, ModelSpec, describe_weights
 
@@ -308,11 +308,23 @@ def ingest(
 
     ``client``: an existing ``distributed.Client`` (otherwise ``config.cluster`` decides).
     """
+    cfg = config or Config()
+    final = store.check_writable(store_path, overwrite=True)
+    try:
+        return _ingest(sources, final, cfg, overwrite, strict, client, batch_tiles)
+    except OSError as e:  # disk full, read-only or vanished storage: say so, and that work is kept
+        raise store.StoreError(
+            f"writing store {final} failed: {e.strerror or e} ({e.filename or ''}); free space or fix permissions "
+            f"on that storage, then rerun the same command: finished images are kept and it resumes"
+        ) from e
+
+
+def _ingest(
+    sources, final, cfg: Config, overwrite: bool, strict: bool, client: Any, batch_tiles: int | None
+) -> IngestReport:
     from pipeline.cluster import runtime
     from pipeline.lock import StoreLock
 
-    cfg = config or Config()
-    final = store.check_writable(store_path, overwrite=True)
     remote = store.is_remote(final)
     with StoreLock(final) as lock:
         paths = raster.expand_sources(sources)
@@ -353,7 +365,9 @@ def ingest(
                 raise raster.RasterError("no source could be used:\n" + "\n".join(why for _, why in failures))
             if not have_store:
                 store.create_store(work, prov, spec.dim, cfg.store.dtype, cfg.store.chunk_tiles, cfg.store.compressor)
-            plans, batches, n_tiles = _allocate(new, table, cfg, batch_tiles or 8 * cfg.store.chunk_tiles)
+            plans, batches, n_tiles = _allocate(
+                new, table, cfg, batch_tiles or cfg.store.batch_tiles or 8 * cfg.store.chunk_tiles
+            )
             if plans:
                 store.grow(work, max(n_tiles, int(table["n_tiles"])), len(table["image_path"]) + len(plans))
                 store.write_rows(work, np.array([p.image_id for p in plans]), _table_rows(plans))
@@ -372,9 +386,7 @@ def ingest(
                     failed_ids += [p.image_id for p, _ in bad]
                     _commit(work, done_ids, [(p.image_id, why) for p, why in bad], replaced_of)
                     lock.refresh()
-                    fail_after = os.environ.get("AERIAL_SEARCH_FAILPOINT_EXIT_AFTER_BATCHES")
-                    if fail_after is not None:  # fault injection for the resume tests: die like a killed client
-                        _count_commits(int(fail_after))
+                    faults.after_commit()
             store.set_attrs(
                 work,
                 complete=True,
@@ -407,15 +419,6 @@ def ingest(
         empty_images=[p.info.path for p in plans if not p.tile_count],
         failed=failures,
     )
-
-
-_COMMITS = [0]
-
-
-def _count_commits(limit: int) -> None:
-    _COMMITS[0] += 1
-    if _COMMITS[0] >= limit:
-        os._exit(17)
 
 
 def _table_rows(plans: Sequence[ImagePlan]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline import grid
+from pipeline import faults, grid
 from pipeline.embed import ModelSpec, embed_chunk
 
 
@@ -31,6 +31,7 @@ def fingerprint_chunk(block: np.ndarray, spec: ModelSpec, black_level: int, max_
     Columns ``0..dim-1`` hold the fingerprint (zeros for dropped windows), column ``dim`` is
     1.0 for a kept window and 0.0 for a dropped one. The model runs on kept windows only.
     """
+    faults.maybe_kill_worker()
     keep = keep_windows(block, black_level, max_nodata_fraction)
     ny, nx = keep.shape
     out = np.zeros((ny * nx, spec.dim + 1), dtype=np.float32)

@@ -352,3 +352,61 @@ def test_refuses_non_store_and_other_models(tmp_path, cfg):
         open_store(tmp_path / "nope.zarr")
     with pytest.raises(store.StoreError, match="not a fingerprint store"):
         open_store(tmp_path / "notastore")
+
+
+BAD_INPUTS = {
+    # name: (writer, message pattern naming the file and the fix)
+    "two_band.tif": (lambda p: write_tif(p, textured(300, 300, bands=2)), r"two_band.tif: has 2 band\(s\).*--bands"),
+    "float.tif": (
+        lambda p: write_tif(p, textured(300, 300, dtype="float32")),
+        r"float.tif: pixels are float32.*--scale",
+    ),
+    "u16.tif": (lambda p: write_tif(p, textured(300, 300, dtype="uint16")), r"u16.tif: pixels are uint16.*--scale"),
+    "text.tif": (lambda p: p.write_text("not a tiff"), r"text.tif: cannot be read as a raster.*complete GeoTIFF"),
+    "cut.tif": (
+        lambda p: p.write_bytes(write_tif(p.with_name("full.tif"), textured(1024, 1024)).read_bytes()[:200_000]),
+        r"cut.tif: .*(complete GeoTIFF|re-copy)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_clearly_and_the_store_unchanged(tmp_path, cfg, name):
+    good = write_tif(tmp_path / "good.tif", textured(512, 512, seed=3))
+    target = tmp_path / "s.zarr"
+    ingest([good], target, cfg)
+    before = {k: open_store(target)[k].values.copy() for k in ("fingerprint", "valid", "uid", "status")}
+    make, pattern = BAD_INPUTS[name]
+    bad = tmp_path / "in" / name
+    bad.parent.mkdir()
+    make(bad)
+    with pytest.raises(raster.RasterError, match=pattern):
+        ingest([bad], target, cfg, strict=True)
+    report = ingest([bad, good], target, cfg)  # not strict: reported, the rest goes on
+    assert [p for p, _ in report.failed] == [str(bad)] and report.skipped == 1
+    after = open_store(target)
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k].values, v)
+    assert any(f["path"] == str(bad) for f in after.attrs["last_ingest"]["failed"])  # also in the store
+
+
+def test_rgbn_bands_float_scaling_black_image_and_empty_folder(tmp_path, cfg):
+    rgbn = textured(300, 300, bands=4, seed=5)
+    p = write_tif(tmp_path / "rgbn.tif", rgbn)
+    ingest([p], tmp_path / "nrg.zarr", cfg.override(**{"tiling.bands": (4, 1, 2)}))
+    ingest([p], tmp_path / "rgb.zarr", cfg)
+    a, b = open_store(tmp_path / "nrg.zarr"), open_store(tmp_path / "rgb.zarr")
+    assert a.attrs["preprocessing"]["bands"] == [4, 1, 2]
+    assert np.abs(a["fingerprint"].values - b["fingerprint"].values).max() > 1e-3  # other bands, other fingerprint
+    f = write_tif(tmp_path / "f.tif", (textured(300, 300, seed=6) / 255.0).astype("float32"))
+    ingest([f], tmp_path / "f.zarr", cfg.override(**{"tiling.scale": (0.0, 1.0)}))
+    ref = write_tif(tmp_path / "u8.tif", textured(300, 300, seed=6))
+    ingest([ref], tmp_path / "u8.zarr", cfg)
+    np.testing.assert_allclose(open_store(tmp_path / "f.zarr")["fingerprint"].values,
+                               open_store(tmp_path / "u8.zarr")["fingerprint"].values, atol=1e-4)  # fmt: skip
+    black = write_tif(tmp_path / "black.tif", np.zeros((3, 512, 512), np.uint8))
+    r = ingest([black], tmp_path / "black.zarr", cfg)
+    assert (r.windows, r.tiles, r.dropped) == (9, 0, 9)  # all windows dropped, the image done
+    (tmp_path / "empty").mkdir()
+    with pytest.warns(UserWarning, match="holds no"), pytest.raises(raster.RasterError, match="no images found"):
+        ingest([tmp_path / "empty"], tmp_path / "e.zarr", cfg)
