@@ -162,6 +162,8 @@ def _print_info(summary: dict[str, Any]) -> None:
         f"fingerprints  {summary['feature_dim']}-d {summary['fingerprint_dtype']}, {summary['chunk_tiles']} tiles per chunk"
     )
     print(f"model         {model.get('arch')} weights {model.get('weights_id')}")
+    for path, why in summary.get("failed", []):
+        print(f"failed        {path}: {why}")
     if summary.get("postprocess"):
         print(f"postprocess   {summary['postprocess']}")
     print(f"on disk       {summary['bytes_on_disk'] / 1e6:.2f} MB")

@@ -1,8 +1,9 @@
 """Fault injection for the reliability tests and the soak benchmark (never set in normal runs).
 
 ``AERIAL_SEARCH_FAILPOINT_KILL_WORKER=FILE``: the first chunk task that runs in a distributed
-worker after FILE is gone creates FILE and SIGKILLs its own worker process (a deterministic
-worker death mid-ingest: dask must reschedule the task elsewhere).
+worker while FILE does not exist (after ``AERIAL_SEARCH_FAILPOINT_KILL_SKIP`` earlier tasks in
+that worker) creates FILE and SIGKILLs its own worker process: a deterministic worker death
+mid-ingest that dask must recover from by rescheduling the task.
 ``AERIAL_SEARCH_FAILPOINT_EXIT_AFTER_BATCHES=N``: the ingest client process exits abruptly
 (status 17) right after committing its N-th batch (a killed client mid-run).
 """
@@ -13,6 +14,8 @@ import os
 import signal
 
 KILL_WORKER = "AERIAL_SEARCH_FAILPOINT_KILL_WORKER"
+KILL_SKIP = "AERIAL_SEARCH_FAILPOINT_KILL_SKIP"  # chunk tasks a worker runs before the kill (default 0)
+_seen = [0]
 EXIT_AFTER_BATCHES = "AERIAL_SEARCH_FAILPOINT_EXIT_AFTER_BATCHES"
 _commits = [0]
 
@@ -27,6 +30,9 @@ def maybe_kill_worker() -> None:
         get_worker()
     except (ImportError, ValueError):
         return  # not in a distributed worker: nothing to kill
+    _seen[0] += 1
+    if _seen[0] <= int(os.environ.get(KILL_SKIP, "0")):
+        return
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
@@ -34,6 +40,13 @@ def maybe_kill_worker() -> None:
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(marker: str, skip: int = 0) -> None:
+    """Arm the worker-kill failpoint in this process (call it on the workers with client.run)."""
+    os.environ[KILL_WORKER] = marker
+    os.environ[KILL_SKIP] = str(skip)
+    _seen[0] = 0
 
 
 def after_commit() -> None:

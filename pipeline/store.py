@@ -288,8 +288,10 @@ def _plain(v: Any) -> Any:
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Counts, sizes and provenance of a store (what ``aerial-search info`` prints)."""
     ds = open_store(path)
-    valid = ds["valid"].values
     status = ds["status"].values.astype(object)
+    done = status == "done"
+    image = ds["image"].values
+    valid = ds["valid"].values & (image >= 0) & done[np.clip(image, 0, None)] if len(status) else ds["valid"].values
     nbytes = store_bytes(path)
     prov = provenance(ds)
     return {
@@ -298,7 +300,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         "images_by_status": {s: int((status == s).sum()) for s in sorted(set(status))},
         "tiles": int(valid.sum()),
         "slots": int(ds.sizes["tile"]),
-        "dropped": int((~valid).sum()),
+        "dropped": int((~ds["valid"].values & (image >= 0)).sum()),
         "feature_dim": int(ds.sizes["feature"]),
         "fingerprint_dtype": str(ds["fingerprint"].dtype),
         "chunk_tiles": int(ds["fingerprint"].encoding.get("chunks", (ds.sizes["tile"],))[0]),
@@ -309,6 +311,9 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         "postprocess": prov.get("postprocess"),
         "software": prov.get("software"),
         "lonlat_bounds": _bounds(ds, valid),
+        "failed": [
+            [str(p), str(e)] for p, e, st in zip(ds["image_path"].values, ds["error"].values, status) if st == "failed"
+        ],
     }
 
 
