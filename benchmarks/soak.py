@@ -46,7 +46,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     cfg = Config().override(**{"model.weights": "random", "read.chunk_px": 512, "store.chunk_tiles": 16,
                                "store.batch_tiles": 32, "cluster.progress": False})  # fmt: skip
-    stats = {"runs": 0, "kills": 0, "mismatches": 0, "lost_tiles": 0, "seconds": 0.0}
+    stats = {"runs": 0, "kills": 0, "mismatches": 0, "lost_tiles": 0, "worker_respawns_by_scale": 0, "seconds": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         src = work / "src"
@@ -67,7 +67,12 @@ def main() -> None:
                     client.run(faults.arm, str(marker), rng.randrange(0, 6))
                     store = work / f"run-{run}.zarr"
                     ingest([src], store, cfg, client=client)
-                    client.wait_for_workers(2, timeout=60)
+                    try:
+                        client.wait_for_workers(2, timeout=120)
+                    except Exception:  # the nanny was slow to bring the killed worker back: add one
+                        cluster.scale(2)
+                        client.wait_for_workers(2, timeout=120)
+                        stats["worker_respawns_by_scale"] += 1
                     fired = kill and marker.exists()
                     same, lost = compare(store, ref)
                     stats["runs"] += 1

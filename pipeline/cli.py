@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-px", dest="read.chunk_px", type=int, help="read chunk side in pixels (multiple of 128)")
     g.add_argument("--dtype", dest="store.dtype", choices=["float32", "float16"], help="fingerprint dtype in the store")
     g.add_argument("--chunk-tiles", dest="store.chunk_tiles", type=int, help="tiles per Zarr chunk")
+    g.add_argument("--hash", dest="store.content_hash", action="store_true", default=None,
+                   help="recognise unchanged images by content sha256 instead of size + modification time")  # fmt: skip
     g.add_argument("--compressor", dest="store.compressor", choices=["lz4", "zstd", "none"], help="fingerprint codec")
     _add_cluster(p)
 

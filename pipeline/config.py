@@ -114,6 +114,7 @@ class StoreConfig:
     chunk_tiles: int = 8192  # tiles per Zarr chunk (the unit of search tasks)
     compressor: str = "lz4"  # lz4 | zstd | none, for fingerprints (lz4: ~4 GB/s decode per core)
     batch_tiles: int = 0  # tiles per committed batch of images (0 = 8 x chunk_tiles): the unit of resume
+    content_hash: bool = False  # recognise unchanged images by sha256 of the file, not size + mtime
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "float16"), "store.dtype", f"{self.dtype!r} is not float32 or float16")

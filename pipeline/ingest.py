@@ -224,6 +224,7 @@ def _classify(paths, table, cfg, strict):
         if st != "replaced":
             live[str(p)] = i
     new, replaces, redo, skipped, failures = [], {}, [], 0, []
+    hashes: dict[str, str] = {}
     for path in paths:
         try:
             info = raster.read_header(path)
@@ -233,13 +234,18 @@ def _classify(paths, table, cfg, strict):
                 raise
             failures.append((path, str(e)))
             continue
+        digest = _content_hash(path) if cfg.store.content_hash else ""
+        hashes[path] = digest
         old = live.get(path)
         if old is None:
             new.append(info)
             continue
-        same = int(table["size"][old]) == info.size and (
-            np.isnan(table["mtime"][old]) and np.isnan(info.mtime) or table["mtime"][old] == info.mtime
-        )
+        if digest and table["sha256"][old]:
+            same = table["sha256"][old] == digest
+        else:
+            same = int(table["size"][old]) == info.size and (
+                np.isnan(table["mtime"][old]) and np.isnan(info.mtime) or table["mtime"][old] == info.mtime
+            )
         if same and table["status"][old] in ("done", "empty"):
             skipped += 1
         elif same:
@@ -247,7 +253,13 @@ def _classify(paths, table, cfg, strict):
         else:
             replaces[len(new)] = old
             new.append(info)
-    return new, replaces, redo, skipped, failures
+    return new, replaces, redo, skipped, failures, hashes
+
+
+def _content_hash(path: str) -> str:
+    from pipeline.embed import sha256_file
+
+    return "" if raster.is_uri(path) else sha256_file(path)
 
 
 def _allocate(infos, table, cfg, batch_tiles):
@@ -360,7 +372,7 @@ def _ingest(
                 table = store.read_table(work)
             else:
                 table = store.empty_table()
-            new, replaces, redo, skipped, failures = _classify(paths, table, cfg, strict)
+            new, replaces, redo, skipped, failures, hashes = _classify(paths, table, cfg, strict)
             if failures and not (new or redo or skipped):
                 raise raster.RasterError("no source could be used:\n" + "\n".join(why for _, why in failures))
             if not have_store:
@@ -370,7 +382,7 @@ def _ingest(
             )
             if plans:
                 store.grow(work, max(n_tiles, int(table["n_tiles"])), len(table["image_path"]) + len(plans))
-                store.write_rows(work, np.array([p.image_id for p in plans]), _table_rows(plans))
+                store.write_rows(work, np.array([p.image_id for p in plans]), _table_rows(plans, hashes))
             for _path, why in failures:  # files that could not even be opened: reported, not in the table
                 warnings.warn(f"skipped {why}", stacklevel=2)
             old_plans = [plan_images([raster.read_header(str(table["image_path"][i]))], cfg.read.chunk_px, i,
@@ -421,7 +433,7 @@ def _ingest(
     )
 
 
-def _table_rows(plans: Sequence[ImagePlan]) -> dict[str, Any]:
+def _table_rows(plans: Sequence[ImagePlan], hashes: dict[str, str]) -> dict[str, Any]:
     infos = [p.info for p in plans]
     return {
         "image_path": np.array([f.path for f in infos], dtype=object),
@@ -433,6 +445,7 @@ def _table_rows(plans: Sequence[ImagePlan]) -> dict[str, Any]:
         "mtime": np.array([f.mtime for f in infos], dtype=np.float64),
         "status": np.array(["pending" if p.tile_count else "empty" for p in plans], dtype=object),
         "error": np.array(["" for _ in plans], dtype=object),
+        "sha256": np.array([hashes.get(f.path, "") for f in infos], dtype=object),
         "tile_start": np.array([p.tile_start for p in plans], dtype=np.int64),
         "tile_count": np.array([p.tile_count for p in plans], dtype=np.int64),
     }

@@ -16,6 +16,7 @@ Layout (dims ``tile``, ``feature``, ``img``, ``affine``)::
     mtime       (img,)          float64  modification time, seconds since the epoch
     status      (img,)          str      pending | done | empty (no windows) | failed | replaced
     error       (img,)          str      why a failed image failed
+    sha256      (img,)          str      content hash (ingest --hash), "" when not computed
     tile_start, tile_count (img,) int64  the image's contiguous slot range on ``tile``
 
 Slots: images in image-id order (sorted paths), each image's grid chunks row-major, each chunk's
@@ -177,7 +178,7 @@ def store_bytes(path: str | os.PathLike[str]) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-IMG_STR_VARS = ("image_path", "crs", "status", "error")
+IMG_STR_VARS = ("image_path", "crs", "status", "error", "sha256")
 IMG_INT_VARS = ("width", "height", "size", "tile_start", "tile_count")
 IMG_CHUNK = 4096
 

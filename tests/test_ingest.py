@@ -410,3 +410,20 @@ def test_rgbn_bands_float_scaling_black_image_and_empty_folder(tmp_path, cfg):
     (tmp_path / "empty").mkdir()
     with pytest.warns(UserWarning, match="holds no"), pytest.raises(raster.RasterError, match="no images found"):
         ingest([tmp_path / "empty"], tmp_path / "e.zarr", cfg)
+
+
+def test_content_hash_option_ignores_touched_but_unchanged_files(tmp_path, cfg):
+    a = write_tif(tmp_path / "a.tif", textured(512, 512, seed=1))
+    target = tmp_path / "h.zarr"
+    hashed = cfg.override(**{"store.content_hash": True})
+    ingest([a], target, hashed)
+    from pipeline.embed import sha256_file
+
+    assert open_store(target)["sha256"].values.astype(object).tolist() == [sha256_file(str(a))]
+    plain = tmp_path / "p.zarr"
+    ingest([a], plain, cfg)
+    os.utime(a, (5, 5))  # touched: same bytes, new mtime
+    assert ingest([a], target, hashed).skipped == 1  # by content: unchanged
+    assert ingest([a], plain, cfg).replaced == 1  # by size + mtime: changed
+    write_tif(a, textured(512, 512, seed=2))
+    assert ingest([a], target, hashed).replaced == 1
