@@ -71,7 +71,6 @@ def synthetic_store(path: Path, n: int, dtype: str, chunk_tiles: int = 8192, see
         },
         attrs={
             "schema_version": SCHEMA_VERSION,
-            "complete": True,
             "model": {"arch": "synthetic", "dim": DIM},
             "layout": {"chunk_tiles": chunk_tiles, "chunk_px": 2**20},
         },  # fmt: skip

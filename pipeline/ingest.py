@@ -109,7 +109,6 @@ def provenance(cfg: Config, spec: ModelSpec, weights: dict[str, Any]) -> dict[st
     """Group attributes that say how every fingerprint in the store was made."""
     return {
         "schema_version": store.SCHEMA_VERSION,
-        "complete": False,  # set once every chunk is written; open_store refuses incomplete stores
         "software": f"aerial-search {__version__}",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {
@@ -321,7 +320,7 @@ def ingest(
     ``client``: an existing ``distributed.Client`` (otherwise ``config.cluster`` decides).
     """
     cfg = config or Config()
-    final = store.check_writable(store_path, overwrite=True)
+    final = store.check_writable(store_path)
     try:
         return _ingest(sources, final, cfg, overwrite, strict, client, batch_tiles)
     except OSError as e:  # disk full, read-only or vanished storage: say so, and that work is kept
@@ -401,7 +400,6 @@ def _ingest(
                     faults.after_commit()
             store.set_attrs(
                 work,
-                complete=True,
                 last_ingest={
                     "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "failed": [{"path": p, "reason": why} for p, why in failures],

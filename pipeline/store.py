@@ -95,24 +95,17 @@ def _exists(path: Path | str) -> bool:
     return Path(path).exists()
 
 
-def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path | str:
-    """Refuse early (before any work) if ``path`` cannot receive a new store."""
+def check_writable(path: str | os.PathLike[str]) -> Path | str:
+    """Normalize ``path`` and refuse early (before any work) if it cannot hold a store: an
+    existing non-store folder, or a local parent that cannot be created or written."""
     if is_remote(path):
         url = str(path).rstrip("/")
-        if _exists(url):
-            if not _is_zarr_group(url):
-                raise StoreError(f"{url} exists and is not a fingerprint store; choose another --store path")
-            if not overwrite:
-                raise StoreError(
-                    f"store {url} already exists; pass --overwrite to replace it or choose another --store path"
-                )
+        if _exists(url) and not _is_zarr_group(url):
+            raise StoreError(f"{url} exists and is not a fingerprint store; choose another --store path")
         return url
     p = Path(path).expanduser().resolve()
-    if p.exists():
-        if not _is_zarr_group(p):
-            raise StoreError(f"{p} exists and is not a fingerprint store; choose another --store path")
-        if not overwrite:
-            raise StoreError(f"store {p} already exists; pass --overwrite to replace it or choose another --store path")
+    if p.exists() and not _is_zarr_group(p):
+        raise StoreError(f"{p} exists and is not a fingerprint store; choose another --store path")
     parent = p.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
