@@ -98,7 +98,6 @@ def rank_all(x: np.ndarray, queries: np.ndarray | None = None, split_every: int 
         np.asarray(q, np.float32), np.arange(m), np.zeros(m, np.int64), np.zeros(m, np.int64),
         np.full(m, np.nan), np.full(m, np.nan), np.full(m, np.nan),
     )  # fmt: skip
-    index._half_m = np.full(len(x), np.nan)
     results = index.search(qs, len(x) - 1)
     return np.stack([(r.uid >> np.uint64(40)).astype(np.int64) for r in results])
 

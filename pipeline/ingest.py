@@ -210,14 +210,13 @@ class IngestReport:
 
 
 def _same_fingerprints(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
-    from pipeline.search_cmd import fingerprint_signature
-
-    a, b = fingerprint_signature(existing), fingerprint_signature(new)
+    a, b = store.fingerprint_signature(existing), store.fingerprint_signature(new)
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
 def _classify(paths, table, cfg, strict):
-    """Sources against the image table: (infos to add, {new index: old id}, ids to redo, skipped, failures)."""
+    """Sources against the image table: (infos to add, {new index: old id}, (id, info) to redo,
+    skipped count, failures, content hashes)."""
     live = {}
     for i, (p, st) in enumerate(zip(table["image_path"], table["status"])):
         if st != "replaced":
@@ -248,7 +247,7 @@ def _classify(paths, table, cfg, strict):
         if same and table["status"][old] in ("done", "empty"):
             skipped += 1
         elif same:
-            redo.append(old)  # pending (interrupted) or failed earlier: redo in its own slots
+            redo.append((old, info))  # pending (interrupted) or failed earlier: redo in its own slots
         else:
             replaces[len(new)] = old
             new.append(info)
@@ -384,8 +383,7 @@ def _ingest(
                 store.write_rows(work, np.array([p.image_id for p in plans]), _table_rows(plans, hashes))
             for _path, why in failures:  # files that could not even be opened: reported, not in the table
                 warnings.warn(f"skipped {why}", stacklevel=2)
-            old_plans = [plan_images([raster.read_header(str(table["image_path"][i]))], cfg.read.chunk_px, i,
-                                     int(table["tile_start"][i]))[0] for i in redo]  # fmt: skip
+            old_plans = [plan_images([info], cfg.read.chunk_px, i, int(table["tile_start"][i]))[0] for i, info in redo]
             work_batches = [_runs(b) for b in batches] + [[run] for run in _runs(old_plans)]
             replaced_of = {plans[k].image_id: old for k, old in replaces.items()}
             done, failed_ids = [], []
@@ -409,7 +407,7 @@ def _ingest(
         if work != final:
             store.commit(work, final)
     seconds = time.perf_counter() - t0
-    ran = {p.image_id for p in plans} | set(redo)
+    ran = {p.image_id for p in plans} | {i for i, _ in redo}
     all_plans = {p.image_id: p for p in [*plans, *old_plans]}
     valid = _read_valid(final)
     slots = np.concatenate([np.arange(p.tile_start, p.tile_start + p.tile_count) for i, p in all_plans.items() if i in done]

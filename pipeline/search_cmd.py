@@ -12,20 +12,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.search import Filters, Queries, SearchError, SearchIndex
-
-
-def fingerprint_signature(prov: dict[str, Any]) -> dict[str, Any]:
-    """What must match for two fingerprints to be comparable."""
-    model, pre = prov.get("model", {}), prov.get("preprocessing", {})
-    return {
-        "arch": model.get("arch"),
-        "dim": model.get("dim"),
-        "weights": model.get("weights_sha256") or model.get("weights_id"),
-        "mean": pre.get("mean"),
-        "std": pre.get("std"),
-        "bands": pre.get("bands"),
-        "scale": pre.get("scale"),
-    }
+from pipeline.store import fingerprint_signature
 
 
 def check_same_model(store_prov: dict[str, Any], query_prov: dict[str, Any], what: str) -> None:

@@ -270,6 +270,20 @@ def set_attrs(path: Path | str, **attrs: Any) -> None:
     g.attrs.update(attrs)
 
 
+def fingerprint_signature(prov: dict[str, Any]) -> dict[str, Any]:
+    """What must match for two fingerprints to be comparable."""
+    model, pre = prov.get("model", {}), prov.get("preprocessing", {})
+    return {
+        "arch": model.get("arch"),
+        "dim": model.get("dim"),
+        "weights": model.get("weights_sha256") or model.get("weights_id"),
+        "mean": pre.get("mean"),
+        "std": pre.get("std"),
+        "bands": pre.get("bands"),
+        "scale": pre.get("scale"),
+    }
+
+
 def provenance(ds) -> dict[str, Any]:
     """The store's group attributes as a plain dict."""
     return {k: _plain(v) for k, v in ds.attrs.items()}
