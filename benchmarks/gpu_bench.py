@@ -20,14 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import synthetic_tif  # noqa: E402  (benchmarks/ingest.py)
 
 from pipeline import Config, ingest  # noqa: E402
-from pipeline.embed import ModelSpec, _Runner  # noqa: E402
+from pipeline.embed import ModelSpec, Runner  # noqa: E402
 
 
 def bare(device: str, amp: str, channels_last: bool, batch: int, seconds: float) -> float:
     """Tiles/s of the model on windows already on the device (no host transfer), steady state."""
     import torch
 
-    run = _Runner(ModelSpec(weights="random", device=device, amp=amp, channels_last=channels_last, batch_size=batch))
+    run = Runner(ModelSpec(weights="random", device=device, amp=amp, channels_last=channels_last, batch_size=batch))
     x = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=run.device)
     sync = torch.cuda.synchronize if run.on_cuda else (lambda: None)
     with torch.inference_mode():

@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import Config, ingest  # noqa: E402
-from pipeline.cluster import cpu_count  # noqa: E402
-from pipeline.embed import ModelSpec, configure_threads, embed_batch, get_model  # noqa: E402
+from pipeline.embed import ModelSpec, embed_batch, get_model  # noqa: E402
+from pipeline.resources import cpu_count, set_torch_threads  # noqa: E402
 
 
 def synthetic_tif(path: Path, h: int, w: int, block: int = 2048, seed: int = 0) -> Path:
@@ -65,7 +65,7 @@ def synthetic_tif(path: Path, h: int, w: int, block: int = 2048, seed: int = 0) 
 def bare_model(n: int, batch: int, streams: int, torch_threads: int) -> float:
     """Tiles/s of the model alone on ``n`` in-memory windows split over ``streams`` threads."""
     spec = ModelSpec(weights="random", batch_size=batch, torch_threads=torch_threads)
-    configure_threads(torch_threads)
+    set_torch_threads(torch_threads)
     get_model(spec)
     rng = np.random.default_rng(0)
     windows = rng.integers(0, 256, (n, 3, 256, 256), dtype=np.uint8)

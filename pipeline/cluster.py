@@ -5,8 +5,13 @@ context manager that owns the scheduler for the duration of a command and comput
 on it with a progress display.
 
 Threads: on the CPU, dask threads x torch threads must not exceed the cores, or the two thread
-pools fight and throughput halves. The runtime therefore decides both numbers together and
-passes the torch thread count to the model (see ``ModelSpec.torch_threads``).
+pools fight and throughput halves. The runtime therefore decides both numbers together: for the
+local schedulers it passes the torch thread count to the model (``ModelSpec.torch_threads``);
+on a distributed cluster a worker plugin (:class:`TorchThreads`) sizes each worker process to
+its own cores divided by its dask threads when the worker starts.
+
+Errors (a cluster package missing, no GPU, an unreachable scheduler) are
+:class:`~pipeline.errors.ClusterError`, which the CLI reports in one line.
 """
 
 from __future__ import annotations
@@ -19,14 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from pipeline.config import ClusterConfig
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from pipeline.errors import ClusterError
+from pipeline.resources import cpu_count, set_torch_threads, torch_threads_for
 
 
 @dataclass
@@ -90,28 +92,34 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
     """
     cores = cpu_count()
     if client is not None:
+        size_workers(client)
         return Runtime("client", client=client, torch_threads=0, progress=cfg.progress)
     if cfg.scheduler in ("threads", "sync"):
         threads = 1 if cfg.scheduler == "sync" else (cfg.threads or cores)
         return Runtime(
-            cfg.scheduler, dask_threads=threads, torch_threads=max(1, cores // threads), progress=cfg.progress
+            cfg.scheduler, dask_threads=threads, torch_threads=torch_threads_for(threads, cores), progress=cfg.progress
         )
     from distributed import Client
 
     rt = Runtime(cfg.scheduler, progress=cfg.progress)
-    if "://" in cfg.scheduler:
-        try:
-            rt.client = rt._stack.enter_context(Client(cfg.scheduler, timeout="30s"))
-        except OSError as e:
-            raise RuntimeError(
-                f"cannot reach the dask scheduler at {cfg.scheduler} ({e}); start one with "
-                f"`dask scheduler` and workers with `dask worker {cfg.scheduler}`, or use --scheduler threads"
-            ) from e
-        rt.torch_threads = 0
-    else:
-        cluster, rt.dask_threads, rt.torch_threads = make_cluster(cfg)
-        rt._stack.enter_context(cluster)
-        rt.client = rt._stack.enter_context(Client(cluster))
+    try:
+        if "://" in cfg.scheduler:
+            try:
+                rt.client = rt._stack.enter_context(Client(cfg.scheduler, timeout="30s"))
+            except OSError as e:
+                raise ClusterError(
+                    f"cannot reach the dask scheduler at {cfg.scheduler} ({e}); start one with "
+                    f"`dask scheduler` and workers with `dask worker {cfg.scheduler}`, or use --scheduler threads"
+                ) from e
+            rt.torch_threads = 0
+        else:
+            cluster, rt.dask_threads, rt.torch_threads = make_cluster(cfg)
+            rt._stack.enter_context(cluster)
+            rt.client = rt._stack.enter_context(Client(cluster))
+        size_workers(rt.client)
+    except BaseException:
+        rt.close()
+        raise
     if cfg.progress:
         print(f"dask dashboard: {rt.client.dashboard_link}", file=sys.stderr)
     return rt
@@ -136,7 +144,7 @@ def make_cluster(cfg: ClusterConfig) -> tuple[Any, int, int]:
     if kind == "local-cuda":
         gpus = [g.strip() for g in cfg.gpus.split(",")] if cfg.gpus else visible_gpus()
         if not gpus:
-            raise RuntimeError(
+            raise ClusterError(
                 "--scheduler local-cuda found no GPU (nvidia-smi and CUDA_VISIBLE_DEVICES); use --scheduler local"
             )
         torch_threads = max(1, cores // len(gpus))
@@ -162,7 +170,7 @@ def make_cluster(cfg: ClusterConfig) -> tuple[Any, int, int]:
         cluster = jobqueue_cluster(cfg)
         cluster.scale(jobs=cfg.n_workers or 1)
         return cluster, 1, 0
-    raise ValueError(f"unknown cluster kind {kind!r}")
+    raise ClusterError(f"unknown cluster kind {kind!r}")
 
 
 def _optional(module: str, name: str, package: str) -> Any:
@@ -171,7 +179,7 @@ def _optional(module: str, name: str, package: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as e:
-        raise RuntimeError(f"this cluster kind needs {package}: pip install {package} ({e})") from e
+        raise ClusterError(f"this cluster kind needs {package}: pip install {package} ({e})") from e
 
 
 def visible_gpus() -> list[str]:
@@ -216,7 +224,7 @@ def kubernetes_spec(cfg: ClusterConfig) -> dict[str, Any]:
 
     path = Path(cfg.kubernetes_spec or DEFAULT_K8S_SPEC)
     if not path.is_file():
-        raise RuntimeError(f"DaskCluster manifest {path} not found; set cluster.kubernetes_spec")
+        raise ClusterError(f"DaskCluster manifest {path} not found; set cluster.kubernetes_spec")
     spec = yaml.safe_load(path.read_text())
     if cfg.n_workers:
         spec["spec"]["worker"]["replicas"] = cfg.n_workers
@@ -230,12 +238,19 @@ def jobqueue_cluster(cfg: ClusterConfig):
     return cls(**cfg.jobqueue)
 
 
-def worker_torch_threads() -> int:
-    """Torch threads for a task running in a distributed worker: its cores / its dask threads."""
-    try:
-        from distributed import get_worker
+class TorchThreads(WorkerPlugin):
+    """Worker plugin: size torch's thread pool to the worker's cores / its dask threads.
 
-        worker = get_worker()
-    except (ImportError, ValueError):
-        return 0
-    return max(1, cpu_count() // max(1, worker.state.nthreads))
+    Registered by :func:`size_workers` on every cluster this package computes on, so that the
+    model code never needs to know whether it runs in a distributed worker.
+    """
+
+    name = "aerial-search-torch-threads"
+
+    def setup(self, worker: Any) -> None:
+        set_torch_threads(torch_threads_for(worker.state.nthreads))
+
+
+def size_workers(client: Any) -> None:
+    """Register :class:`TorchThreads` on ``client``'s cluster (present and future workers)."""
+    client.register_plugin(TorchThreads(), name=TorchThreads.name)

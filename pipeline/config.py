@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from pipeline import grid
+from pipeline.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A setting is unknown or out of range; the message names the key and the fix."""
+__all__ = ["Config", "ConfigError", "load_config"]
 
 
 def _require(cond: bool, key: str, msg: str) -> None:

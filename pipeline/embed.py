@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import resources
+from pipeline.errors import WeightsError
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-
-
-class WeightsError(RuntimeError):
-    """Weights cannot be had or do not fit the backbone; the message says how to supply them."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def _imagenet_weights(arch: str):
     return getattr(tvm, BACKBONES[arch].weights_enum).IMAGENET1K_V1
 
 
-def _imagenet_cache_path(arch: str) -> str:
+def imagenet_cache_path(arch: str) -> str:
     import torch
 
     url = _imagenet_weights(arch).url
@@ -118,7 +117,7 @@ def describe_weights(arch: str, weights: str, seed: int = 0) -> dict[str, Any]:
         _state_dict(arch, "imagenet")  # downloads or raises WeightsError
         return {
             "weights_id": f"torchvision:{BACKBONES[arch].weights_enum}.IMAGENET1K_V1",
-            "weights_sha256": sha256_file(_imagenet_cache_path(arch)),
+            "weights_sha256": sha256_file(imagenet_cache_path(arch)),
             "pretrained": True,
         }
     if not os.path.isfile(weights):
@@ -152,7 +151,7 @@ def _state_dict(arch: str, weights: str) -> dict[str, Any]:
         except Exception as e:  # URLError, socket errors, proxies: all mean "not available offline"
             raise WeightsError(
                 f"torchvision's ImageNet weights for {arch} are not in the torch cache "
-                f"({_imagenet_cache_path(arch)}) and could not be downloaded ({type(e).__name__}: {e}). "
+                f"({imagenet_cache_path(arch)}) and could not be downloaded ({type(e).__name__}: {e}). "
                 f"On a machine with internet, fetch {w.url} and either copy it to that cache path or pass "
                 f"--weights /path/to/{os.path.basename(w.url)}"
             ) from e
@@ -242,18 +241,6 @@ def loaded_models() -> list[str]:
     return [f"{k[0]}@{k[-1]}" for k in _CACHE]
 
 
-def configure_threads(n: int) -> None:
-    """Set torch's intra-op threads for this process (0: sized to a distributed worker's cores)."""
-    import torch
-
-    if n == 0:
-        from pipeline.cluster import worker_torch_threads
-
-        n = worker_torch_threads()
-    if n > 0 and torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-
-
 def get_model(spec: ModelSpec):
     """The process-wide model for ``spec``, built on first use (thread-safe)."""
     device = resolve_device(spec.device)
@@ -272,13 +259,15 @@ def get_model(spec: ModelSpec):
     return model, device
 
 
-class _Runner:
+class Runner:
     """One forward pipeline on one device: normalization constants, memory format, autocast."""
 
     def __init__(self, spec: ModelSpec):
         import torch
 
-        configure_threads(spec.torch_threads)
+        # 0: the process was sized when it started (a distributed worker: cores / its threads,
+        # see pipeline.cluster); otherwise the runtime's share of the cores.
+        resources.set_torch_threads(spec.torch_threads)
         self.spec = spec
         self.model, self.device = get_model(spec)
         self.on_cuda = self.device.startswith("cuda")
@@ -331,7 +320,7 @@ def embed_batch(windows: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """
     import torch
 
-    run = _Runner(spec)
+    run = Runner(spec)
     out = np.empty((len(windows), spec.dim), dtype=np.float32)
     with torch.inference_mode():
         for s in range(0, len(windows), run.batch):
@@ -350,7 +339,7 @@ def embed_chunk(rgb: np.ndarray, ij: np.ndarray, spec: ModelSpec) -> np.ndarray:
 
     from pipeline.grid import STRIDE, TILE
 
-    run = _Runner(spec)
+    run = Runner(spec)
     out = np.empty((len(ij), spec.dim), dtype=np.float32)
     if not len(ij):
         return out

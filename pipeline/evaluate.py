@@ -1,4 +1,4 @@
-"""``aerial-search evaluate DATASET``: retrieval quality on a labelled image set (UC Merced layout:
+"""Retrieval quality on a labelled image set (UC Merced layout:
 one subfolder of images per class). Every image is a query against all the others; mAP,
 precision@k and per-class AP are reported as a table, JSON and pictures.
 
@@ -11,6 +11,7 @@ their parameters are chosen on the queries of one half of each class and reporte
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import post
+from pipeline import grid, post, store
 from pipeline.embed import ModelSpec, describe_weights, embed_batch
+from pipeline.errors import DatasetError, PostprocessError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 PRECISION_AT = (5, 10, 20, 50, 100)
@@ -29,7 +31,7 @@ def list_dataset(root: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
     """Image paths, integer labels and class names of a folder-per-class dataset (sorted)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise DatasetError(
             f"dataset folder {root} does not exist; pass a folder with one subfolder of images per class"
         )
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -39,7 +41,7 @@ def list_dataset(root: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
         paths += [str(p) for p in files]
         labels += [c] * len(files)
     if len(classes) < 2 or not paths:
-        raise FileNotFoundError(f"{root} needs at least two class subfolders holding images")
+        raise DatasetError(f"{root} needs at least two class subfolders holding images")
     return paths, np.array(labels), classes
 
 
@@ -61,28 +63,6 @@ def retrieval_metrics(ranked_labels: np.ndarray, query_labels: np.ndarray) -> di
     return out
 
 
-def memory_dataset(x: np.ndarray, chunk: int = 512):
-    """An in-memory dataset with the store's schema, one 'image' per row, for SearchIndex."""
-    import dask.array as da
-    import xarray as xr
-
-    n = len(x)
-    ids = np.arange(n, dtype=np.uint64)
-    nan = np.full(n, np.nan)
-    return xr.Dataset(
-        {
-            "fingerprint": (("tile", "feature"), da.from_array(np.asarray(x, np.float32), chunks=(chunk, -1))),
-            "valid": ("tile", da.ones(n, bool, chunks=chunk)),
-            "uid": ("tile", da.from_array(ids << np.uint64(40), chunks=chunk)),
-            "lon": ("tile", da.from_array(nan, chunks=chunk)),
-            "lat": ("tile", da.from_array(nan.copy(), chunks=chunk)),
-            "image_path": ("img", np.array([str(i) for i in range(n)], dtype=object)),
-            "crs": ("img", np.array([""] * n, dtype=object)),
-            "transform": (("img", "affine"), np.tile([1.0, 0, 0, 0, 1.0, 0], (n, 1))),
-        }
-    )
-
-
 def rank_all(x: np.ndarray, queries: np.ndarray | None = None, split_every: int = 8) -> np.ndarray:
     """Row indices of every database item ranked for each query (the query itself excluded).
 
@@ -91,7 +71,7 @@ def rank_all(x: np.ndarray, queries: np.ndarray | None = None, split_every: int 
     """
     from pipeline.search import Queries, SearchIndex
 
-    index = SearchIndex(memory_dataset(x), split_every=split_every)
+    index = SearchIndex(store.memory_dataset(x), split_every=split_every)
     q = x if queries is None else queries
     m = len(q)
     qs = Queries(
@@ -99,7 +79,7 @@ def rank_all(x: np.ndarray, queries: np.ndarray | None = None, split_every: int 
         np.full(m, np.nan), np.full(m, np.nan), np.full(m, np.nan),
     )  # fmt: skip
     results = index.search(qs, len(x) - 1)
-    return np.stack([(r.uid >> np.uint64(40)).astype(np.int64) for r in results])
+    return np.stack([grid.unpack_uid(r.uid)[0] for r in results])
 
 
 @dataclass(frozen=True)
@@ -143,14 +123,14 @@ def fingerprint_images(paths: list[str], spec: ModelSpec) -> np.ndarray:
     return out
 
 
-def tune(raw: np.ndarray, labels: np.ndarray, grid: list[Options]) -> tuple[Options, list[dict]]:
+def tune(raw: np.ndarray, labels: np.ndarray, settings: list[Options]) -> tuple[Options, list[dict]]:
     """Pick the options with the best mAP over the queries of one half of each class."""
     half_a = _halves(labels)
     trials = []
-    for opts in grid:
+    for opts in settings:
         m = retrieval_metrics(labels[run_options(raw, opts)][half_a], labels[half_a])
         trials.append({"options": opts.label(), "mAP_tuning_half": m["mAP"]})
-    best = grid[int(np.argmax([t["mAP_tuning_half"] for t in trials]))]
+    best = settings[int(np.argmax([t["mAP_tuning_half"] for t in trials]))]
     return best, trials
 
 
@@ -182,9 +162,9 @@ def evaluate(
     half_b = ~_halves(labels)
     if tune_grid:
         depths = [(0, 0), (0, 10), (10, 0), (5, 5), (10, 10)]  # (dba, qe)
-        grid = [Options(p, dba=d, qe=q, alpha=a) for p in ("l2", "hellinger") for d, q in depths
-                for a in (1.0, 3.0) if (d or q or a == 3.0)]  # fmt: skip
-        best, trials = tune(raw, labels, grid)
+        settings = [Options(p, dba=d, qe=q, alpha=a) for p in ("l2", "hellinger") for d, q in depths
+                    for a in (1.0, 3.0) if (d or q or a == 3.0)]  # fmt: skip
+        best, trials = tune(raw, labels, settings)
         report["tuning"] = {"grid": trials, "chosen": best.label()}
         options = [*options, best]
     for opts in options:
@@ -234,42 +214,33 @@ def _pictures(out: Path, paths, labels, classes, order, ap, per_class, title: st
 
 
 def parse_options(text: str) -> Options:
-    """``post[:dims][+dbaN][+qeN][@alpha]``, e.g. ``l2``, ``pca:128``, ``hellinger+dba10+qe10@3``."""
-    alpha = 3.0
+    """``post[:dims][+dbaN][+qeN][@alpha]``, e.g. ``l2``, ``pca:128``, ``hellinger+dba10+qe10@3``.
+
+    Unknown tokens are errors that list the valid ones (a typo never runs as something else)."""
+    original, alpha = text, 3.0
     if "@" in text:
-        text, a = text.split("@")
-        alpha = float(a)
+        text, a = text.split("@", 1)
+        try:
+            alpha = float(a)
+        except ValueError:
+            raise PostprocessError(f"--options {original!r}: alpha after '@' must be a number, got {a!r}") from None
     parts = text.split("+")
     name, _, dims = parts[0].partition(":")
+    if name not in post.METHODS:
+        raise PostprocessError(
+            f"--options {original!r}: unknown post-processing {name!r}; choose one of {', '.join(post.METHODS)}"
+        )
     kw: dict[str, Any] = {"post": name, "alpha": alpha}
     if dims:
+        if not dims.isdigit():
+            raise PostprocessError(f"--options {original!r}: pca dimensions must be an integer, like pca:128")
         kw["dims"] = int(dims)
     for p in parts[1:]:
-        for key in ("dba", "qe"):
-            if p.startswith(key):
-                kw[key] = int(p[len(key) :])
-    if name not in post.METHODS:
-        raise ValueError(f"unknown post-processing {name!r} in {text!r}; choose one of {post.METHODS}")
+        m = re.fullmatch(r"(dba|qe)(\d+)", p)
+        if not m:
+            raise PostprocessError(
+                f"--options {original!r}: unknown token {p!r}; valid tokens after the post-processing are "
+                f"dbaN and qeN (e.g. hellinger+dba10+qe10@1)"
+            )
+        kw[m.group(1)] = int(m.group(2))
     return Options(**kw)
-
-
-def add_parser(sub, add_model) -> None:
-    p = sub.add_parser("evaluate", help="retrieval quality (mAP, precision@k) on a folder-per-class image set")
-    p.add_argument("dataset", help="folder with one subfolder of images per class (UC Merced layout)")
-    p.add_argument("--out", default="evaluation", help="folder for metrics.json and the pictures")
-    p.add_argument("--options", nargs="+", default=["none"], type=parse_options,
-                   help="post-processing runs: none, l2, hellinger, pca:DIMS, with +dbaN, +qeN, @ALPHA")  # fmt: skip
-    p.add_argument("--tune", action="store_true", help="also pick post/QE/DBA settings on half the queries")
-    add_model(p)
-
-
-def main(args, cfg) -> int:
-    from pipeline.embed import ModelSpec as Spec
-
-    spec = Spec.from_config(
-        cfg.model, describe_weights(cfg.model.arch, cfg.model.weights, cfg.model.seed)["weights_sha256"]
-    )
-    report = evaluate(args.dataset, spec, list(args.options), Path(args.out), tune_grid=args.tune)
-    print(table(report))
-    print(f"\nwritten {Path(args.out) / 'metrics.json'}, per_class_ap.png, best_worst.png")
-    return 0

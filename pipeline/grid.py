@@ -105,3 +105,26 @@ def window_nodata_counts(nodata: np.ndarray) -> np.ndarray:
         raise ValueError(f"chunk shape {nodata.shape} is not a multiple of {STRIDE}")
     cells = nodata.reshape(h // STRIDE, STRIDE, w // STRIDE, STRIDE).sum(axis=(1, 3), dtype=np.int64)
     return cells[:-1, :-1] + cells[1:, :-1] + cells[:-1, 1:] + cells[1:, 1:]
+
+
+def slot_in_image(row: int, col: int, height: int, width: int, chunk_px: int) -> int | None:
+    """Slot offset of window ``(row, col)`` (pixels) within its image's slot range, or None when
+    it is not a window of the grid.
+
+    Slots follow the store layout: the image's grid chunks row-major, then each chunk's windows
+    row-major. Chunk ``(ci, cj)`` holds ``min(per, ny - ci * per) x min(per, nx - cj * per)``
+    windows with ``per = chunk_px // 128``, so the slots before it are the full chunk rows above
+    (``ci * per * nx``) plus the chunks to its left in its own chunk row.
+    """
+    if row % STRIDE or col % STRIDE:
+        return None
+    i, j = row // STRIDE, col // STRIDE
+    ny, nx = windows_per_axis(height), windows_per_axis(width)
+    if not (0 <= i < ny and 0 <= j < nx):
+        return None
+    per = chunk_px // STRIDE
+    ci, cj = i // per, j // per
+    rows_before = min(ci * per, ny)
+    chunk_h = min(per, ny - ci * per)
+    chunk_w = min(per, nx - cj * per)
+    return rows_before * nx + chunk_h * (cj * per) + (i - ci * per) * chunk_w + (j - cj * per)

@@ -16,7 +16,8 @@ import socket
 import time
 from pathlib import Path
 
-from pipeline.store import StoreError, is_remote
+from pipeline.errors import StoreError
+from pipeline.store import is_remote
 
 
 def lock_path(store: Path | str) -> Path:

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import grid
-from pipeline.embed import ModelSpec, WeightsError, _imagenet_cache_path, embed_batch, sha256_file
-from pipeline.search import SearchError
+from pipeline.embed import ModelSpec, embed_batch, imagenet_cache_path, sha256_file
+from pipeline.errors import SearchError, WeightsError
 
 
 def spec_from_provenance(prov: dict[str, Any], weights: str | None = None, device: str = "auto") -> ModelSpec:
@@ -30,7 +30,7 @@ def spec_from_provenance(prov: dict[str, Any], weights: str | None = None, devic
         seed = int(re.search(r"seed=(\d+)", wid).group(1))  # type: ignore[union-attr]
         return ModelSpec(arch=arch, weights="random", seed=seed, device=device)
     if wid.startswith("torchvision:") and weights is None:
-        cached = _imagenet_cache_path(arch)
+        cached = imagenet_cache_path(arch)
         if os.path.isfile(cached) and sha and sha256_file(cached) != sha:
             raise WeightsError(f"the torch cache holds {cached} with another sha256 than the store's weights ({sha})")
         return ModelSpec(arch=arch, weights="imagenet", weights_sha256="", device=device)

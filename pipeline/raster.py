@@ -4,12 +4,10 @@ Headers are read up front in the driver (:func:`read_header`, cheap). Pixels are
 workers by :class:`RasterReader`, a frozen dataclass that pickles as its arguments and opens the
 file only when a chunk is read, so a graph never carries an open handle or an image.
 
-:func:`lazy_overlapped` builds, for one image, a dask array whose blocks are the grid chunks
-*with their halo* (see :mod:`pipeline.grid`): block ``(0, i, j)`` holds pixels
-``[ys[i].start, ys[i].stop) x [xs[j].start, xs[j].stop)``. Like the output of
-``dask.array.overlap.overlap``, its blocks overlap by 128 px, so the array's shape is the sum of
-the block shapes, not the image's. Channels are ``R, G, B, M``: the three selected bands scaled
-to uint8 and the file's validity mask (255 valid, 0 masked by nodata value, mask or alpha band).
+A read returns channels ``R, G, B, M``: the three selected bands scaled to uint8 and the file's
+validity mask (255 valid, 0 masked by nodata value, mask or alpha band). The dask array of an
+image's grid chunks with their halo is built by :func:`pipeline.ingest.graph.lazy_overlapped`;
+this module has no dask.
 """
 
 from __future__ import annotations
@@ -24,13 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import grid
+from pipeline.errors import RasterError
+
+__all__ = ["ImageInfo", "RasterError", "RasterReader", "check_image", "expand_sources", "read_header"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
-
-
-class RasterError(ValueError):
-    """An input image cannot be used; the message names the file and what to do."""
 
 
 def is_uri(path: str) -> bool:
@@ -242,25 +239,3 @@ def to_uint8(data: np.ndarray, scale: Sequence[float] | None, path: str = "<arra
     lo, hi = float(scale[0]), float(scale[1])
     scaled = (data.astype(np.float32) - lo) * np.float32(255.0 / (hi - lo))
     return np.clip(np.nan_to_num(scaled, nan=0.0), 0, 255).round().astype(np.uint8)
-
-
-def lazy_overlapped(reader: RasterReader, height: int, width: int, chunk_px: int):
-    """Dask array of one image's grid chunks with their halo: uint8 ``(4, sum(h_i), sum(w_j))``.
-
-    Block ``(0, i, j)`` is ``reader.read(ys[i], xs[j])`` with
-    ``ys, xs = grid.chunk_spans(height, chunk_px), grid.chunk_spans(width, chunk_px)``. An image
-    with no windows gives an array with no blocks.
-    """
-    import dask.array as da
-    from dask.base import tokenize
-
-    ys = grid.chunk_spans(height, chunk_px)
-    xs = grid.chunk_spans(width, chunk_px)
-    name = "read-" + tokenize(reader, height, width, chunk_px)
-    dsk = {
-        (name, 0, i, j): (reader.read, (y.start, y.stop), (x.start, x.stop))
-        for i, y in enumerate(ys)
-        for j, x in enumerate(xs)
-    }
-    chunks = ((4,), tuple(y.stop - y.start for y in ys), tuple(x.stop - x.start for x in xs))
-    return da.Array(dsk, name, chunks, dtype=np.uint8)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ def sheet(tiles: Sequence[np.ndarray], labels: Sequence[str], columns: int = 6, 
 
 
 def result_sheet(result, query_tile: np.ndarray, prov: dict[str, Any], out_path: str, columns: int = 6) -> str:
-    """Write the sheet of one :class:`~pipeline.search.Result` as PNG; returns the path."""
+    """Write the sheet of one :class:`~pipeline.search.results.Result` as PNG; returns the path."""
     pre = prov.get("preprocessing", {})
     bands, scale = pre.get("bands", (1, 2, 3)), pre.get("scale")
     tiles = [query_tile]
@@ -60,6 +61,20 @@ def result_sheet(result, query_tile: np.ndarray, prov: dict[str, Any], out_path:
         labels.append(f"#{r['rank']}  d={r['distance']:.3f}")
     sheet(tiles, labels, columns).save(out_path)
     return out_path
+
+
+def write_sheets(
+    results: Sequence[Any], pixels: Sequence[np.ndarray], prov: dict[str, Any], out: str | Path
+) -> list[Path]:
+    """One sheet per result: ``out`` for a single query, ``NAME-1.png``, ``NAME-2.png``, ... for
+    several. ``pixels``: each query's 256 x 256 tile. Returns the paths written."""
+    out = Path(out)
+    paths = []
+    for i, (res, px) in enumerate(zip(results, pixels)):
+        path = out if len(results) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix or '.png'}")
+        result_sheet(res, px, prov, str(path))
+        paths.append(path)
+    return paths
 
 
 def bar_chart(title: str, labels: Sequence[str], values: Sequence[float], out_path: str, unit: str = "") -> str:

@@ -1,6 +1,6 @@
 """Per-chunk kernels (NumPy + the model, no dask): windows, nodata filter, fingerprints, metadata.
 
-Each function takes one grid chunk as produced by :func:`pipeline.raster.lazy_overlapped` and
+Each function takes one grid chunk as produced by :func:`pipeline.ingest.graph.lazy_overlapped` and
 returns one row per window the chunk owns, in row-major window order within the chunk.
 """
 
@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline import faults, grid
+from pipeline import grid
 from pipeline.embed import ModelSpec, embed_chunk
+from pipeline.geo import to_lonlat
 
 
 def nodata_pixels(block: np.ndarray, black_level: int) -> np.ndarray:
@@ -31,7 +32,6 @@ def fingerprint_chunk(block: np.ndarray, spec: ModelSpec, black_level: int, max_
     Columns ``0..dim-1`` hold the fingerprint (zeros for dropped windows), column ``dim`` is
     1.0 for a kept window and 0.0 for a dropped one. The model runs on kept windows only.
     """
-    faults.maybe_kill_worker()
     keep = keep_windows(block, black_level, max_nodata_fraction)
     ny, nx = keep.shape
     out = np.zeros((ny * nx, spec.dim + 1), dtype=np.float32)
@@ -69,14 +69,3 @@ def chunk_coords(span_y: grid.Span, span_x: grid.Span, transform: Sequence[float
     y = d * px + e * py + f
     lon, lat = to_lonlat(x, y, crs)
     return np.stack([x, y, lon, lat], axis=1)
-
-
-def to_lonlat(x: np.ndarray, y: np.ndarray, crs: str) -> tuple[np.ndarray, np.ndarray]:
-    """Project CRS coordinates to WGS84 longitude/latitude (NaN when ``crs`` is empty)."""
-    if not crs or not len(x):
-        nan = np.full(len(x), np.nan)
-        return nan, nan.copy()
-    from rasterio.warp import transform as warp
-
-    lon, lat = warp(crs, "EPSG:4326", np.asarray(x, float), np.asarray(y, float))
-    return np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)

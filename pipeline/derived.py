@@ -1,0 +1,55 @@
+"""Driver code that builds a store's derived data (``aerial-search postprocess``): the fitted
+post-processing transform, and database-side augmentation (DBA) as the ``fingerprint_dba``
+array. The transforms themselves are kernels in :mod:`pipeline.post`; the arrays and attributes
+are written by :mod:`pipeline.store`. Everything here is rebuilt from the raw fingerprints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline import post, store
+from pipeline.search import SearchIndex
+
+
+def fit_store(path: str, method: str, dims: int = 128, sample: int = 200_000, seed: int = 0) -> post.Transform:
+    """Fit ``method`` on (a sample of) a store's valid raw fingerprints and save it there."""
+    ds = store.open_store(path)
+    valid = np.flatnonzero(ds["valid"].values)
+    if method == "pca" and len(valid) > sample:
+        valid = np.sort(np.random.default_rng(seed).choice(valid, sample, replace=False))
+    x = ds["fingerprint"].data[valid].compute() if method == "pca" else np.zeros((0, ds.sizes["feature"]), np.float32)
+    t = post.fit(method, x, dims)
+    store.save_transform(path, t, len(valid))
+    return t
+
+
+def augment_store(path: str, depth: int, alpha: float = 1.0, batch: int = 256, runtime: Any = None) -> int:
+    """Database-side augmentation: write ``fingerprint_dba`` (tile, post_feature), each valid
+    tile's post-processed fingerprint alpha-QE-expanded with its ``depth`` nearest tiles
+    (overlapping tiles excluded, as in search), through the search engine in batches of
+    ``batch`` queries. Returns the number of tiles augmented. Search uses the array in place of
+    the transformed raw fingerprints while it is current; adding images marks it stale."""
+    index = SearchIndex.open(path, runtime)
+    index.use_dba = False  # neighbours come from the post-processed raw fingerprints, never an old DBA
+    ds = index.ds
+    valid = np.flatnonzero(ds["valid"].values)
+    uids = ds["uid"].values
+    if runtime is None:
+        index.persist()
+    x = index.transform.apply(ds["fingerprint"].values)
+    out = np.zeros_like(x)
+    slot_of = {int(uids[i]): int(i) for i in valid}  # padding slots repeat uid 0: never map them
+    for s in range(0, len(valid), batch):
+        rows = valid[s : s + batch]
+        queries, _ = index.queries_from_uids([int(uids[r]) for r in rows])
+        results = index.search(queries, depth)
+        nb = np.zeros((len(rows), depth, x.shape[1]), np.float32)
+        for i, res in enumerate(results):
+            idx = [slot_of[int(u)] for u in res.uid]
+            nb[i, : len(idx)] = x[idx]
+        out[rows] = post.expand_queries(x[rows], nb, alpha)
+    store.write_dba(path, out, depth, alpha, len(valid))
+    return len(valid)

@@ -1,0 +1,105 @@
+"""Search graphs: dask graphs of the per-chunk map and the tree reduction. Nothing here computes.
+
+- :func:`store_blocks`: one delayed block (:func:`pipeline.search.kernels.make_block`) per chunk
+  of a store opened as an ``xarray.Dataset``, with deterministic names (two opens of an
+  unchanged store give the same keys).
+- :func:`topk_graph`: one :func:`~pipeline.search.kernels.chunk_topk` task per block, combined
+  ``split_every`` at a time by :func:`~pipeline.search.kernels.merge_topk` until one remains,
+  then :func:`~pipeline.search.kernels.finalize`.
+- :func:`nearest_centre_graph`: the valid tile whose centre is nearest a lon/lat point.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from pipeline.errors import SearchError
+from pipeline.geo import local_metres
+from pipeline.search import kernels
+from pipeline.search.kernels import BLOCK_VARS, Exclusions, Filters, Scorer
+
+
+def store_blocks(
+    ds: Any, with_norms: bool = False, rows: int | None = None, transform: Any = None, use_dba: bool = False
+) -> list[Delayed]:
+    """One delayed block dict per ``rows`` tiles (default: per Zarr chunk), lazy.
+
+    ``transform`` post-processes the raw fingerprints in each block; with ``use_dba`` the blocks
+    hold the store's ``fingerprint_dba`` instead, which is already post-processed.
+    """
+    arrays = [ds[name].data for name in BLOCK_VARS]
+    if use_dba:
+        arrays[0] = ds["fingerprint_dba"].data
+        transform = None
+    arrays[0] = arrays[0].rechunk({1: -1})
+    # Small per-tile arrays are stored in larger chunks (store.META_CHUNK_FACTOR): slice them
+    # to the fingerprint chunks so that each is read once and shared by the tasks that need it.
+    rows = rows or arrays[0].chunks[0]
+    arrays = [a.rechunk({0: rows}) for a in arrays]
+    per_var = [a.to_delayed().ravel() for a in arrays]
+    name = "store-block-" + tokenize([a.name for a in arrays], with_norms, transform)
+    make = dask.delayed(kernels.make_block, pure=True)
+    return [
+        make(*parts, with_norms=with_norms, transform=transform, dask_key_name=(name, i))
+        for i, parts in enumerate(zip(*per_var))
+    ]
+
+
+def topk_graph(
+    blocks: Sequence[Delayed],
+    scorer: Scorer,
+    k: int,
+    filters: Filters,
+    exclude: Exclusions,
+    half_m: np.ndarray,
+    split_every: int = 8,
+    usable: np.ndarray | None = None,
+) -> Delayed:
+    """The per-chunk map and the tree reduction to the global top-k, as one ``Delayed``
+    yielding ``len(scorer)`` sorted RESULT_DTYPE arrays.
+
+    The layer is written as a plain task dict: building it costs microseconds per chunk, not a
+    tokenization of every argument, which matters when a persisted index answers queries at
+    memory speed. Its name is random: each search is a new computation.
+    """
+    if split_every < 2:
+        raise SearchError(f"split_every must be >= 2 (the fan-in of the top-k tree), got {split_every}")
+    name = f"topk-{uuid.uuid4().hex}"
+    dsk: dict[Any, Any] = {}
+    level = []
+    for i, b in enumerate(blocks):
+        dsk[(name, 0, i)] = (kernels.chunk_topk, b.key, scorer, k, filters, exclude, half_m, usable)
+        level.append((name, 0, i))
+    depth = 0
+    while len(level) > 1:
+        depth += 1
+        nxt = []
+        for s in range(0, len(level), split_every):
+            dsk[(name, depth, s)] = (kernels.merge_topk, list(level[s : s + split_every]), k)
+            nxt.append((name, depth, s))
+        level = nxt
+    final = (name, "final")
+    dsk[final] = (kernels.finalize, level[0]) if level else (kernels.empty_results, len(scorer))
+    return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=list(blocks)), layer=name)
+
+
+def nearest_centre_graph(ds: Any, lon: float, lat: float, usable: np.ndarray | None) -> tuple[Any, Any]:
+    """Lazy ``(slot, metres)``: the valid, searchable tile whose centre is nearest ``(lon, lat)``
+    and its distance in metres (``inf`` when no tile has lon/lat)."""
+    lons, lats, valid = ds["lon"].data, ds["lat"].data, ds["valid"].data
+    dx, dy = local_metres(lons, lats, lon, lat)
+    ok = valid & da.isfinite(lons)
+    if usable is not None and not usable.all():
+        ok = ok & da.from_array(usable)[ds["image"].data.clip(0)]
+    dist = da.where(ok, da.sqrt(dx * dx + dy * dy), np.inf)
+    slot = dist.argmin()
+    return slot, dist.min()

@@ -1,0 +1,384 @@
+"""Search kernels: NumPy functions on one block of tiles, no dask, no Zarr.
+
+A *block* is a dict of per-tile arrays of one chunk of the store: ``fingerprint`` (n, dim)
+float32|float16 (post-processed when the index applies a transform), ``valid`` (n,) bool,
+``uid`` (n,) uint64, ``lon``/``lat`` (n,) float64, and, in a persisted index, ``sqnorm`` (n,)
+float32 (+inf where not valid) and ``image``/``row``/``col`` (otherwise decoded from the uid).
+
+The **scorer seam**: a :class:`Scorer` maps a block to an ``(n, m)`` array of scores, one column
+per query, *lower is better*. :class:`L2Scorer` (squared Euclidean distance) is the first;
+example sets, classifiers and code scans plug in the same way. Everything after the scores
+does not know which scorer made them:
+
+- :func:`chunk_topk`: mask rows that filters, statuses, validity or overlap exclusion rule
+  out (score ``+inf``), then keep an *unsorted* partial top-k per column (``argpartition``),
+  carrying global uids and centres (:data:`RESULT_DTYPE`).
+- :func:`merge_topk`: the same selection over concatenated partial results, so it is also the
+  combine step of a tree reduction. Only :func:`finalize` sorts, by ``(score, uid)``.
+
+Ties are broken by uid; k beyond the candidates returns them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from pipeline import grid
+from pipeline.geo import local_metres
+
+RESULT_DTYPE = np.dtype([("score", "f8"), ("uid", "u8"), ("lon", "f8"), ("lat", "f8")])
+BLOCK_VARS = ("fingerprint", "valid", "uid", "lon", "lat")  # what a block is read from
+
+Block = dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# Queries, exclusions and filters
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Tiles whose footprint rules out overlapping candidates for one query column each.
+
+    One row per excluded tile: ``column`` (the query it applies to), ``image``/``row``/``col``
+    (-1 when the tile is not of this store) and ``lon``/``lat``/``half_m`` (NaN when unknown).
+    """
+
+    column: np.ndarray
+    image: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    lon: np.ndarray
+    lat: np.ndarray
+    half_m: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+
+@dataclass(frozen=True)
+class Queries:
+    """A batch of ``m`` queries: fingerprints and what exclusion needs to know of each.
+
+    ``fingerprints`` float32 ``(m, dim)``. ``image``/``row``/``col`` locate a query tile of this
+    store (-1 for queries from elsewhere); ``lon``/``lat`` (NaN if unknown) and ``half_m`` (half
+    the tile's ground size in metres) exclude overlapping tiles of other images.
+    """
+
+    fingerprints: np.ndarray
+    image: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    lon: np.ndarray
+    lat: np.ndarray
+    half_m: np.ndarray
+
+    @classmethod
+    def from_fingerprints(cls, fp: np.ndarray) -> Queries:
+        fp = np.atleast_2d(np.asarray(fp, dtype=np.float32))
+        m = len(fp)
+        nan = np.full(m, np.nan)
+        minus = np.full(m, -1, dtype=np.int64)
+        return cls(fp, minus, minus.copy(), minus.copy(), nan, nan.copy(), nan.copy())
+
+    @classmethod
+    def concat(cls, parts: Sequence[Queries]) -> Queries:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
+
+    def __len__(self) -> int:
+        return len(self.fingerprints)
+
+    def exclusions(self) -> Exclusions:
+        """Each query's own tile, for the queries that are tiles (of this store or on the ground)."""
+        j = np.flatnonzero((self.image >= 0) | np.isfinite(self.lon))
+        return Exclusions(j, self.image[j], self.row[j], self.col[j], self.lon[j], self.lat[j], self.half_m[j])
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Restrictions applied inside every chunk before the top-k."""
+
+    include_overlapping: bool = False
+    bbox: tuple[float, float, float, float] | None = None  # W, S, E, N in degrees
+    image_ids: tuple[int, ...] | None = None  # only these source images
+
+
+def overlaps(
+    image_a: np.ndarray,
+    row_a: np.ndarray,
+    col_a: np.ndarray,
+    lon_a: np.ndarray,
+    lat_a: np.ndarray,
+    half_a: np.ndarray,
+    image_b: int,
+    row_b: int,
+    col_b: int,
+    lon_b: float,
+    lat_b: float,
+    half_b: float,
+) -> np.ndarray:
+    """bool: tiles ``a`` (arrays) whose footprint overlaps tile ``b`` (scalars).
+
+    Same image: ``|drow| < 256`` and ``|dcol| < 256``. Other images, both with lon/lat: the
+    footprints, taken as north-up squares of side ``2 * half`` metres around the centres,
+    intersect (local metres around ``b``, :func:`pipeline.geo.local_metres`).
+    """
+    same = (image_a == image_b) & (np.abs(row_a - row_b) < grid.TILE) & (np.abs(col_a - col_b) < grid.TILE)
+    if not (np.isfinite(lon_b) and np.isfinite(lat_b) and np.isfinite(half_b)):
+        return same
+    dx, dy = local_metres(lon_a, lat_a, lon_b, lat_b)
+    reach = half_a + half_b
+    with np.errstate(invalid="ignore"):
+        ground = (image_a != image_b) & (np.abs(dx) < reach) & (np.abs(dy) < reach)
+    return same | ground
+
+
+# --------------------------------------------------------------------------------------------
+# Scorers
+
+
+class Scorer(Protocol):
+    """Scores of the tiles of a block for ``len(scorer)`` query columns; lower is better."""
+
+    name: ClassVar[str]  # what :meth:`report` returns, as results call it ("distance", "score")
+
+    def __len__(self) -> int: ...
+
+    def scores(self, block: Block) -> np.ndarray:
+        """A fresh, writable ``(n, m)`` float array (the kernel masks it in place)."""
+        ...
+
+    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
+        """float64 scores of ``rows`` for column ``j``, as reported (``scores`` may approximate)."""
+        ...
+
+    def report(self, score: np.ndarray) -> np.ndarray:
+        """The value results show for a score (e.g. the distance for a squared distance)."""
+        ...
+
+
+@dataclass(frozen=True)
+class L2Scorer:
+    """Squared Euclidean distance to each query fingerprint ``queries`` float32 ``(m, dim)``.
+
+    Selection uses the norm expansion ``|x|^2 - 2 x.q + |q|^2``: one float32 matrix product per
+    block (BLAS), with the block's precomputed ``sqnorm`` when it has one (+inf for invalid rows,
+    so they never make the top-k). The kept rows are recomputed exactly as ``sum((x - q)^2)``
+    in float64, since the expansion loses precision near zero. Reported as the distance.
+    """
+
+    queries: np.ndarray
+    name: ClassVar[str] = "distance"
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def scores(self, block: Block) -> np.ndarray:
+        x = as_float32(block["fingerprint"])
+        sqnorm = block.get("sqnorm")
+        if sqnorm is None:
+            sqnorm = masked_sqnorm(x, block["valid"])
+        q = self.queries
+        d2 = x @ q.T
+        d2 *= -2.0
+        d2 += sqnorm[:, None]
+        d2 += np.einsum("ij,ij->i", q, q)[None, :]
+        return d2
+
+    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
+        diff = as_float32(block["fingerprint"][rows]) - self.queries[j]
+        return np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
+
+    def report(self, score: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.maximum(score, 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-chunk map
+
+
+def tile_location(block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image, row, col)`` of a block's tiles: stored in a persisted block, else from the uid."""
+    if "image" in block:
+        return block["image"], block["row"], block["col"]
+    return grid.unpack_uid(block["uid"])  # cheaper than reading three more arrays
+
+
+def allowed_rows(block: Block, filters: Filters, usable: np.ndarray | None) -> np.ndarray | None:
+    """bool ``(n,)``: rows that may be results (valid, image searchable, inside the filters), or
+    None when every row may."""
+    image, _, _ = tile_location(block)
+    allowed = None if block["valid"].all() else block["valid"].astype(bool)
+    if usable is not None and not usable.all():
+        searchable = usable[image]
+        allowed = searchable if allowed is None else allowed & searchable
+    if filters.bbox is not None:
+        w, s, e, n = filters.bbox
+        lon, lat = block["lon"], block["lat"]
+        with np.errstate(invalid="ignore"):
+            inside = (lon >= w) & (lon <= e) & (lat >= s) & (lat <= n)
+        allowed = inside if allowed is None else allowed & inside
+    if filters.image_ids is not None:
+        in_images = np.isin(image, filters.image_ids)
+        allowed = in_images if allowed is None else allowed & in_images
+    return allowed
+
+
+def mask_scores(
+    scores: np.ndarray,
+    block: Block,
+    filters: Filters,
+    exclude: Exclusions,
+    half_m: np.ndarray,
+    usable: np.ndarray | None,
+) -> None:
+    """Set ``scores`` (n, m) to +inf, in place, where a tile may not answer a column."""
+    allowed = allowed_rows(block, filters, usable)
+    if allowed is not None:
+        scores[~allowed] = np.inf
+    if filters.include_overlapping or not len(exclude):
+        return
+    image, row, col = tile_location(block)
+    lon, lat = block["lon"], block["lat"]
+    half_rows = half_m[image] if len(image) else np.zeros(0)
+    for e in range(len(exclude)):
+        hit = overlaps(
+            image, row, col, lon, lat, half_rows,
+            exclude.image[e], exclude.row[e], exclude.col[e], exclude.lon[e], exclude.lat[e], exclude.half_m[e],
+        )  # fmt: skip
+        scores[hit, exclude.column[e]] = np.inf
+
+
+def chunk_topk(
+    block: Block,
+    scorer: Scorer,
+    k: int,
+    filters: Filters,
+    exclude: Exclusions,
+    half_m: np.ndarray,
+    usable: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Partial top-k of one block for each query column: ``m`` unsorted RESULT_DTYPE arrays.
+
+    ``half_m``: half tile size in metres per image id (ground-overlap exclusion); ``usable``:
+    per image id, whether its ingest is done (tiles of other images are skipped).
+    """
+    scores = scorer.scores(block)
+    mask_scores(scores, block, filters, exclude, half_m, usable)
+    uid, lon, lat = block["uid"], block["lon"], block["lat"]
+    out = []
+    for j, sel in enumerate(select_columns(scores, uid, k)):
+        res = np.empty(len(sel), dtype=RESULT_DTYPE)
+        res["score"] = scorer.exact(block, sel, j)
+        res["uid"], res["lon"], res["lat"] = uid[sel], lon[sel], lat[sel]
+        out.append(res)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k selection, merge, finalize: scorer-agnostic
+
+
+def select(score: np.ndarray, uid: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` smallest ``(score, uid)`` pairs among finite scores, unsorted."""
+    finite = np.flatnonzero(np.isfinite(score))
+    if len(finite) <= k:
+        return finite
+    part = finite[np.argpartition(score[finite], k - 1)[:k]]
+    threshold = score[part].max()
+    cand = finite[score[finite] <= threshold]  # ties at the boundary: decide by uid
+    if len(cand) == k:
+        return cand
+    return cand[np.lexsort((uid[cand], score[cand]))[:k]]
+
+
+def select_columns(scores: np.ndarray, uid: np.ndarray, k: int) -> list[np.ndarray]:
+    """:func:`select` for every column of ``scores`` (n, m), vectorized over the columns.
+
+    One ``argpartition`` along axis 0 serves all queries; a column falls back to the exact
+    per-column selection only when it has ties at its k-th value or fewer than k finite rows.
+    """
+    n, m = scores.shape
+    if n <= k:
+        return [select(scores[:, j], uid, k) for j in range(m)]
+    part = np.argpartition(scores, k - 1, axis=0)[:k]
+    kth = np.take_along_axis(scores, part, axis=0).max(axis=0)
+    exact = ((scores <= kth).sum(axis=0) == k) & np.isfinite(kth)
+    return [part[:, j] if exact[j] else select(scores[:, j], uid, k) for j in range(m)]
+
+
+def merge_topk(parts: Sequence[list[np.ndarray]], k: int) -> list[np.ndarray]:
+    """Combine step: the same unsorted top-k selection over several partial results."""
+    merged = []
+    for j in range(len(parts[0])):
+        cat = np.concatenate([p[j] for p in parts])
+        merged.append(cat[select(cat["score"], cat["uid"], k)])
+    return merged
+
+
+def finalize(part: list[np.ndarray]) -> list[np.ndarray]:
+    """Sort each column's results by (score, uid)."""
+    return [r[np.lexsort((r["uid"], r["score"]))] for r in part]
+
+
+def empty_results(m: int) -> list[np.ndarray]:
+    return [np.empty(0, RESULT_DTYPE) for _ in range(m)]
+
+
+def nms(res: np.ndarray, k: int, half_m: np.ndarray) -> np.ndarray:
+    """Spatial non-maximum suppression: walk sorted results ``res`` and keep each one that does
+    not overlap an already kept one, until ``k`` are kept."""
+    image, row, col = grid.unpack_uid(res["uid"])
+    half = half_m[image] if len(image) else np.zeros(0)
+    keep: list[int] = []
+    for i in range(len(res)):
+        if len(keep) == k:
+            break
+        if keep:
+            idx = np.array(keep)
+            hit = overlaps(
+                image[idx], row[idx], col[idx], res["lon"][idx], res["lat"][idx], half[idx],
+                image[i], row[i], col[i], res["lon"][i], res["lat"][i], half[i],
+            )  # fmt: skip
+            if hit.any():
+                continue
+        keep.append(i)
+    return res[keep]
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """float32 view or copy; float16 goes through torch's vectorized conversion (~2x NumPy's)."""
+    if x.dtype == np.float32:
+        return x
+    if x.dtype == np.float16:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+    return x.astype(np.float32)
+
+
+def masked_sqnorm(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Squared norms of the rows of ``x`` (float32), +inf where ``valid`` is False."""
+    x = as_float32(x)
+    return np.where(valid, np.einsum("ij,ij->i", x, x), np.float32(np.inf))
+
+
+def make_block(*arrays: np.ndarray, with_norms: bool, transform: Any = None) -> Block:
+    """A block from the :data:`BLOCK_VARS` arrays of one chunk. ``transform`` (a
+    :class:`pipeline.post.Transform`) post-processes the raw fingerprints; ``with_norms``
+    precomputes what a persisted index reuses for every query."""
+    block = dict(zip(BLOCK_VARS, arrays))
+    if transform is not None and transform.method != "none":
+        block["fingerprint"] = transform.apply(block["fingerprint"])
+    if with_norms:
+        block["sqnorm"] = masked_sqnorm(block["fingerprint"], block["valid"])
+        block["image"], block["row"], block["col"] = grid.unpack_uid(block["uid"])
+    return block

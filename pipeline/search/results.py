@@ -1,0 +1,98 @@
+"""Search results and their formats: a text table and JSON (result sheets live in
+:mod:`pipeline.render`). Apart from the engine: nothing here searches.
+
+JSON shape (``search --json``)::
+
+    {"query": {...}, "results": [{"rank", "uid", "distance", "image_path", "row", "col", "lon", "lat"}]}
+
+uids are strings (they exceed 2**53); NaN is ``null``; ``distance`` is the Euclidean distance
+(the field is named after the scorer's reported value).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import grid
+
+
+@dataclass
+class Result:
+    """Results for one query, best first."""
+
+    query: dict[str, Any]
+    uid: np.ndarray
+    distance: np.ndarray  # the scorer's reported value (Euclidean distance for the L2 scorer)
+    image_path: list[str]
+    row: np.ndarray
+    col: np.ndarray
+    lon: np.ndarray
+    lat: np.ndarray
+    value_name: str = "distance"
+
+    @classmethod
+    def from_topk(cls, res: np.ndarray, query: dict[str, Any], values: np.ndarray, image_paths: Sequence[str],
+                  value_name: str = "distance") -> Result:  # fmt: skip
+        """From a sorted RESULT_DTYPE array; ``values``: what the scorer reports per row."""
+        image, row, col = grid.unpack_uid(res["uid"])
+        return cls(
+            query=query,
+            uid=res["uid"],
+            distance=np.asarray(values, dtype=np.float64),
+            image_path=[str(image_paths[i]) for i in image],
+            row=row,
+            col=col,
+            lon=res["lon"],
+            lat=res["lat"],
+            value_name=value_name,
+        )
+
+    def __len__(self) -> int:
+        return len(self.uid)
+
+    def records(self) -> list[dict[str, Any]]:
+        def num(v: float) -> float | None:
+            return None if not np.isfinite(v) else float(v)
+
+        return [
+            {
+                "rank": i + 1,
+                "uid": str(int(self.uid[i])),
+                self.value_name: float(self.distance[i]),
+                "image_path": self.image_path[i],
+                "row": int(self.row[i]),
+                "col": int(self.col[i]),
+                "lon": num(self.lon[i]),
+                "lat": num(self.lat[i]),
+            }
+            for i in range(len(self))
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"query": self.query, "results": self.records()}
+
+    def table(self) -> str:
+        name = self.value_name
+        lines = [
+            f"query: {self.query.get('label', '')}",
+            f"{'rank':>4}  {'uid':>20}  {name:>10}  {'row':>6}  {'col':>6}  {'lon':>11}  {'lat':>10}  image",
+        ]
+        for r in self.records():
+            lon = f"{r['lon']:.6f}" if r["lon"] is not None else "nan"
+            lat = f"{r['lat']:.6f}" if r["lat"] is not None else "nan"
+            lines.append(
+                f"{r['rank']:>4}  {r['uid']:>20}  {r[name]:>10.4f}  {r['row']:>6}  {r['col']:>6}  {lon:>11}  {lat:>10}  {r['image_path']}"
+            )
+        return "\n".join(lines)
+
+
+def write_json(results: Sequence[Result], path: str | Path) -> None:
+    """One query: its document; several: a list of them."""
+    docs = [r.to_json() for r in results]
+    Path(path).write_text(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2, allow_nan=False))
