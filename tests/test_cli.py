@@ -127,3 +127,53 @@ def test_ingest_and_search_on_a_running_scheduler(tmp_path, capsys):
         assert rc == 0
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["results"][0]["uid"] == uid and doc["results"][0]["distance"] == 0.0
+
+
+def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, capsys, monkeypatch):
+    img = write_tif(tmp_path / "img.tif", textured(512, 512, seed=6))
+    store = str(tmp_path / "s.zarr")
+    assert main(["ingest", str(img), "--store", store, "--weights", "random", "--no-progress"]) == 0
+    uid = str(int(open_store(store)["uid"].values[0]))
+    (tmp_path / "plain").mkdir()
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("store:\n  chunk_tile: 4\n")  # typo of chunk_tiles
+    cases = {
+        "missing store": (["search", "--store", str(tmp_path / "nope.zarr"), "--uid", uid], "does not exist"),
+        "not a store": (["info", "--store", str(tmp_path / "plain")], "not a fingerprint store"),
+        "unknown uid": (["search", "--store", store, "--uid", str(5 * 2**40)], "names image 5"),
+        "k 0": (["search", "--store", store, "--uid", uid, "-k", "0"], "positive"),
+        "unknown config key": (["search", "--store", store, "--uid", uid, "--config", str(bad_cfg)], "store.chunk_tile"),
+        "pca dims": (["postprocess", "--store", store, "--method", "pca", "--dims", "100"], "--dims 9 or fewer"),
+        "split every": (["search", "--store", store, "--uid", uid, "--split-every", "1"], "split_every"),
+    }
+    for what, (argv, message) in cases.items():
+        capsys.readouterr()
+        assert main(argv) == 2, what
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (what, err)
+        assert err.count("\n") == 1 and err.startswith(f"aerial-search {argv[0]}: error: "), (what, err)
+    # A cluster kind whose package is missing (made unimportable here).
+    monkeypatch.setitem(sys.modules, "dask_kubernetes.operator", None)
+    capsys.readouterr()
+    assert main(["search", "--store", store, "--uid", uid, "--scheduler", "kubernetes"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install dask-kubernetes" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_workers_size_their_torch_threads_to_their_cores(tmp_path):
+    """The runtime registers a worker plugin: each worker runs cores // its dask threads torch
+    threads, without the model code asking which scheduler it runs on."""
+    from pipeline.cluster import runtime
+    from pipeline.config import ClusterConfig
+    from pipeline.resources import cpu_count
+
+    def torch_threads():
+        import os
+
+        import torch
+
+        return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+    with runtime(ClusterConfig(scheduler="local", n_workers=1, threads=2, progress=False)) as rt:
+        got = list(rt.client.run(torch_threads).values())
+    assert got == [(max(1, cpu_count() // 2), str(max(1, cpu_count() // 2)))]

@@ -128,3 +128,31 @@ def test_evaluate_three_ucmerced_classes_end_to_end(data_dir, tmp_path):
     # 256 x 256 rule: UC Merced holds a few smaller images; all became one window each.
     sizes = {Image.open(p).size for p in paths}
     assert (256, 256) in sizes
+
+
+def test_unknown_option_tokens_are_errors_that_list_the_valid_ones():
+    for text, msg in [("hellinger+dab10", "unknown token 'dab10'"), ("l2+diffusion30", "dbaN and qeN"),
+                      ("l2@x", "must be a number"), ("pca:x", "integer")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            evaluate.parse_options(text)
+
+
+def test_evaluate_without_options_runs_the_default(tmp_path, capsys):
+    """`evaluate DATASET` with no --options: the default is parsed like a given option."""
+    from PIL import Image
+
+    from conftest import textured
+    from pipeline.cli import main
+
+    for c, seed in (("fields", 1), ("roofs", 2)):
+        (tmp_path / "set" / c).mkdir(parents=True)
+        for i in range(3):
+            px = textured(256, 256, seed=seed * 10 + i)
+            Image.fromarray(px.transpose(1, 2, 0)).save(tmp_path / "set" / c / f"{i}.png")
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(tmp_path / "set"), "--weights", "random", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert [r["options"] for r in report["runs"]] == ["none"] and report["images"] == 6
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "nothing"), "--weights", "random"]) == 2
+    assert "does not exist" in capsys.readouterr().err

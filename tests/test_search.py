@@ -407,3 +407,106 @@ def test_database_side_augmentation_is_a_rebuildable_derived_array(stores, tmp_p
     uids, d = brute({**s, "fingerprint": expect}, xn[q].astype(np.float32), 5, ~overlap_oracle(s, q))
     np.testing.assert_array_equal(res.uid, uids)
     np.testing.assert_array_equal(open_store(path)["fingerprint"].values, s["fingerprint"])
+
+
+def test_same_search_twice_is_bit_identical_and_store_block_names_are_stable(stores):
+    from pipeline.search.graph import store_blocks
+
+    a, b = SearchIndex.open(str(stores["float32"])), SearchIndex.open(str(stores["float32"]))
+    ds, s = load(stores["float32"])
+    queries, _ = a.queries_from_uids([int(u) for u in s["uid"][s["valid"]][::11]])
+    first, second = a.search(queries, 9), a.search(queries, 9)
+    for x, y in zip(first, second):
+        np.testing.assert_array_equal(x.uid, y.uid)
+        assert x.distance.tobytes() == y.distance.tobytes()  # bit-equal, not merely close
+    blocks_a, blocks_b = store_blocks(a.ds), store_blocks(b.ds)
+    assert [blk.key for blk in blocks_a] == [blk.key for blk in blocks_b]
+    assert set(blocks_a[0].dask.layers) == set(blocks_b[0].dask.layers)  # every layer name, reads included
+    assert str(blocks_a[0].key[0]).startswith("store-block-")
+
+
+def test_a_new_scorer_plugs_into_the_same_reduction(stores):
+    """The scorer seam: a scorer that ranks by negative inner product, through the engine's map
+    and tree reduction, equals a NumPy brute force; the reduction never learns what it ranked."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from pipeline.search.kernels import Exclusions, as_float32
+
+    @dataclass(frozen=True)
+    class NegDot:
+        queries: np.ndarray
+        name: ClassVar[str] = "score"
+
+        def __len__(self):
+            return len(self.queries)
+
+        def scores(self, block):
+            return -(as_float32(block["fingerprint"]).astype(np.float64) @ self.queries.T.astype(np.float64))
+
+        def exact(self, block, rows, j):
+            return -(as_float32(block["fingerprint"][rows]).astype(np.float64) @ self.queries[j].astype(np.float64))
+
+        def report(self, score):
+            return score
+
+    ds, s = load(stores["float32"])
+    index = SearchIndex(ds, split_every=2)
+    q = np.random.default_rng(3).random((2, 512)).astype(np.float32)
+    none = Exclusions(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.int64, np.int64, float, float, float)))
+    got = index.topk(NegDot(q), 12, Filters(), none)
+    x = s["fingerprint"].astype(np.float64)
+    for j, res in enumerate(got):
+        score = -(x @ q[j].astype(np.float64))
+        idx = np.flatnonzero(s["valid"])
+        order = idx[np.lexsort((s["uid"][idx], score[idx]))][:12]
+        np.testing.assert_array_equal(res["uid"], s["uid"][order])
+        np.testing.assert_allclose(res["score"], score[order], rtol=1e-12)
+
+
+def test_dba_follows_the_store_growth_and_is_marked_stale(archive, tmp_path, capsys):
+    """postprocess --dba, then ingest one more image: the store still opens for search, info and
+    postprocess; search ignores the stale DBA and says how to rebuild it; a rerun rebuilds it."""
+    path = tmp_path / "g.zarr"
+    ingest([archive / "a.tif", archive / "c_far.tif"], path, _cfg())
+    assert main(["postprocess", "--store", str(path), "--method", "l2", "--dba", "2"]) == 0
+    ingest([archive / "b.tif"], path, _cfg())  # grows the tile arrays
+    ds, s = load(path)  # opens: fingerprint_dba grew with the store
+    assert ds["fingerprint_dba"].shape[0] == ds.sizes["tile"]
+    capsys.readouterr()
+    assert main(["info", "--store", str(path)]) == 0
+    assert "fingerprint_dba is stale" in capsys.readouterr().out
+    q = int(np.flatnonzero(s["valid"] & (s["image"] == 1))[0])  # a tile of the new image (b is image 1)
+    xn = _numpy_post("l2", s["fingerprint"], s["valid"])
+    index = SearchIndex.open(str(path))
+    with pytest.warns(UserWarning, match=r"fingerprint_dba is stale.*postprocess --store STORE --method l2 --dba 2"):
+        [res] = index.search(index.queries_from_uids([int(s["uid"][q])])[0], 6)
+    uids, d = brute({**s, "fingerprint": xn}, xn[q], 6, ~overlap_oracle(s, q))  # plain l2: no stale DBA
+    np.testing.assert_array_equal(res.uid, uids)
+    np.testing.assert_allclose(res.distance, d, atol=1e-4)
+    capsys.readouterr()
+    assert main(["search", "--store", str(path), "--uid", str(int(s["uid"][q])), "-k", "3"]) == 0
+    assert "fingerprint_dba is stale" in capsys.readouterr().err
+    assert main(["postprocess", "--store", str(path), "--method", "l2", "--dba", "2"]) == 0
+    rebuilt = open_store(path)
+    assert "stale" not in rebuilt.attrs["postprocess"]["dba"]
+    assert np.abs(rebuilt["fingerprint_dba"].values[q]).sum() > 0  # the new tile is augmented now
+
+
+def test_a_store_left_with_a_short_dba_array_still_opens(stores, tmp_path):
+    """Stores grown by an older release kept a fingerprint_dba shorter than the tiles: they open,
+    with the array left out and reported stale."""
+    import zarr
+
+    from pipeline.store import summarize
+
+    path = tmp_path / "old.zarr"
+    shutil.copytree(stores["float32"], path)
+    assert main(["postprocess", "--store", str(path), "--method", "l2", "--dba", "2"]) == 0
+    g = zarr.open_group(str(path), mode="r+")
+    g["fingerprint_dba"].resize((g["fingerprint"].shape[0] - 5, 512))  # what the old grow() left
+    ds = open_store(path)
+    assert "fingerprint_dba" not in ds and ds.sizes["tile"] == g["fingerprint"].shape[0]
+    assert "stale" in summarize(path)["derived"]["fingerprint_dba"]
+    uid = int(ds["uid"].values[np.flatnonzero(ds["valid"].values)[0]])
+    assert main(["search", "--store", str(path), "--uid", str(uid), "-k", "2"]) == 0
