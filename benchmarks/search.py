@@ -4,6 +4,7 @@ a NumPy reference and faiss IndexFlatL2, in one run. Writes benchmarks/search.js
     pip install faiss-cpu          # benchmark-only dependency
     python benchmarks/search.py    # N = 45,000 / 1,000,000 (float32) / 10,000,000 (float16)
     python benchmarks/search.py --sizes 45000 1000000    # skip the 10M store (10 GB on disk)
+    python benchmarks/search.py --against 6438984        # this tree against an older commit, same run
 
 Fingerprints are synthetic (ReLU'd Gaussian 512-d vectors, like pooled CNN features), written as
 real stores with the project's schema. At 10M only the project's float16 paths run: a float32
@@ -112,6 +113,67 @@ def child_store_search(path: str, k: int, seed: int) -> None:
                       "uids": [str(u) for u in res.uid]}))  # fmt: skip
 
 
+CHILD_TIMING = """
+import json, statistics, sys, time
+sys.path.insert(0, {tree!r})
+import numpy as np
+from pipeline.search import Queries, SearchIndex
+index = SearchIndex.open({store!r}).persist()
+q = np.maximum(np.random.default_rng(7).standard_normal(({m}, {dim})), 0).astype(np.float32)
+queries = Queries.from_fingerprints(q)
+for _ in range(5):
+    res = index.search(queries, {k})  # warm-up: first-touch costs are not search costs
+times = []
+for _ in range({repeat}):
+    t0 = time.perf_counter()
+    res = index.search(queries, {k})
+    times.append(time.perf_counter() - t0)
+print(json.dumps({{"times": times, "uids": [[str(u) for u in r.uid] for r in res[:3]]}}))
+"""
+
+
+def compare_commits(rev: str, sizes: list[int], work: Path, repeat: int, rounds: int, out: Path) -> None:
+    """This working tree ("new") against commit ``rev`` ("old"): the same synthetic stores, the
+    same child script, each contender in its own fresh process, interleaved old/new ``rounds``
+    times so that machine drift hits both; medians over all timed searches. Several processes
+    matter: on the 2-core machine a process's 1M x 100 searches run at either ~2.6 s or ~3.9 s
+    for its whole life (BLAS thread placement), whichever commit it runs."""
+    root = Path(__file__).resolve().parent.parent
+    old_tree = work / f"tree-{rev}"
+    if not old_tree.exists():
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(old_tree), rev], check=True)
+    trees = {"old": str(old_tree), "new": str(root)}
+    rows = []
+    for n in sizes:
+        path = synthetic_store(work / f"synth-{n}-float32.zarr", n, "float32")
+        for m in (1, 100) if n >= 1_000_000 else (1,):
+            times: dict[str, list[float]] = {"old": [], "new": []}
+            uids = {}
+            for _ in range(rounds):
+                for name in ("old", "new"):
+                    reps = repeat if n >= 1_000_000 else max(repeat, 50)  # small N: ms each, so more
+                    code = CHILD_TIMING.format(tree=trees[name], store=str(path), m=m, dim=DIM, k=10, repeat=reps)
+                    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                    doc = json.loads(res.stdout.strip().splitlines()[-1])
+                    times[name] += doc["times"]
+                    uids[name] = doc["uids"]
+            assert uids["old"] == uids["new"], "old and new commits disagree on the results"
+            med = {name: statistics.median(t) for name, t in times.items()}
+            per_process = {name: [statistics.median(t[i : i + len(t) // rounds]) for i in range(0, len(t), len(t) // rounds)]
+                           for name, t in times.items()}  # fmt: skip
+            row = {"n": n, "queries": m, "k": 10, "old_rev": rev, "old_ms": med["old"] * 1e3, "new_ms": med["new"] * 1e3,
+                   "new_over_old": med["new"] / med["old"], "new_minus_old_ms": (med["new"] - med["old"]) * 1e3,
+                   "timed_searches_each": len(times["new"]),
+                   "per_process_median_ms": {k2: [round(v * 1e3, 2) for v in vs] for k2, vs in per_process.items()}}  # fmt: skip
+            rows.append(row)
+            print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
+    out.write_text(json.dumps({"rows": rows, "note": "medians over all timed searches of all rounds"}, indent=2))
+    print(f"\n{'N':>11} {'q':>4} | {'old ms':>9} {'new ms':>9} | new/old  new-old ms")
+    for r in rows:
+        print(f"{r['n']:>11,} {r['queries']:>4} | {r['old_ms']:9.2f} {r['new_ms']:9.2f} | "
+              f"{r['new_over_old']:7.3f}  {r['new_minus_old_ms']:9.2f}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[45_000, 1_000_000, 10_000_000])
@@ -119,9 +181,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).with_name("search.json")))
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--against", metavar="REV", help="compare this tree with commit REV (k = 10, 1 and 100 queries)")
+    ap.add_argument("--rounds", type=int, default=5, help="--against: interleaved old/new process pairs per row")
     args = ap.parse_args()
     if args.child:
         child_store_search(args.child[0], int(args.child[1]), int(args.child[2]))
+        return
+    if args.against:
+        sizes = args.sizes if args.sizes != ap.get_default("sizes") else [45_000, 1_000_000]
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        out = Path(__file__).with_name("search_split.json")
+        compare_commits(args.against, sizes, work, max(args.repeat, 7), args.rounds, out)
         return
     try:
         import faiss
