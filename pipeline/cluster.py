@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import sys
 import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,18 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from pipeline.config import ClusterConfig
 from pipeline.errors import ClusterError
 from pipeline.resources import cpu_count, set_torch_threads, torch_threads_for
+
+
+@dataclass
+class Event:
+    """One step of :meth:`Runtime.stream`: a finished part of ``item`` (``part`` its index,
+    ``result`` its value), or, with ``part`` None, the item itself finished (``result`` the list
+    of part results) or failed (``error``)."""
+
+    item: Any
+    part: int | None
+    result: Any = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -66,6 +82,104 @@ class Runtime:
 
             progress(futures)
         return tuple(self.client.gather(futures))
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[fn(item) for item in items]``, on the cluster's workers when there is one (each
+        item a batch of work, e.g. a few hundred header reads), else in this process."""
+        if self.client is None or len(items) <= 1:
+            return [fn(item) for item in items]
+        return self.client.gather(self.client.map(fn, list(items), pure=False))
+
+    def stream(self, todo: deque, build: Callable[[Any], Sequence[Any]], in_flight: int = 2) -> Iterator[Event]:
+        """Compute work items from ``todo`` with at most ``in_flight`` of them at once, yielding
+        an :class:`Event` as each part of an item finishes and once per finished (or failed)
+        item, in completion order. No barrier: the next item starts as soon as one ends.
+
+        ``build(item)`` returns the item's parts, delayed objects computed together (shared
+        tasks once); it is called only when the item is started, so at most ``in_flight``
+        graphs exist at a time. The caller may append to ``todo`` while iterating (a retry) or
+        clear it (stop: items in flight still finish and are yielded).
+        """
+        if self.client is None:
+            yield from self._stream_local(todo, build, in_flight)
+        else:
+            yield from self._stream_distributed(todo, build, in_flight)
+
+    def _stream_local(self, todo: deque, build: Callable, in_flight: int) -> Iterator[Event]:
+        import dask
+
+        events: queue.Queue[Event] = queue.Queue()
+        # One task pool shared by every item in flight: the items interleave their tasks on the
+        # same dask_threads threads instead of each bringing a pool of its own.
+        tasks = ThreadPoolExecutor(self.dask_threads, thread_name_prefix="aerial-search-task")
+        drivers = ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="aerial-search-item")
+        scheduler = "sync" if self.kind == "sync" else "threads"
+
+        def run(item: Any, parts: Sequence[Any]) -> None:
+            index = {part.key: i for i, part in enumerate(parts)}
+
+            def posttask(key, result, dsk, state, worker_id) -> None:
+                if key in index:
+                    events.put(Event(item, index[key], result))
+
+            try:
+                extra = {"pool": tasks} if scheduler == "threads" else {}
+                results = dask.compute(*parts, scheduler=scheduler, callbacks=[(None, None, None, posttask, None)],
+                                       **extra)  # fmt: skip
+                events.put(Event(item, None, list(results)))
+            except BaseException as e:  # reported to the consumer, who decides
+                events.put(Event(item, None, error=e))
+
+        running = 0
+        try:
+            while todo or running:
+                while todo and running < in_flight:
+                    item = todo.popleft()
+                    drivers.submit(run, item, build(item))
+                    running += 1
+                event = events.get()
+                if event.part is None:
+                    running -= 1
+                yield event
+        finally:
+            drivers.shutdown(wait=True)
+            tasks.shutdown(wait=True)
+
+    def _stream_distributed(self, todo: deque, build: Callable, in_flight: int) -> Iterator[Event]:
+        from distributed import wait
+
+        owner: dict[Any, tuple[Any, int]] = {}  # future -> (item id, part index)
+        items: dict[int, list] = {}  # item id -> [item, futures, results, failed]
+        try:
+            while todo or items:
+                while todo and len(items) < in_flight:
+                    item = todo.popleft()
+                    futures = self.client.compute(list(build(item)))
+                    items[id(item)] = [item, futures, [None] * len(futures), False]
+                    owner.update({f: (id(item), i) for i, f in enumerate(futures)})
+                done, _ = wait(list(owner), return_when="FIRST_COMPLETED")
+                for f in done:
+                    key, i = owner.pop(f)
+                    entry = items.get(key)
+                    if entry is None or entry[3]:
+                        continue  # the item already failed
+                    item, futures, results, _ = entry
+                    if f.status == "error":
+                        entry[3] = True
+                        for other in futures:
+                            owner.pop(other, None)
+                            other.cancel()
+                        del items[key]
+                        yield Event(item, None, error=f.exception())
+                        continue
+                    results[i] = f.result()
+                    yield Event(item, i, results[i])
+                    if all(fut.done() for fut in futures) and all(fut not in owner for fut in futures):
+                        del items[key]
+                        yield Event(item, None, results)
+        finally:
+            for f in owner:
+                f.cancel()
 
     def close(self) -> None:
         self._stack.close()

@@ -39,6 +39,7 @@ class ModelConfig:
     channels_last: bool = True
     seed: int = 0  # only for weights=random
     torch_threads: int = 0  # 0 = cores // (dask threads per process)
+    standin_rate: float = 0.0  # arch standin only: simulated device speed in tiles/s (0 = instant)
 
     def __post_init__(self) -> None:
         from pipeline.embed import BACKBONES  # local import: embed imports torch lazily
@@ -59,6 +60,7 @@ class ModelConfig:
         )
         _require(self.amp in ("none", "bf16", "fp16"), "model.amp", f"{self.amp!r} is not none, bf16 or fp16")
         _require(self.torch_threads >= 0, "model.torch_threads", "must be >= 0 (0 = automatic)")
+        _require(self.standin_rate >= 0, "model.standin_rate", "must be >= 0 tiles/s (0 = instant)")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class ReadConfig:
     """How images are cut into dask chunks."""
 
     chunk_px: int = 2048  # chunk side in pixels (window origins per chunk = chunk_px / 128)
+    header_threads: int = 32  # headers read at once while planning (per process; hides storage latency)
 
     def __post_init__(self) -> None:
         _require(
@@ -103,6 +106,7 @@ class ReadConfig:
             f"must be a multiple of {grid.STRIDE} and >= {grid.TILE} so chunk edges fall on the "
             f"window grid; got {self.chunk_px} (try {max(grid.TILE, self.chunk_px // grid.STRIDE * grid.STRIDE)})",
         )
+        _require(self.header_threads >= 1, "read.header_threads", f"must be >= 1, got {self.header_threads}")
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ class ClusterConfig:
     kubernetes_spec: str = ""  # kubernetes: DaskCluster manifest ("" = deploy/kubernetes/daskcluster.yaml)
     jobqueue: dict[str, Any] = field(default_factory=dict)  # slurm/pbs: keyword arguments of SLURMCluster/PBSCluster
     progress: bool = True
+    batches_in_flight: int = 2  # ingest: batches computed at once (the next starts before one ends)
 
     def __post_init__(self) -> None:
         _require(
@@ -147,6 +152,7 @@ class ClusterConfig:
         )
         _require(self.n_workers >= 0, "cluster.n_workers", "must be >= 0")
         _require(self.threads >= 0, "cluster.threads", "must be >= 0")
+        _require(self.batches_in_flight >= 1, "cluster.batches_in_flight", "must be >= 1")
         _require(
             all(g.strip().isdigit() for g in self.gpus.split(",")) if self.gpus else True,
             "cluster.gpus",

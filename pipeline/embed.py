@@ -16,6 +16,7 @@ import hashlib
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from pipeline import resources
 from pipeline.errors import WeightsError
+from pipeline.grid import STRIDE, TILE
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -35,6 +37,7 @@ class Backbone:
     dim: int  # fingerprint length
     classifier: str  # state_dict prefix of the removed classifier head
     weights_enum: str  # torchvision weights enum whose IMAGENET1K_V1 member is 'imagenet'
+    standin: bool = False  # not a CNN: see STANDIN
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -44,7 +47,14 @@ BACKBONES: dict[str, Backbone] = {
     "squeezenet1_1": Backbone(512, "classifier.", "SqueezeNet1_1_Weights"),
     "mobilenet_v2": Backbone(1280, "classifier.", "MobileNet_V2_Weights"),
     "efficientnet_b0": Backbone(1280, "classifier.", "EfficientNet_B0_Weights"),
+    "standin": Backbone(512, "", "", standin=True),
 }
+STANDIN = "standin"
+STANDIN_STEP = 16
+STANDIN_ID = (
+    "standin: band means of a 16 px subsample, NOT A CNN -- for driver, feed and device-overlap "
+    "tests and benchmarks only"
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class ModelSpec:
     channels_last: bool = True
     seed: int = 0
     torch_threads: int = 0
+    standin_rate: float = 0.0  # standin only: a simulated device of this many tiles/s (0: instant)
 
     @property
     def dim(self) -> int:
@@ -77,6 +88,7 @@ class ModelSpec:
             channels_last=model_cfg.channels_last,
             seed=model_cfg.seed,
             torch_threads=model_cfg.torch_threads if torch_threads is None else torch_threads,
+            standin_rate=model_cfg.standin_rate,
         )
 
 
@@ -107,6 +119,8 @@ def describe_weights(arch: str, weights: str, seed: int = 0) -> dict[str, Any]:
     Fetches ImageNet weights into the torch cache if they are not there (the normal torchvision
     way), so that a missing file fails here, in the driver, with instructions.
     """
+    if BACKBONES[arch].standin:
+        return {"weights_id": STANDIN_ID, "weights_sha256": "", "pretrained": False}
     if weights == "random":
         return {
             "weights_id": f"random(seed={seed}) -- NOT PRETRAINED: fingerprints are meaningless, for tests only",
@@ -166,11 +180,13 @@ def _state_dict(arch: str, weights: str) -> dict[str, Any]:
 
 def build_model(spec: ModelSpec):
     """Build the headless backbone on the CPU in eval mode: ``(N, 3, H, W) -> (N, dim)``."""
+    if spec.arch not in BACKBONES:
+        raise WeightsError(f"unknown backbone {spec.arch!r}; choose one of {sorted(BACKBONES)}")
+    if BACKBONES[spec.arch].standin:
+        return StandIn(spec.dim, spec.standin_rate)
     import torch
     import torchvision.models as tvm
 
-    if spec.arch not in BACKBONES:
-        raise WeightsError(f"unknown backbone {spec.arch!r}; choose one of {sorted(BACKBONES)}")
     if spec.weights == "random":
         torch.manual_seed(spec.seed)
         full = tvm.get_model(spec.arch, weights=None)
@@ -222,6 +238,36 @@ def _headless(arch: str, full):
     return nn.Sequential(full.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
+class _SimulatedDevice:
+    """One simulated accelerator per process: forwards take turns, as kernels on one GPU do."""
+
+    lock = threading.Lock()
+
+
+def StandIn(dim: int, rate: float):  # noqa: N802 (builds a module, like torchvision's constructors)
+    """The stand-in backbone: ``uint8 (n, 3, H, W) -> float32 (n, dim)``, the three band means of
+    a 16 px subsample of each window (scaled to [0, 1]) then zeros. It costs next to nothing, so
+    the pipeline around the model is what a benchmark measures. With ``rate > 0`` each forward
+    also sleeps ``n / rate`` seconds without holding the GIL, holding the process's simulated
+    device: a stand-in for an accelerator that runs ``rate`` tiles/s."""
+    import time
+
+    import torch
+    from torch import nn
+
+    class _StandIn(nn.Module):
+        def forward(self, x):  # x: windows already subsampled (Runner.step), uint8 (n, 3, 16, 16)
+            means = x.float().mean(dim=(2, 3)) / 255.0
+            out = torch.zeros((len(x), dim), dtype=torch.float32, device=x.device)
+            out[:, :3] = means
+            if rate > 0:
+                with _SimulatedDevice.lock:
+                    time.sleep(len(x) / rate)
+            return out
+
+    return _StandIn().eval()
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -244,7 +290,7 @@ def loaded_models() -> list[str]:
 def get_model(spec: ModelSpec):
     """The process-wide model for ``spec``, built on first use (thread-safe)."""
     device = resolve_device(spec.device)
-    key = (spec.arch, spec.weights, spec.weights_sha256, spec.seed, spec.channels_last, device)
+    key = (spec.arch, spec.weights, spec.weights_sha256, spec.seed, spec.standin_rate, spec.channels_last, device)
     model = _CACHE.get(key)
     if model is None:
         with _CACHE_LOCK:
@@ -279,6 +325,9 @@ class Runner:
             warnings.warn("model.amp applies to CUDA only; running float32 on the CPU", stacklevel=3)
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp) if self.on_cuda else None
         self.batch = spec.batch_size or auto_batch_size(spec, self.device)
+        # Pixels the model looks at: every pixel, or one in 16 per axis for the stand-in (whose
+        # windows are then cut from a subsampled view, so cutting them costs nothing either).
+        self.step = STANDIN_STEP if BACKBONES[spec.arch].standin else 1
 
     def upload(self, array: np.ndarray):
         """uint8 host array -> tensor on the device (pinned, non-blocking copy on CUDA)."""
@@ -291,6 +340,10 @@ class Runner:
         """uint8 ``(n, 3, H, W)`` on the device -> float32 ``(n, dim)`` on the host."""
         import torch
 
+        if self.step > 1:  # the stand-in: no normalization, it must cost next to nothing
+            if x.shape[-1] == TILE:
+                x = x[:, :, :: self.step, :: self.step]
+            return self.model(x).numpy()
         x = x.to(dtype=torch.float32, memory_format=self.fmt).sub_(self.shift).mul_(self.inv)
         if self.amp is not None:
             with torch.autocast("cuda", dtype=self.amp):
@@ -328,26 +381,57 @@ def embed_batch(windows: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return out
 
 
-def embed_chunk(rgb: np.ndarray, ij: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Fingerprints of the windows ``ij`` (``(n, 2)`` grid indexes) of one chunk ``(3, h, w)``.
+def embed_chunks(chunks: Sequence[tuple[np.ndarray, np.ndarray]], spec: ModelSpec) -> list[np.ndarray]:
+    """Fingerprints of the windows ``ij`` (``(n, 2)`` grid indexes) of each chunk ``rgb``
+    (uint8 ``(3, h, w)``): one float32 ``(n, dim)`` array per chunk.
 
-    The chunk crosses to the device once and the windows are cut there (``unfold``): with
+    Each chunk crosses to the device once and its windows are cut there (``unfold``): with
     256 px windows at stride 128 every pixel lies in four windows, so cutting on the host would
-    move each pixel over the bus four times. The CPU runs the very same code.
+    move each pixel over the bus four times. Batches of ``spec.batch_size`` windows span chunks,
+    so many small images (one window each) still fill the model's batches. The CPU runs the
+    very same code.
     """
     import torch
 
-    from pipeline.grid import STRIDE, TILE
-
     run = Runner(spec)
-    out = np.empty((len(ij), spec.dim), dtype=np.float32)
-    if not len(ij):
-        return out
+    outs = [np.empty((len(ij), spec.dim), dtype=np.float32) for _, ij in chunks]
+    pending: list[tuple[int, int, Any]] = []  # (chunk, its first row, windows (k, 3, 256, 256))
+    filled = 0
+
+    def flush() -> None:
+        nonlocal filled
+        if not pending:
+            return
+        x = pending[0][2] if len(pending) == 1 else torch.cat([w for _, _, w in pending])
+        y = run.forward(x)
+        at = 0
+        for c, first, w in pending:
+            outs[c][first : first + len(w)] = y[at : at + len(w)]
+            at += len(w)
+        pending.clear()
+        filled = 0
+
     with torch.inference_mode():
-        views = run.upload(rgb).unfold(1, TILE, STRIDE).unfold(2, TILE, STRIDE)  # (3, ny, nx, 256, 256)
-        rows = torch.as_tensor(ij[:, 0], device=run.device)
-        cols = torch.as_tensor(ij[:, 1], device=run.device)
-        for s in range(0, len(ij), run.batch):
-            windows = views[:, rows[s : s + run.batch], cols[s : s + run.batch]].transpose(0, 1)
-            out[s : s + run.batch] = run.forward(windows)
-    return out
+        for c, (rgb, ij) in enumerate(chunks):
+            if not len(ij):
+                continue
+            views = run.upload(rgb).unfold(1, TILE, STRIDE).unfold(2, TILE, STRIDE)  # (3, ny, nx, 256, 256)
+            if run.step > 1:
+                views = views[..., :: run.step, :: run.step]
+            rows = torch.as_tensor(ij[:, 0], device=run.device)
+            cols = torch.as_tensor(ij[:, 1], device=run.device)
+            s = 0
+            while s < len(ij):
+                take = min(run.batch - filled, len(ij) - s)
+                pending.append((c, s, views[:, rows[s : s + take], cols[s : s + take]].transpose(0, 1)))
+                filled += take
+                s += take
+                if filled == run.batch:
+                    flush()
+        flush()
+    return outs
+
+
+def embed_chunk(rgb: np.ndarray, ij: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """:func:`embed_chunks` of one chunk."""
+    return embed_chunks([(rgb, ij)], spec)[0]

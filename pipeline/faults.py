@@ -4,6 +4,9 @@
 worker while FILE does not exist (after ``AERIAL_SEARCH_FAILPOINT_KILL_SKIP`` earlier tasks in
 that worker) creates FILE and SIGKILLs its own worker process: a deterministic worker death
 mid-ingest that dask must recover from by rescheduling the task.
+``AERIAL_SEARCH_FAILPOINT_HEADER_LATENCY=S`` (read in :mod:`pipeline.ingest.plan`, which must not
+import this module's distributed hook): every header read first waits S seconds, in any process,
+a stand-in for object storage or a network disk.
 ``AERIAL_SEARCH_FAILPOINT_EXIT_AFTER_BATCHES=N``: the ingest client process exits abruptly
 (status 17) right after committing its N-th batch (a killed client mid-run).
 """

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import grid
-from pipeline.embed import ModelSpec, embed_batch, imagenet_cache_path, sha256_file
+from pipeline.embed import STANDIN, ModelSpec, embed_batch, imagenet_cache_path, sha256_file
 from pipeline.errors import SearchError, WeightsError
 
 
@@ -26,6 +26,8 @@ def spec_from_provenance(prov: dict[str, Any], weights: str | None = None, devic
     """
     model = prov.get("model", {})
     arch, wid, sha = model.get("arch"), str(model.get("weights_id", "")), model.get("weights_sha256", "")
+    if arch == STANDIN:
+        return ModelSpec(arch=arch, weights="random", device=device)
     if wid.startswith("random("):
         seed = int(re.search(r"seed=(\d+)", wid).group(1))  # type: ignore[union-attr]
         return ModelSpec(arch=arch, weights="random", seed=seed, device=device)

@@ -449,10 +449,24 @@ def grow(path: Path | str, n_tiles: int, n_images: int) -> None:
         a.resize((n_images, *a.shape[1:]))
 
 
-def tile_targets(path: Path | str) -> dict[str, Any]:
-    """The per-tile arrays of :data:`TILE_VARS`, open for region writes (``dask.array.store``)."""
+META_VARS = ("uid", "image", "row", "col", "x", "y", "lon", "lat")  # follow from headers alone
+
+
+def write_tile_meta(path: Path | str, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write the per-tile metadata (:data:`META_VARS`) of the slots ``[start, start + n)``. Only
+    the ingest driver calls it, one batch at a time, so partial chunks are never raced."""
     g = _group(path, "r+")
-    return {name: g[name] for name in TILE_VARS}
+    for name in META_VARS:
+        v = arrays[name]
+        g[name][start : start + len(v)] = v
+
+
+def write_fingerprints(path: Path | str, start: int, fingerprints: np.ndarray, valid: np.ndarray) -> None:
+    """Write ``fingerprint`` and ``valid`` for the slots ``[start, start + n)``, which lie in one
+    Zarr chunk (the ingest graph gives every chunk exactly one writer)."""
+    g = _group(path, "r+")
+    g["fingerprint"][start : start + len(fingerprints)] = fingerprints
+    g["valid"][start : start + len(valid)] = valid
 
 
 def write_rows(path: Path | str, ids: np.ndarray, values: dict[str, Any]) -> None:
@@ -461,13 +475,17 @@ def write_rows(path: Path | str, ids: np.ndarray, values: dict[str, Any]) -> Non
     ids = np.asarray(ids, dtype=np.int64)
     if not len(ids):
         return
+    lo, hi = int(ids.min()), int(ids.max()) + 1
+    contiguous = hi - lo == len(ids) and bool(np.all(np.diff(ids) == 1))
     for name, v in values.items():
         a = g[name]
-        if np.all(np.diff(ids) == 1):
-            a[int(ids[0]) : int(ids[-1]) + 1] = v
-        else:
-            for i, row in zip(ids, np.asarray(v, dtype=object if name in IMG_STR_VARS else None)):
-                a[int(i)] = row
+        if contiguous:
+            a[lo:hi] = v
+        else:  # one read-modify-write of the covering range, not one small write per row
+            block = a[lo:hi]
+            block = block.astype(object) if name in IMG_STR_VARS else np.asarray(block)
+            block[ids - lo] = np.asarray(v, dtype=block.dtype)
+            a[lo:hi] = block
 
 
 def set_status(path: Path | str, ids: Any, status: str, errors: Any = None) -> None:

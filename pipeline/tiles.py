@@ -1,7 +1,9 @@
-"""Per-chunk kernels (NumPy + the model, no dask): windows, nodata filter, fingerprints, metadata.
+"""Per-chunk kernels (NumPy + the model, no dask): nodata filter, windows, fingerprints.
 
-Each function takes one grid chunk as produced by :func:`pipeline.ingest.graph.lazy_overlapped` and
-returns one row per window the chunk owns, in row-major window order within the chunk.
+A *block* is one grid chunk with its halo as :class:`pipeline.raster.RasterReader` reads it:
+uint8 ``(4, h, w)``, R, G, B and the validity mask. Functions return one row per window the
+block owns, in row-major window order; several blocks (several small images) are
+fingerprinted together, their windows batched across images.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline import grid
-from pipeline.embed import ModelSpec, embed_chunk
-from pipeline.geo import to_lonlat
+from pipeline.embed import ModelSpec, embed_chunks
 
 
 def nodata_pixels(block: np.ndarray, black_level: int) -> np.ndarray:
@@ -26,21 +27,35 @@ def keep_windows(block: np.ndarray, black_level: int, max_nodata_fraction: float
     return counts <= max_nodata_fraction * grid.TILE * grid.TILE
 
 
-def fingerprint_chunk(block: np.ndarray, spec: ModelSpec, black_level: int, max_nodata_fraction: float) -> np.ndarray:
-    """Fingerprints of one chunk's kept windows: float32 ``(ny * nx, dim + 1)``.
+def fingerprint_blocks(
+    blocks: Sequence[np.ndarray], spec: ModelSpec, black_level: int, max_nodata_fraction: float
+) -> np.ndarray:
+    """Fingerprints of the kept windows of ``blocks``: float32 ``(sum of ny * nx, dim + 1)``, the
+    blocks' windows one after the other.
 
     Columns ``0..dim-1`` hold the fingerprint (zeros for dropped windows), column ``dim`` is
-    1.0 for a kept window and 0.0 for a dropped one. The model runs on kept windows only.
+    1.0 for a kept window and 0.0 for a dropped one. The model runs on kept windows only, in
+    batches that span blocks.
     """
-    keep = keep_windows(block, black_level, max_nodata_fraction)
-    ny, nx = keep.shape
-    out = np.zeros((ny * nx, spec.dim + 1), dtype=np.float32)
-    flat = np.flatnonzero(keep.ravel())
-    if len(flat):
-        ij = np.stack(np.unravel_index(flat, keep.shape), axis=1)
-        out[flat, : spec.dim] = embed_chunk(block[:3], ij, spec)
-        out[flat, spec.dim] = 1.0
+    keeps = [keep_windows(b, black_level, max_nodata_fraction) for b in blocks]
+    out = np.zeros((sum(k.size for k in keeps), spec.dim + 1), dtype=np.float32)
+    work, rows = [], []
+    offset = 0
+    for block, keep in zip(blocks, keeps):
+        flat = np.flatnonzero(keep.ravel())
+        if len(flat):
+            work.append((block[:3], np.stack(np.unravel_index(flat, keep.shape), axis=1)))
+            rows.append(offset + flat)
+        offset += keep.size
+    for r, fp in zip(rows, embed_chunks(work, spec)):
+        out[r, : spec.dim] = fp
+        out[r, spec.dim] = 1.0
     return out
+
+
+def fingerprint_chunk(block: np.ndarray, spec: ModelSpec, black_level: int, max_nodata_fraction: float) -> np.ndarray:
+    """:func:`fingerprint_blocks` of one block."""
+    return fingerprint_blocks([block], spec, black_level, max_nodata_fraction)
 
 
 def chunk_origins(span_y: grid.Span, span_x: grid.Span) -> tuple[np.ndarray, np.ndarray]:
@@ -49,23 +64,3 @@ def chunk_origins(span_y: grid.Span, span_x: grid.Span) -> tuple[np.ndarray, np.
     cols = (span_x.first + np.arange(span_x.count)) * grid.STRIDE
     r, c = np.meshgrid(rows, cols, indexing="ij")
     return r.ravel(), c.ravel()
-
-
-def chunk_ids(image_id: int, span_y: grid.Span, span_x: grid.Span) -> np.ndarray:
-    """int64 ``(n, 4)``: uid (as int64 bits), image id, row, col of each window of a chunk."""
-    rows, cols = chunk_origins(span_y, span_x)
-    uid = grid.pack_uid(image_id, rows, cols).view(np.int64)
-    return np.stack([uid, np.full_like(rows, image_id), rows, cols], axis=1)
-
-
-def chunk_coords(span_y: grid.Span, span_x: grid.Span, transform: Sequence[float], crs: str) -> np.ndarray:
-    """float64 ``(n, 4)``: x, y (window centre in the image CRS) and lon, lat (WGS84, NaN
-    without a CRS). The centre is the affine transform applied to ``(col + 128, row + 128)``."""
-    rows, cols = chunk_origins(span_y, span_x)
-    a, b, c, d, e, f = transform
-    px = cols + grid.TILE / 2
-    py = rows + grid.TILE / 2
-    x = a * px + b * py + c
-    y = d * px + e * py + f
-    lon, lat = to_lonlat(x, y, crs)
-    return np.stack([x, y, lon, lat], axis=1)

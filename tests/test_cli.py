@@ -142,7 +142,10 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, capsys, mon
         "not a store": (["info", "--store", str(tmp_path / "plain")], "not a fingerprint store"),
         "unknown uid": (["search", "--store", store, "--uid", str(5 * 2**40)], "names image 5"),
         "k 0": (["search", "--store", store, "--uid", uid, "-k", "0"], "positive"),
-        "unknown config key": (["search", "--store", store, "--uid", uid, "--config", str(bad_cfg)], "store.chunk_tile"),
+        "unknown config key": (
+            ["search", "--store", store, "--uid", uid, "--config", str(bad_cfg)],
+            "store.chunk_tile",
+        ),
         "pca dims": (["postprocess", "--store", store, "--method", "pca", "--dims", "100"], "--dims 9 or fewer"),
         "split every": (["search", "--store", store, "--uid", uid, "--split-every", "1"], "split_every"),
     }

@@ -139,9 +139,9 @@ def test_unknown_option_tokens_are_errors_that_list_the_valid_ones():
 
 def test_evaluate_without_options_runs_the_default(tmp_path, capsys):
     """`evaluate DATASET` with no --options: the default is parsed like a given option."""
+    from conftest import textured
     from PIL import Image
 
-    from conftest import textured
     from pipeline.cli import main
 
     for c, seed in (("fields", 1), ("roofs", 2)):

@@ -95,18 +95,18 @@ def test_s3_store_interrupted_run_is_invisible_then_resumed(s3, cfg, monkeypatch
 
     bucket, _ = s3
     url = f"{bucket}/stores/resumed.zarr"
-    real = tiles.embed_chunk
+    real = tiles.embed_chunks
 
     def boom(*args, **kwargs):
         raise RuntimeError("client lost")
 
-    monkeypatch.setattr(tiles, "embed_chunk", boom)
+    monkeypatch.setattr(tiles, "embed_chunks", boom)
     with pytest.raises(RuntimeError, match="client lost"):
         ingest([f"{bucket}/flights/a.tif"], url, cfg)
     ds = open_store(url)
     assert ds["status"].values.astype(object).tolist() == ["pending"]
     with pytest.raises(SearchError, match="pending, not done"):
         SearchIndex.open(url).queries_from_uids([int(ds["uid"].values[0])])
-    monkeypatch.setattr(tiles, "embed_chunk", real)
+    monkeypatch.setattr(tiles, "embed_chunks", real)
     report = ingest([f"{bucket}/flights/a.tif"], url, cfg)
     assert report.processed == 1 and open_store(url)["status"].values.astype(object).tolist() == ["done"]

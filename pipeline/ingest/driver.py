@@ -1,5 +1,7 @@
-"""The ingest driver: plans the sources against the store, computes one batch of images at a
-time on the runtime, and commits each batch's statuses after its chunks are written.
+"""The ingest driver: plans the sources against the store (headers read concurrently), computes
+batches of images on the runtime with a bounded number in flight (no barrier between them), and
+commits each batch's statuses as soon as its chunks are written. Progress goes to stderr, one
+line every few seconds when stderr is not a terminal.
 
 - A new store is built in a hidden sibling folder (``.NAME.partial``) and swapped into place
   when every image is done; ``--overwrite`` replaces an existing store the same way.
@@ -14,25 +16,31 @@ time on the runtime, and commits each batch's statuses after its chunks are writ
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import multiprocessing
 import os
+import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import faults, raster, store
+from pipeline import faults, raster, resources, store
 from pipeline.cluster import runtime
 from pipeline.config import Config
-from pipeline.embed import ModelSpec, describe_weights
+from pipeline.embed import ModelSpec, Runner, describe_weights
 from pipeline.errors import RasterError, StoreError
-from pipeline.ingest import plan
-from pipeline.ingest.graph import write_graph
+from pipeline.ingest import graph, plan
 from pipeline.lock import StoreLock
+from pipeline.progress import Progress
 
 
 @dataclass
@@ -134,17 +142,21 @@ def _ingest(
                 table = store.read_table(work)
             else:
                 table = store.empty_table()
-            found = plan.classify(paths, table, cfg, strict)
+            if rt.client is None:
+                _warm_up(spec)  # torch's import and the model build run beside the header reads
+            headers = _read_headers(paths, cfg, rt, remote=any(raster.is_uri(p) for p in paths))
+            found = plan.classify(headers, table, strict)
+            plan.report_notes([h for h in headers if h.info is not None])
             failures = list(found.failures)
             if failures and not (found.new or found.redo or found.skipped):
                 raise RasterError("no source could be used:\n" + "\n".join(why for _, why in failures))
             if not have_store:
                 store.create_store(work, attrs, spec.dim, cfg.store.dtype, cfg.store.chunk_tiles, cfg.store.compressor)
             n_images, n_slots = len(table["image_path"]), int(table["n_tiles"])
+            per_batch = batch_tiles or cfg.store.batch_tiles or 8 * cfg.store.chunk_tiles
             plans, batches, n_tiles = plan.allocate(
-                found.new, n_images, n_slots, cfg.store.chunk_tiles, cfg.read.chunk_px,
-                batch_tiles or cfg.store.batch_tiles or 8 * cfg.store.chunk_tiles,
-            )  # fmt: skip
+                found.new, n_images, n_slots, cfg.store.chunk_tiles, cfg.read.chunk_px, per_batch
+            )
             if plans:
                 store.grow(work, max(n_tiles, n_slots), n_images + len(plans))
                 store.write_rows(work, np.array([p.image_id for p in plans]), plan.table_rows(plans, found.hashes))
@@ -153,17 +165,10 @@ def _ingest(
             old_plans = [
                 plan.plan_images([info], cfg.read.chunk_px, i, int(table["tile_start"][i]))[0] for i, info in found.redo
             ]
-            work_batches = [plan.runs(b) for b in batches] + [[run] for run in plan.runs(old_plans)]
+            batches += plan.regroup(old_plans, cfg.store.chunk_tiles, per_batch)
             replaced_of = {plans[k].image_id: old for k, old in found.replaces.items()}
-            done: list[int] = []
-            for runs in work_batches:
-                for run in runs:
-                    done_ids, bad = _write_with_retry(work, run, cfg, spec, rt, strict)
-                    done += done_ids
-                    failures += [(p.info.path, why) for p, why in bad]
-                    _commit(work, done_ids, [(p.image_id, why) for p, why in bad], replaced_of)
-                    lock.refresh()
-                    faults.after_commit()
+            done, failed = _run_batches(work, batches, cfg, spec, rt, strict, replaced_of, lock)
+            failures += failed
             store.set_attrs(
                 work,
                 last_ingest={
@@ -178,7 +183,7 @@ def _ingest(
     ran = {p.image_id for p in plans} | {i for i, _ in found.redo}
     all_plans = {p.image_id: p for p in [*plans, *old_plans]}
     valid = store.read_valid(final)
-    slots = np.concatenate([np.arange(p.tile_start, p.tile_start + p.tile_count) for i, p in all_plans.items() if i in done]
+    slots = np.concatenate([np.arange(p.tile_start, p.tile_stop) for i, p in all_plans.items() if i in done]
                            or [np.zeros(0, np.int64)])  # fmt: skip
     return IngestReport(
         store=str(final),
@@ -197,22 +202,117 @@ def _ingest(
     )
 
 
-def _write_with_retry(work, run, cfg, spec, rt, strict):
-    """Write a run of images; an image whose pixels cannot be read is dropped from the run
-    (reported as failed) and the rest rewritten, unless ``strict``."""
-    try:
-        rt.compute(write_graph(work, run, cfg, spec))
-        return [p.image_id for p in run], []
-    except RasterError as e:
-        culprit = next((p for p in run if str(e).startswith(p.info.path + ":")), None)
-        if strict or culprit is None:
-            raise
-        done, bad = [], [(culprit, str(e))]
-        for sub in plan.runs([p for p in run if p is not culprit]):
-            d, b = _write_with_retry(work, sub, cfg, spec, rt, strict)
-            done += d
-            bad += b
-        return done, bad
+def _warm_up(spec: ModelSpec) -> threading.Thread:
+    """Build this process's model in the background (importing torch takes seconds) while
+    headers and the first chunks are read; the local schedulers' fingerprint tasks wait for it
+    (the model cache's lock). A failure is left for the first task to raise."""
+
+    def build() -> None:
+        with contextlib.suppress(Exception):
+            Runner(spec)
+
+    thread = threading.Thread(target=build, name="aerial-search-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+HEADERS_PER_TASK = 512  # header reads per cluster or process task
+CLUSTER_HEADERS_FROM = 10_000  # local lists shorter than this are read by the client
+PROCESS_HEADERS_FROM = 2_000  # fast local lists this long are read by a process per core
+SLOW_HEADER_S = 0.005  # a header read slower than this is waiting on storage, not on the CPU
+
+
+def _read_headers(paths: list[str], cfg: Config, rt: Any, remote: bool) -> list[plan.Header]:
+    """Every source's header, concurrently, in the way the storage allows.
+
+    Object storage and long lists on a cluster: tasks of ``HEADERS_PER_TASK`` reads on the
+    workers. Otherwise the first reads tell: waiting on storage (object storage, a network disk)
+    means ``read.header_threads`` threads; a fast local disk means the CPU is the limit, and
+    GDAL's opens do not scale with threads in one process (measured: 32 threads were slower than
+    1), so long lists go to one process per core instead.
+    """
+    kwargs = {**plan.config_kwargs(cfg), "threads": cfg.read.header_threads}
+    if rt.client is not None and (remote or len(paths) >= CLUSTER_HEADERS_FROM):
+        return [h for part in rt.map(partial(plan.read_headers, **kwargs), _batches(paths)) for h in part]
+    if remote:
+        return plan.read_headers(paths, **kwargs)
+    probe = min(len(paths), 16)
+    t0 = time.perf_counter()
+    first = plan.read_headers(paths[:probe], **{**kwargs, "threads": 1})
+    if (time.perf_counter() - t0) / max(probe, 1) > SLOW_HEADER_S:
+        return first + plan.read_headers(paths[probe:], **kwargs)
+    rest = paths[probe:]
+    cores = resources.cpu_count()
+    if len(rest) < PROCESS_HEADERS_FROM or cores < 2:
+        return first + plan.read_headers(rest, **{**kwargs, "threads": 1})
+    one_each = partial(plan.read_headers, **{**kwargs, "threads": 1})
+    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return first + [h for part in pool.map(one_each, _batches(rest)) for h in part]
+
+
+def _batches(paths: list[str]) -> list[list[str]]:
+    return [paths[i : i + HEADERS_PER_TASK] for i in range(0, len(paths), HEADERS_PER_TASK)]
+
+
+def _run_batches(work, batches, cfg, spec, rt, strict, replaced_of, lock) -> tuple[list[int], list[tuple[str, str]]]:
+    """Compute the batches, ``cluster.batches_in_flight`` at a time, committing each as it ends.
+
+    Before a batch starts, the driver writes its per-tile metadata (it follows from the plan);
+    its graph then only reads, fingerprints and writes ``fingerprint``/``valid``. A batch that
+    fails on one unreadable file is retried without it (that image is recorded ``failed``)
+    unless ``strict``; any other error stops new batches, lets those in flight finish and be
+    committed, then is raised.
+    """
+    done: list[int] = []
+    failures: list[tuple[str, str]] = []
+    progress = Progress(
+        sum(len(b.plans) for b in batches), sum(b.windows for b in batches), enabled=cfg.cluster.progress
+    )
+
+    def build(batch: plan.Batch) -> list:
+        for run in batch.runs:
+            store.write_tile_meta(work, run[0].tile_start, plan.tile_meta(run))
+        return graph.batch_parts(work, batch, cfg, spec)
+
+    todo: deque[plan.Batch] = deque(batches)
+    fatal: BaseException | None = None
+    for event in rt.stream(todo, build, in_flight=cfg.cluster.batches_in_flight):
+        batch = event.item
+        if event.part is not None:
+            progress.advance(tiles=event.result)
+            continue
+        if event.error is None:
+            ids = [p.image_id for p in batch.plans]
+            _commit(work, ids, [], replaced_of)
+            done += ids
+            progress.advance(images=len(ids))
+            lock.refresh()
+            faults.after_commit()
+            continue
+        culprit = _culprit(event.error, batch)
+        if culprit is not None and not strict and fatal is None:
+            why = str(event.error)
+            _commit(work, [], [(culprit.image_id, why)], replaced_of)
+            failures.append((culprit.info.path, why))
+            progress.advance(images=1)
+            rest = batch.without(culprit.image_id)
+            if rest is not None:
+                todo.append(rest)
+            continue
+        if fatal is None:
+            fatal = event.error
+            todo.clear()  # start nothing new; batches in flight finish and are committed
+    progress.close()
+    if fatal is not None:
+        raise fatal
+    return done, failures
+
+
+def _culprit(error: BaseException, batch: plan.Batch) -> plan.ImagePlan | None:
+    """The image of ``batch`` an unreadable-pixels error names, if it names one."""
+    if not isinstance(error, RasterError):
+        return None
+    return next((p for p in batch.plans if str(error).startswith(p.info.path + ":")), None)
 
 
 def _commit(work: Path | str, done_ids: list[int], failed: list[tuple[int, str]], replaced_of: dict[int, int]) -> None:

@@ -1,117 +1,157 @@
-"""Ingest graphs: dask graphs that read, fingerprint and write one run of images. Nothing here
-computes.
+"""Ingest graphs: the dask graph that reads, fingerprints and writes one batch of images. Nothing
+here computes.
 
-Per image: :func:`lazy_overlapped` (windowed reads of grid chunks with their halo) ->
-:func:`chunk_task` per chunk (nodata filter, windows, model: :func:`pipeline.tiles.fingerprint_chunk`)
-and :func:`pipeline.tiles.chunk_ids` / :func:`~pipeline.tiles.chunk_coords` (grid math) ->
-concatenated over the run on the ``tile`` dimension -> rechunked so that chunk edges fall on
-the store's Zarr chunk edges -> ``dask.array.store`` into the store's arrays.
+A batch graph has three kinds of tasks:
+
+- *units*: :func:`read_task` reads pixels, :func:`fingerprint_task` fingerprints them (two
+  tasks, so that reads go on while a thread waits for the model). A unit is one grid chunk of a
+  large image (its core plus the 128 px halo, see :mod:`pipeline.grid`), or several small
+  images that are each a single chunk, grouped up to about a chunk's worth of windows and
+  pixels. Many small images therefore cost one task, one model call per batch of windows and
+  no per-image scheduling. A unit's rows fill a contiguous slot range.
+- *writes* (:func:`write_task`): one per Zarr chunk of ``fingerprint``/``valid`` that the batch
+  touches; it assembles that chunk's rows from the units covering it and writes them, so every
+  Zarr chunk has exactly one writer. The per-tile metadata (uid, row, col, x, y, lon, lat) does
+  not need pixels: the driver writes it from the plan (:func:`pipeline.ingest.plan.tile_meta`).
+
+:func:`batch_parts` returns the write tasks, one ``Delayed`` each, which the driver computes
+together (shared units once) and follows one by one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 from dask.base import tokenize
+from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from pipeline import faults, grid, raster, store, tiles
 from pipeline.embed import ModelSpec
-from pipeline.ingest.plan import ImagePlan
+from pipeline.ingest.plan import Batch, ImagePlan
 
 
-def lazy_overlapped(reader: raster.RasterReader, height: int, width: int, chunk_px: int) -> da.Array:
-    """Dask array of one image's grid chunks with their halo: uint8 ``(4, sum(h_i), sum(w_j))``.
+@dataclass(frozen=True)
+class Unit:
+    """One read-and-fingerprint task: ``members`` are (reader, rows span, cols span) read with
+    their halo; their windows, one member after the other, fill slots ``[start, start + count)``."""
 
-    Block ``(0, i, j)`` is ``reader.read(ys[i], xs[j])`` with
-    ``ys, xs = grid.chunk_spans(height, chunk_px), grid.chunk_spans(width, chunk_px)``. Like the
-    output of ``dask.array.overlap.overlap``, blocks overlap by 128 px, so the array's shape is
-    the sum of the block shapes, not the image's. An image with no windows gives no blocks.
+    members: tuple[tuple[raster.RasterReader, grid.Span, grid.Span], ...]
+    start: int
+    count: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count
+
+
+def units_of(run: Sequence[ImagePlan], cfg: Any) -> list[Unit]:
+    """The units of a run of images with contiguous slots, in slot order.
+
+    Single-chunk images are grouped until a group holds ``(chunk_px / 128)^2`` windows or
+    ``(chunk_px + 128)^2`` pixels (a full chunk's worth of either); larger images give one unit
+    per grid chunk, row-major, which is their slot order.
     """
-    ys = grid.chunk_spans(height, chunk_px)
-    xs = grid.chunk_spans(width, chunk_px)
-    name = "read-" + tokenize(reader, height, width, chunk_px)
-    dsk = {
-        (name, 0, i, j): (reader.read, (y.start, y.stop), (x.start, x.stop))
-        for i, y in enumerate(ys)
-        for j, x in enumerate(xs)
-    }
-    chunks = ((4,), tuple(y.stop - y.start for y in ys), tuple(x.stop - x.start for x in xs))
-    return da.Array(dsk, name, chunks, dtype=np.uint8)
-
-
-def chunk_task(block: np.ndarray, spec: ModelSpec, black_level: int, max_nodata_fraction: float) -> np.ndarray:
-    """The fingerprint task of one chunk: the fault-injection point, then the kernel."""
-    faults.maybe_kill_worker()
-    return tiles.fingerprint_chunk(block, spec, black_level, max_nodata_fraction)
-
-
-def chunk_layers(plans: Sequence[ImagePlan], cfg: Any, spec: ModelSpec) -> tuple[da.Array, da.Array, da.Array]:
-    """Three dask arrays over the plans' slots: fingerprints+kept flag, integer ids, coordinates."""
-    token = tokenize(plans, cfg.tiling, spec)
-    emb, ids, crd = f"fingerprint-{token}", f"tile-ids-{token}", f"tile-coords-{token}"
-    e_dsk: dict[tuple, Any] = {}
-    i_dsk: dict[tuple, Any] = {}
-    c_dsk: dict[tuple, Any] = {}
-    sizes: list[int] = []
-    pixel_arrays = []
     t = cfg.tiling
-    for plan in plans:
-        if not plan.tile_count:
+    max_windows = (cfg.read.chunk_px // grid.STRIDE) ** 2
+    max_pixels = (cfg.read.chunk_px + grid.HALO) ** 2
+    units: list[Unit] = []
+    group: list[tuple[raster.RasterReader, grid.Span, grid.Span]] = []
+    g_start = g_windows = g_pixels = 0
+
+    def close_group() -> None:
+        nonlocal group, g_windows, g_pixels
+        if group:
+            units.append(Unit(tuple(group), g_start, g_windows))
+        group, g_windows, g_pixels = [], 0, 0
+
+    for p in run:
+        reader = raster.RasterReader(p.info.path, t.bands, t.scale, p.info.masked)
+        if p.single_chunk:
+            sy, sx = p.spans_y[0], p.spans_x[0]
+            if group and (g_windows + p.tile_count > max_windows or g_pixels >= max_pixels):
+                close_group()
+            if not group:
+                g_start = p.tile_start
+            group.append((reader, sy, sx))
+            g_windows += p.tile_count
+            g_pixels += (sy.stop - sy.start) * (sx.stop - sx.start)
             continue
-        reader = raster.RasterReader(plan.info.path, t.bands, t.scale, plan.info.masked)
-        pixels = lazy_overlapped(reader, plan.info.height, plan.info.width, cfg.read.chunk_px)
-        pixel_arrays.append(pixels)
-        for i, sy in enumerate(plan.spans_y):
-            for j, sx in enumerate(plan.spans_x):
-                k = len(sizes)
-                e_dsk[(emb, k, 0)] = (chunk_task, (pixels.name, 0, i, j), spec, t.black_level, t.max_nodata_fraction)
-                i_dsk[(ids, k, 0)] = (tiles.chunk_ids, plan.image_id, sy, sx)
-                c_dsk[(crd, k, 0)] = (tiles.chunk_coords, sy, sx, plan.info.transform, plan.info.crs)
-                sizes.append(sy.count * sx.count)
-    n = tuple(sizes)
-    e = da.Array(
-        HighLevelGraph.from_collections(emb, e_dsk, dependencies=pixel_arrays), emb, (n, (spec.dim + 1,)), np.float32
-    )
-    i = da.Array(i_dsk, ids, (n, (4,)), np.int64)
-    c = da.Array(c_dsk, crd, (n, (4,)), np.float64)
-    return e, i, c
+        close_group()
+        slot = p.tile_start
+        for sy in p.spans_y:
+            for sx in p.spans_x:
+                units.append(Unit(((reader, sy, sx),), slot, sy.count * sx.count))
+                slot += sy.count * sx.count
+    close_group()
+    return units
 
 
-def aligned_chunks(start: int, stop: int, size: int) -> tuple[int, ...]:
-    """Chunk lengths for slots ``[start, stop)`` whose edges fall on global multiples of ``size``,
-    so that every Zarr chunk the range touches is written by exactly one task."""
-    edges = [start, *range((start // size + 1) * size, stop, size), stop]
-    return tuple(b - a for a, b in zip(edges[:-1], edges[1:]) if b > a)
+def read_task(unit: Unit) -> list[np.ndarray]:
+    """A unit's pixels: one uint8 ``(4, h, w)`` block (chunk + halo) per member."""
+    return [reader.read((sy.start, sy.stop), (sx.start, sx.stop)) for reader, sy, sx in unit.members]
 
 
-def write_graph(path: Path | str, plans: Sequence[ImagePlan], cfg: Any, spec: ModelSpec) -> Any:
-    """Delayed writes of a run of images with contiguous slots into the store's tile arrays."""
-    a = plans[0].tile_start
-    b = plans[-1].tile_start + plans[-1].tile_count
-    e, i, c = chunk_layers(plans, cfg, spec)
+def fingerprint_task(
+    blocks: list[np.ndarray], spec: ModelSpec, black_level: int, max_nodata_fraction: float
+) -> np.ndarray:
+    """A unit's fingerprints: float32 ``(unit.count, dim + 1)`` (the last column 1.0 for kept
+    windows). The fault-injection point of the reliability tests."""
+    faults.maybe_kill_worker()
+    return tiles.fingerprint_blocks(blocks, spec, black_level, max_nodata_fraction)
+
+
+def unit_task(unit: Unit, spec: ModelSpec, black_level: int, max_nodata_fraction: float) -> np.ndarray:
+    """:func:`read_task` then :func:`fingerprint_task`, in one call (for tests and tools)."""
+    return fingerprint_task(read_task(unit), spec, black_level, max_nodata_fraction)
+
+
+def write_task(
+    path: str, dtype: str, dim: int, regions: Sequence[tuple[int, int]], starts: Sequence[int], *pieces: np.ndarray
+) -> int:
+    """Write the slot ranges ``regions`` (all in one Zarr chunk) from the unit outputs
+    ``pieces`` (whose first slots are ``starts``). Returns the number of slots written."""
+    written = 0
+    for a, b in regions:
+        rows = np.concatenate(
+            [p[max(a - s, 0) : min(b, s + len(p)) - s] for p, s in zip(pieces, starts) if s < b and s + len(p) > a]
+        )
+        store.write_fingerprints(path, a, rows[:, :dim].astype(dtype), rows[:, dim] > 0)
+        written += b - a
+    return written
+
+
+def batch_parts(path: Path | str, batch: Batch, cfg: Any, spec: ModelSpec) -> list[Delayed]:
+    """The write tasks of one batch, one ``Delayed`` per Zarr chunk (in slot order)."""
     z = cfg.store.chunk_tiles
-    fine, coarse = aligned_chunks(a, b, z), aligned_chunks(a, b, z * store.META_CHUNK_FACTOR)
-    e = e.rechunk({0: fine})
-    i, c = i.rechunk({0: coarse}), c.rechunk({0: coarse})
-    dim = spec.dim
-    sources = {
-        "fingerprint": e[:, :dim].astype(cfg.store.dtype),
-        "valid": e[:, dim] > 0,
-        "uid": i[:, 0].view(np.uint64),
-        "image": i[:, 1].astype(np.int32),
-        "row": i[:, 2].astype(np.int32),
-        "col": i[:, 3].astype(np.int32),
-        "x": c[:, 0],
-        "y": c[:, 1],
-        "lon": c[:, 2],
-        "lat": c[:, 3],
-    }
-    targets = store.tile_targets(path)
-    names = list(sources)
-    return da.store([sources[n] for n in names], [targets[n] for n in names], regions=[(slice(a, b),)] * len(names),
-                    lock=False, compute=False)  # fmt: skip
+    units = [u for run in batch.runs for u in units_of(run, cfg)]
+    token = tokenize(str(path), batch, cfg.tiling, cfg.read, cfg.store, spec)
+    rname, uname, wname = f"read-{token}", f"fingerprint-{token}", f"write-{token}"
+    t = cfg.tiling
+    # Reads are tasks of their own: while one thread waits for the model (torch's import on a
+    # first call, or the device) the others keep reading and decoding.
+    dsk: dict[Any, Any] = {(rname, i): (read_task, u) for i, u in enumerate(units)}
+    dsk.update(
+        {
+            (uname, i): (fingerprint_task, (rname, i), spec, t.black_level, t.max_nodata_fraction)
+            for i in range(len(units))
+        }
+    )
+    regions: dict[int, list[tuple[int, int]]] = {}
+    for run in batch.runs:
+        a, b = run[0].tile_start, run[-1].tile_stop
+        for c in range(a // z, (b - 1) // z + 1):
+            regions.setdefault(c, []).append((max(a, c * z), min(b, (c + 1) * z)))
+    keys = []
+    for c, regs in sorted(regions.items()):
+        lo, hi = c * z, (c + 1) * z
+        users = [i for i, u in enumerate(units) if u.start < hi and u.stop > lo]
+        dsk[(wname, c)] = (write_task, str(path), cfg.store.dtype, spec.dim, regs, [units[i].start for i in users],
+                           *[(uname, i) for i in users])  # fmt: skip
+        keys.append((wname, c))
+    graph = HighLevelGraph.from_collections(wname, dsk, dependencies=[])
+    return [Delayed(k, graph, layer=wname) for k in keys]

@@ -1,21 +1,29 @@
-"""Ingest planning: sources against the store's image table, image ids, slot ranges and batches.
+"""Ingest planning: sources against the store's image table, image ids, slot ranges, batches, and
+the per-tile metadata that follows from headers alone.
 
-No pixels and no dask here: headers only (:func:`pipeline.raster.read_header`) and slot
-arithmetic. A plan fixes every window's slot before any fingerprint exists, which is what makes
-resuming and concurrent reading safe.
+No dask here. Headers are read concurrently (:func:`read_headers`: a thread pool, which a
+driver may run on several cluster workers at once); the rest is slot arithmetic. A plan fixes
+every window's slot before any fingerprint exists, which is what makes resuming and concurrent
+reading safe.
 """
 
 from __future__ import annotations
 
+import os
+import time
+import warnings
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pipeline import grid, raster
+from pipeline import grid, raster, tiles
 from pipeline.embed import sha256_file
 from pipeline.errors import RasterError
+from pipeline.geo import to_lonlat
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,15 @@ class ImagePlan:
     @property
     def tile_count(self) -> int:
         return self.info.n_windows
+
+    @property
+    def tile_stop(self) -> int:
+        return self.tile_start + self.tile_count
+
+    @property
+    def single_chunk(self) -> bool:
+        """The whole image is one grid chunk (so several such images can share a task)."""
+        return len(self.spans_y) == 1 and len(self.spans_x) == 1
 
 
 def plan_images(
@@ -50,42 +67,96 @@ def plan_images(
     return plans
 
 
+# --------------------------------------------------------------------------------------------
+# Headers
+
+
+@dataclass(frozen=True)
+class Header:
+    """What planning learns about one source: its header, or why it cannot be used."""
+
+    path: str
+    info: raster.ImageInfo | None
+    error: str = ""  # why the file cannot be used ("" when it can)
+    notes: tuple[tuple[str, str], ...] = ()  # (kind, message) of raster.check_image
+    digest: str = ""  # content sha256 when asked for
+
+
+HEADER_LATENCY = "AERIAL_SEARCH_FAILPOINT_HEADER_LATENCY"  # seconds each header read waits first (tests, benchmarks)
+
+
+def read_header(path: str, bands: Sequence[int], scale: Sequence[float] | None, content_hash: bool) -> Header:
+    """One source's header, checked against the tiling settings; failures are returned, not raised."""
+    delay = float(os.environ.get(HEADER_LATENCY) or 0)
+    if delay:  # a simulated slow store (object storage, a network disk), in every process
+        time.sleep(delay)
+    try:
+        info = raster.read_header(path)
+        notes = raster.check_image(info, bands, scale)
+    except RasterError as e:
+        return Header(path, None, str(e))
+    digest = sha256_file(path) if content_hash and not raster.is_uri(path) else ""
+    return Header(path, info, "", tuple(notes), digest)
+
+
+def read_headers(
+    paths: Sequence[str], bands: Sequence[int], scale: Sequence[float] | None, content_hash: bool, threads: int
+) -> list[Header]:
+    """Headers of ``paths`` (in order), read by ``threads`` threads at once: GDAL releases the GIL
+    while it opens a file, so latency (object storage, network disks) overlaps."""
+    if threads <= 1 or len(paths) <= 1:
+        return [read_header(p, bands, scale, content_hash) for p in paths]
+    with ThreadPoolExecutor(min(threads, len(paths)), thread_name_prefix="aerial-search-header") as pool:
+        return list(pool.map(lambda p: read_header(p, bands, scale, content_hash), paths))
+
+
+def report_notes(headers: Sequence[Header], shown: int = 5) -> None:
+    """Warn about usable images with caveats (no CRS, too small): each one when few, else the
+    first ``shown`` of a kind and a count, so a million files without a CRS make a few lines."""
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for h in headers:
+        for kind, message in h.notes:
+            by_kind[kind].append(message)
+    what = {"nocrs": "images without a CRS (their lon/lat are NaN)", "small": "images smaller than one window"}
+    for kind, messages in by_kind.items():
+        for message in messages[: shown if len(messages) > shown + 1 else len(messages)]:
+            warnings.warn(message, stacklevel=3)
+        if len(messages) > shown + 1:
+            warnings.warn(f"... and {len(messages) - shown} more {what.get(kind, kind)}", stacklevel=3)
+
+
 @dataclass
 class Classified:
     """Sources sorted against a store's image table by :func:`classify`."""
 
-    new: list[raster.ImageInfo]  # images to add (new paths, or changed ones)
-    replaces: dict[int, int]  # index into ``new`` -> id of the older version it replaces
-    redo: list[tuple[int, raster.ImageInfo]]  # (id, info): unfinished images, redone in their own slots
-    skipped: int  # unchanged and done
-    failures: list[tuple[str, str]]  # (path, why) of files that cannot be used at all
-    hashes: dict[str, str]  # content sha256 per path ("" when not asked for)
+    new: list[raster.ImageInfo] = field(default_factory=list)  # images to add (new paths, or changed ones)
+    replaces: dict[int, int] = field(default_factory=dict)  # index into ``new`` -> id of the version it replaces
+    redo: list[tuple[int, raster.ImageInfo]] = field(default_factory=list)  # unfinished: (id, info), own slots
+    skipped: int = 0  # unchanged and done
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of files that cannot be used
+    hashes: dict[str, str] = field(default_factory=dict)  # content sha256 per path ("" when not asked for)
 
 
-def classify(paths: Sequence[str], table: dict[str, np.ndarray], cfg: Any, strict: bool) -> Classified:
-    """Read every source's header and compare it with the image table: new, changed (replaces an
-    older id), unfinished (redo), unchanged (skipped) or unusable (a failure, raised if
-    ``strict``). Unchanged means same size and modification time, or same sha256 with
-    ``store.content_hash``."""
+def classify(headers: Sequence[Header], table: dict[str, np.ndarray], strict: bool) -> Classified:
+    """Compare every source with the image table: new, changed (replaces an older id),
+    unfinished (redo), unchanged (skipped) or unusable (a failure; raised if ``strict``).
+    Unchanged means same size and modification time, or same sha256 when both have one."""
     live = {str(p): i for i, (p, st) in enumerate(zip(table["image_path"], table["status"])) if st != "replaced"}
-    out = Classified([], {}, [], 0, [], {})
-    for path in paths:
-        try:
-            info = raster.read_header(path)
-            raster.check_image(info, cfg.tiling.bands, cfg.tiling.scale)
-        except RasterError as e:
+    out = Classified()
+    for h in headers:
+        if h.info is None:
             if strict:
-                raise
-            out.failures.append((path, str(e)))
+                raise RasterError(h.error)
+            out.failures.append((h.path, h.error))
             continue
-        digest = content_hash(path) if cfg.store.content_hash else ""
-        out.hashes[path] = digest
-        old = live.get(path)
+        info = h.info
+        out.hashes[h.path] = h.digest
+        old = live.get(h.path)
         if old is None:
             out.new.append(info)
             continue
-        if digest and table["sha256"][old]:
-            same = table["sha256"][old] == digest
+        if h.digest and table["sha256"][old]:
+            same = table["sha256"][old] == h.digest
         else:
             same = int(table["size"][old]) == info.size and (
                 np.isnan(table["mtime"][old]) and np.isnan(info.mtime) or table["mtime"][old] == info.mtime
@@ -100,13 +171,34 @@ def classify(paths: Sequence[str], table: dict[str, np.ndarray], cfg: Any, stric
     return out
 
 
-def content_hash(path: str) -> str:
-    return "" if raster.is_uri(path) else sha256_file(path)
+# --------------------------------------------------------------------------------------------
+# Slots and batches
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A unit of commit: runs of images with contiguous slots, sharing no Zarr chunk with any
+    other batch (so batches can be computed at the same time)."""
+
+    runs: tuple[tuple[ImagePlan, ...], ...]
+
+    @property
+    def plans(self) -> list[ImagePlan]:
+        return [p for run in self.runs for p in run]
+
+    @property
+    def windows(self) -> int:
+        return sum(p.tile_count for p in self.plans)
+
+    def without(self, image_id: int) -> Batch | None:
+        """The batch minus one image (after it failed), or None when nothing is left."""
+        rest = runs([p for p in self.plans if p.image_id != image_id])
+        return Batch(tuple(tuple(r) for r in rest)) if rest else None
 
 
 def allocate(
     infos: Sequence[raster.ImageInfo], first_id: int, n_tiles: int, chunk_tiles: int, chunk_px: int, batch_tiles: int
-) -> tuple[list[ImagePlan], list[list[ImagePlan]], int]:
+) -> tuple[list[ImagePlan], list[Batch], int]:
     """Ids and slots for new images after ``first_id`` images and ``n_tiles`` slots: batches of
     about ``batch_tiles`` slots, each starting on a Zarr chunk boundary, so that no two batches
     share a fingerprint chunk. Returns ``(plans, batches, slots in use after them)``."""
@@ -127,7 +219,25 @@ def allocate(
         cursor += plan.tile_count
     if current:
         batches.append(current)
-    return plans, batches, cursor
+    return plans, [Batch(tuple(tuple(r) for r in runs(b))) for b in batches if runs(b)], cursor
+
+
+def regroup(plans: Sequence[ImagePlan], chunk_tiles: int, batch_tiles: int) -> list[Batch]:
+    """Batches of already-placed images (unfinished ones, redone in their own slots), in slot
+    order, about ``batch_tiles`` slots each, never splitting two images that share a Zarr chunk."""
+    out: list[Batch] = []
+    current: list[ImagePlan] = []
+    for p in sorted((p for p in plans if p.tile_count), key=lambda p: p.tile_start):
+        if current:
+            last_chunk = (current[-1].tile_stop - 1) // chunk_tiles
+            size = current[-1].tile_stop - current[0].tile_start
+            if size >= batch_tiles and p.tile_start // chunk_tiles > last_chunk:
+                out.append(Batch(tuple(tuple(r) for r in runs(current))))
+                current = []
+        current.append(p)
+    if current:
+        out.append(Batch(tuple(tuple(r) for r in runs(current))))
+    return out
 
 
 def runs(plans: Sequence[ImagePlan]) -> list[list[ImagePlan]]:
@@ -136,7 +246,7 @@ def runs(plans: Sequence[ImagePlan]) -> list[list[ImagePlan]]:
     for p in sorted(plans, key=lambda p: p.tile_start):
         if not p.tile_count:
             continue
-        if out and out[-1][-1].tile_start + out[-1][-1].tile_count == p.tile_start:
+        if out and out[-1][-1].tile_stop == p.tile_start:
             out[-1].append(p)
         else:
             out.append([p])
@@ -160,3 +270,48 @@ def table_rows(plans: Sequence[ImagePlan], hashes: dict[str, str]) -> dict[str, 
         "tile_start": np.array([p.tile_start for p in plans], dtype=np.int64),
         "tile_count": np.array([p.tile_count for p in plans], dtype=np.int64),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Per-tile metadata, from headers alone
+
+
+def tile_meta(run: Sequence[ImagePlan]) -> dict[str, np.ndarray]:
+    """The per-tile arrays of a run of images with contiguous slots, in slot order: ``uid``
+    (uint64), ``image``/``row``/``col`` (int32), ``x``/``y`` (window centres in each image's CRS:
+    its affine applied to ``(col + 128, row + 128)``) and ``lon``/``lat`` (WGS84, NaN without a
+    CRS; reprojected once per distinct CRS, not once per image)."""
+    rows, cols, owner = [], [], []
+    for k, p in enumerate(run):
+        for sy in p.spans_y:
+            for sx in p.spans_x:
+                r, c = tiles.chunk_origins(sy, sx)
+                rows.append(r)
+                cols.append(c)
+                owner.append(np.full(len(r), k, dtype=np.int64))
+    row, col, k = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (rows, cols, owner))
+    image = np.array([p.image_id for p in run], dtype=np.int64)[k]
+    t = np.array([p.info.transform for p in run], dtype=np.float64).reshape(-1, 6)[k]
+    px, py = col + grid.TILE / 2, row + grid.TILE / 2
+    x = t[:, 0] * px + t[:, 1] * py + t[:, 2]
+    y = t[:, 3] * px + t[:, 4] * py + t[:, 5]
+    lon, lat = np.full(len(x), np.nan), np.full(len(x), np.nan)
+    crs = np.array([p.info.crs for p in run], dtype=object)
+    for name in set(crs.tolist()) - {""}:
+        sel = crs[k] == name
+        lon[sel], lat[sel] = to_lonlat(x[sel], y[sel], name)
+    return {
+        "uid": grid.pack_uid(image, row, col),
+        "image": image.astype(np.int32),
+        "row": row.astype(np.int32),
+        "col": col.astype(np.int32),
+        "x": x,
+        "y": y,
+        "lon": lon,
+        "lat": lat,
+    }
+
+
+def config_kwargs(cfg: Any) -> dict[str, Any]:
+    """The tiling settings header checks need, as keyword arguments of :func:`read_headers`."""
+    return {"bands": cfg.tiling.bands, "scale": cfg.tiling.scale, "content_hash": cfg.store.content_hash}
