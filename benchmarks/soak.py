@@ -1,10 +1,14 @@
 """Soak: ingest the same sources again and again on a 2-worker LocalCluster, SIGKILLing a
-worker at a random point in most runs, and check every resulting store against a clean run.
+worker at a random point in most runs, and check every resulting store against a clean run,
+while a second process searches the store being written, again and again.
 
     python benchmarks/soak.py --seconds 300          # prints and writes benchmarks/soak.json
 
-A mismatch is any difference in uids, valid mask or statuses, or a fingerprint off by more
-than 1e-5; lost tiles are kept windows of the clean run missing from a soak run.
+Each run starts a store with the first image, then starts the searcher, then ingests all the
+sources into it (batches committed one by one, in place). A mismatch is any difference in uids,
+valid mask or statuses, or a fingerprint off by more than 1e-5; lost tiles are kept windows of
+the clean run missing from a soak run. A wrong answer is a search whose uids differ from a NumPy
+brute force over the images that were done when that search started and when it ended.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +40,37 @@ def compare(a: Path, b: Path) -> tuple[bool, int]:
     return same, lost
 
 
+SEARCHER = r"""
+import json, os, sys, time, numpy as np
+from pipeline.search import Queries, SearchIndex
+from pipeline.store import open_store
+path, qfile, stop = sys.argv[1:4]
+q = np.load(qfile).astype(np.float32)[None]
+while not os.path.exists(stop):
+    before = open_store(path)["status"].values.astype(object).tolist()
+    [res] = SearchIndex.open(path).search(Queries.from_fingerprints(q), 8)
+    after = open_store(path)["status"].values.astype(object).tolist()
+    print(json.dumps({"uids": [str(u) for u in res.uid], "before": before, "after": after}), flush=True)
+"""
+
+
+def wrong_answers(store: Path, answers: list[dict], q: np.ndarray) -> int:
+    """Answers that match a brute force over neither the images done at the search's start nor
+    at its end (the final store holds every fingerprint those images had then)."""
+    ds = open_store(store)
+    x = ds["fingerprint"].values.astype(np.float64)
+    d = np.sqrt(((x - q) ** 2).sum(1))
+    image, valid, uid = ds["image"].values, ds["valid"].values, ds["uid"].values
+    wrong = 0
+    for a in answers:
+        options = []
+        for statuses in (a["before"], a["after"]):
+            idx = np.flatnonzero(valid & np.isin(image, [i for i, s in enumerate(statuses) if s == "done"]))
+            options.append([str(u) for u in uid[idx[np.lexsort((uid[idx], d[idx]))][:8]]])
+        wrong += a["uids"] not in options
+    return wrong
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=300)
@@ -46,7 +82,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     cfg = Config().override(**{"model.weights": "random", "read.chunk_px": 512, "store.chunk_tiles": 16,
                                "store.batch_tiles": 32, "cluster.progress": False})  # fmt: skip
-    stats = {"runs": 0, "kills": 0, "mismatches": 0, "lost_tiles": 0, "worker_respawns_by_scale": 0, "seconds": 0.0}
+    stats = {"runs": 0, "kills": 0, "mismatches": 0, "lost_tiles": 0, "worker_respawns_by_scale": 0,
+             "searches": 0, "searches_during_partial_states": 0, "wrong_answers": 0, "seconds": 0.0}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         src = work / "src"
@@ -54,7 +91,10 @@ def main() -> None:
         for k, px in enumerate((1024, 768, 1280)):
             synthetic_tif(src / f"img{k}.tif", px, px + 256, block=512, seed=k)
         ref = work / "ref.zarr"
-        ingest([src], ref, cfg)
+        ingest([src / "img0.tif"], ref, cfg)
+        ingest([src], ref, cfg)  # the clean run, built as the soak runs build theirs
+        q = open_store(ref)["fingerprint"].values[5].astype(np.float64)
+        np.save(work / "q.npy", q)
         t0 = time.perf_counter()
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
             with Client(cluster) as client:
@@ -64,9 +104,20 @@ def main() -> None:
                     kill = rng.random() < 0.8
                     if not kill:
                         marker.write_text("no kill this run")
-                    client.run(faults.arm, str(marker), rng.randrange(0, 6))
                     store = work / f"run-{run}.zarr"
+                    ingest([src / "img0.tif"], store, cfg, client=client)  # an existing store, grown in place
+                    stop = work / f"stop-{run}"
+                    searcher = subprocess.Popen(
+                        [sys.executable, "-c", SEARCHER, str(store), str(work / "q.npy"), str(stop)],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    )  # fmt: skip
+                    time.sleep(2.0)  # let it import and start searching
+                    client.run(faults.arm, str(marker), rng.randrange(0, 6))
                     ingest([src], store, cfg, client=client)
+                    stop.write_text("done")
+                    out, err = searcher.communicate(timeout=120)
+                    answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+                    partial = sum(0 < a["before"].count("done") < len(a["before"]) for a in answers)
                     try:
                         client.wait_for_workers(2, timeout=120)
                     except Exception:  # the nanny was slow to bring the killed worker back: add one
@@ -79,7 +130,12 @@ def main() -> None:
                     stats["kills"] += int(fired)
                     stats["mismatches"] += int(not same)
                     stats["lost_tiles"] += lost
-                    print(f"run {run}: worker killed={fired} identical={same} lost tiles={lost}", flush=True)
+                    wrong = wrong_answers(store, answers, q)
+                    stats["searches"] += len(answers)
+                    stats["searches_during_partial_states"] += partial
+                    stats["wrong_answers"] += wrong
+                    print(f"run {run}: worker killed={fired} identical={same} lost tiles={lost} "
+                          f"searches={len(answers)} (during partial states {partial}) wrong={wrong}", flush=True)  # fmt: skip
         stats["seconds"] = time.perf_counter() - t0
     print(json.dumps(stats))
     Path(args.out).write_text(json.dumps(stats, indent=2))

@@ -6,6 +6,10 @@ Commands (one module each in :mod:`pipeline.commands`, wired the same way here):
 - ``search``: the k tiles most similar to uids, places or image files
 - ``info``: summarize a store
 - ``postprocess``: fit L2 / Hellinger / PCA post-processing and DBA into a store
+- ``remove``: take images out of every search
+- ``relocate``: the imagery moved; rewrite the image paths
+- ``compact``: rewrite a store without removed/replaced images and padding
+- ``migrate``: upgrade a store of an older schema version
 - ``evaluate``: retrieval quality on a folder-per-class image set
 - ``demo``: sample imagery -> ingest -> search -> result sheet
 - ``weights``: pretrained weights from the package index

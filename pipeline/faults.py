@@ -9,6 +9,8 @@ import this module's distributed hook): every header read first waits S seconds,
 a stand-in for object storage or a network disk.
 ``AERIAL_SEARCH_FAILPOINT_EXIT_AFTER_BATCHES=N``: the ingest client process exits abruptly
 (status 17) right after committing its N-th batch (a killed client mid-run).
+``AERIAL_SEARCH_FAILPOINT_EXIT_AFTER_UNITS=N``: the process that stages its N-th unit (threads
+scheduler: the client) exits abruptly (status 17) right after: a crash inside a batch.
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ def arm(marker: str, skip: int = 0) -> None:
     os.environ[KILL_WORKER] = marker
     os.environ[KILL_SKIP] = str(skip)
     _seen[0] = 0
+
+
+EXIT_AFTER_UNITS = "AERIAL_SEARCH_FAILPOINT_EXIT_AFTER_UNITS"
+_staged = [0]
+
+
+def after_stage() -> None:
+    limit = os.environ.get(EXIT_AFTER_UNITS)
+    if limit is None:
+        return
+    _staged[0] += 1
+    if _staged[0] >= int(limit):
+        os._exit(17)
 
 
 def after_commit() -> None:

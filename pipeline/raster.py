@@ -239,6 +239,11 @@ class RasterReader:
                 else:
                     out[3] = 255
         except RasterioError as e:
+            if not is_uri(self.path) and not os.path.exists(self.path):
+                raise RasterError(
+                    f"{self.path}: does not exist (moved, deleted or offline); if the archive moved, "
+                    f"`aerial-search relocate --store STORE OLD_PREFIX NEW_PREFIX` points the store at it"
+                ) from e
             raise RasterError(
                 f"{self.path}: reading rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]} failed ({e}); "
                 f"the file may be truncated or corrupt: re-copy it or remove it from the sources"

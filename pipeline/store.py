@@ -15,7 +15,7 @@ Arrays (dims ``tile``, ``feature``, ``img``, ``affine``, ``post_feature``)::
     crs         (img,)          str      "" without a CRS
     transform   (img, affine)   float64  affine a, b, c, d, e, f
     mtime       (img,)          float64  modification time, seconds since the epoch
-    status      (img,)          str      pending | done | empty (no windows) | failed | replaced
+    status      (img,)          str      pending | done | empty (no windows) | failed | replaced | removed
     error       (img,)          str      why a failed image failed
     sha256      (img,)          str      content hash (ingest --hash), "" when not computed
     tile_start, tile_count (img,) int64  the image's contiguous slot range on ``tile``
@@ -44,9 +44,17 @@ these chunks, so each Zarr chunk is written by one task.
 
 Writes: a new local store is built in a hidden sibling folder (``.NAME.partial``, where a rerun
 resumes) and swapped into place when every image is done; an existing or object-storage store
-grows in place, and readers use only images whose ``status`` is ``done``. Derived tile arrays
-follow the store's growth (resized) and are marked stale once images are added, so a store
-always opens; search ignores a stale ``fingerprint_dba`` and says how to rebuild it.
+grows in place, and readers use only images whose ``status`` is ``done``. The group's metadata
+(every array's shape, the attributes) is consolidated into the root ``zarr.json`` after every
+change of shape or attributes, in one atomic write: a reader opens one consistent snapshot,
+without per-array reads, and ``xarray.open_zarr(path)`` opens it without a warning. Derived
+tile arrays follow the store's growth (resized) and are marked stale once images are added or
+removed, so a store always opens; search ignores a stale ``fingerprint_dba`` and says how to
+rebuild it.
+
+Staging (resume inside an image): each ingest unit's fingerprint rows are saved, as soon as they
+are computed, in a hidden sibling folder (``.NAME.staging/START-COUNT.npy``). A rerun after a
+crash loads them instead of recomputing; a batch's files are deleted once it is committed.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +75,8 @@ from pipeline.embed import MEAN, STD
 from pipeline.errors import StoreError
 from pipeline.version import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: status "removed", consolidated metadata (1 -> 2: `aerial-search migrate`)
+STATUSES = ("pending", "done", "empty", "failed", "replaced", "removed")
 META_CHUNK_FACTOR = 16  # uid, image, row, col, x, y, lon, lat: chunks of 16 x chunk_tiles
 TILE_VARS = ("fingerprint", "valid", "uid", "image", "row", "col", "x", "y", "lon", "lat")
 IMG_STR_VARS = ("image_path", "crs", "status", "error", "sha256")
@@ -169,9 +179,11 @@ def store_bytes(path: str | os.PathLike[str]) -> int:
 
 
 def _group(path: Path | str, mode: str):
+    """The Zarr group with each array's own, live metadata: what writers (and the ingest's own
+    reads) need. Readers of the snapshot go through :func:`open_store` instead."""
     import zarr
 
-    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+    return zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,8 +191,8 @@ def _group(path: Path | str, mode: str):
 
 
 def open_store(path: str | os.PathLike[str]):
-    """Open a store (folder or object-storage URL) as a lazy ``xarray.Dataset``, after checking
-    that it is a fingerprint store of a schema version this code reads.
+    """Open a store (folder or object-storage URL) as a lazy ``xarray.Dataset`` from its
+    consolidated metadata, after checking that it is a fingerprint store of this schema version.
 
     A derived array that does not cover the store's tiles (left by an older release that did not
     grow it) is left out and reported stale rather than making the store unopenable.
@@ -192,30 +204,55 @@ def open_store(path: str | os.PathLike[str]):
         raise StoreError(f"store {p} does not exist; create it with `aerial-search ingest SOURCE --store {p}`")
     if not is_store(p):
         raise StoreError(f"{p} is not a fingerprint store (no zarr.json); pass the --store path given to ingest")
+    check_version(p)
     short = []
     try:
-        ds = xr.open_zarr(p, consolidated=False, zarr_format=3)
+        ds = xr.open_zarr(p, consolidated=True, zarr_format=3)
     except ValueError as e:
         if "conflicting sizes" not in str(e):
             raise StoreError(f"{p} cannot be opened as a Zarr v3 store ({e})") from e
         short = _short_derived(p)
         try:
-            ds = xr.open_zarr(p, consolidated=False, zarr_format=3, drop_variables=short)
+            ds = xr.open_zarr(p, consolidated=True, zarr_format=3, drop_variables=short)
         except Exception as e2:
             raise StoreError(f"{p} cannot be opened as a Zarr v3 store ({e2})") from e2
     except Exception as e:
         raise StoreError(f"{p} cannot be opened as a Zarr v3 store ({e})") from e
-    version = ds.attrs.get("schema_version")
-    if version is None or "fingerprint" not in ds:
+    if "fingerprint" not in ds:
         raise StoreError(f"{p} is a Zarr group but not a fingerprint store made by aerial-search")
-    if version != SCHEMA_VERSION:
-        raise StoreError(
-            f"store {p} has schema version {version}; this aerial-search reads version {SCHEMA_VERSION}: "
-            f"re-ingest into a new store or install the matching aerial-search release"
-        )
     for name in short:
         _note_stale(ds.attrs, name, "it covers fewer tiles than the store (images were added after it was built)")
     return ds
+
+
+def check_version(path: Path | str) -> int:
+    """The store's schema version, refused unless this code reads it (an older one: with the
+    command that upgrades it)."""
+    try:
+        version = _group(path, "r").attrs.get("schema_version")
+    except Exception as e:
+        raise StoreError(f"{path} cannot be opened as a Zarr v3 store ({e})") from e
+    if version is None:
+        raise StoreError(f"{path} is a Zarr group but not a fingerprint store made by aerial-search")
+    if version < SCHEMA_VERSION:
+        raise StoreError(
+            f"store {path} has schema version {version}; this aerial-search reads version {SCHEMA_VERSION}: "
+            f"upgrade it in place with `aerial-search migrate --store {path}`"
+        )
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"store {path} has schema version {version}, newer than this aerial-search reads ({SCHEMA_VERSION}): "
+            f"install the aerial-search release that wrote it"
+        )
+    return int(version)
+
+
+def consolidate(path: Path | str) -> None:
+    """Write every array's metadata and the attributes into the root ``zarr.json`` (atomically),
+    the snapshot readers open."""
+    import zarr
+
+    zarr.consolidate_metadata(str(path), zarr_format=3)
 
 
 def _short_derived(path: Path | str) -> list[str]:
@@ -424,6 +461,7 @@ def create_store(
         fill_value=0.0,
         dimension_names=("img", "affine"),
     )
+    consolidate(path)
 
 
 def empty_table() -> dict[str, np.ndarray]:
@@ -447,6 +485,7 @@ def grow(path: Path | str, n_tiles: int, n_images: int) -> None:
     for name in IMG_VARS:
         a = g[name]
         a.resize((n_images, *a.shape[1:]))
+    consolidate(path)
 
 
 META_VARS = ("uid", "image", "row", "col", "x", "y", "lon", "lat")  # follow from headers alone
@@ -499,16 +538,21 @@ def set_status(path: Path | str, ids: Any, status: str, errors: Any = None) -> N
     if errors is not None:
         values["error"] = np.asarray([str(e)[:2000] for e in np.atleast_1d(errors)], dtype=object)[order]
     write_rows(path, ids[order], values)
-    if status in ("done", "replaced"):
+    if status in ("done", "replaced", "removed"):
         attrs = read_attrs(path)
         meta = attrs.get("postprocess") or {}
         if meta.get("dba") and not meta["dba"].get("stale"):
-            _note_stale(attrs, "fingerprint_dba", "images were added or replaced after it was built")
+            _note_stale(
+                attrs,
+                "fingerprint_dba",
+                f"images were {'removed' if status == 'removed' else 'added or replaced'} after it was built",
+            )
             set_attrs(path, postprocess=attrs["postprocess"])
 
 
 def set_attrs(path: Path | str, **attrs: Any) -> None:
     _group(path, "r+").attrs.update(attrs)
+    consolidate(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,6 +585,7 @@ def save_transform(path: str | Path, t: post.Transform, fitted_on: int) -> None:
         )
         p[:] = t.projection
     g.attrs["postprocess"] = {"method": t.method, "dims": t.dims, "fitted_on_tiles": int(fitted_on), "created": _now()}
+    consolidate(path)
 
 
 def write_dba(path: str | Path, values: np.ndarray, depth: int, alpha: float, tiles: int) -> None:
@@ -557,6 +602,7 @@ def write_dba(path: str | Path, values: np.ndarray, depth: int, alpha: float, ti
     meta = dict(g.attrs.get("postprocess") or {"method": "none", "dims": None})
     meta["dba"] = {"depth": depth, "alpha": alpha, "tiles": int(tiles)}
     g.attrs["postprocess"] = meta
+    consolidate(path)
 
 
 def _has_derived(ds, name: str) -> bool:
@@ -588,3 +634,158 @@ def stale_reason(ds, name: str) -> str:
         f"{name} is stale ({meta['stale']}); rebuild it with `aerial-search postprocess --store STORE "
         f"--method {method}{dims} --dba {meta.get('depth')} --alpha {meta.get('alpha')}`"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Compaction and migration (aerial-search compact / migrate; pipeline.upkeep takes the lock)
+
+
+def copy_compacted(src: Path | str, dst: Path | str, live: Sequence[str], block: int = 0) -> dict[str, int]:
+    """Write a copy of store ``src`` at ``dst`` that keeps only the slots of images whose status
+    is in ``live``, packed from slot 0 in image-id order (one batch: it starts on a chunk
+    boundary), with ``tile_start``/``tile_count`` rewritten. Every image row stays, so image ids
+    and uids do not change; images dropped keep their row with ``tile_count`` 0. Tile arrays are
+    copied ``block`` slots at a time (default 16 Zarr chunks), so memory stays bounded.
+    """
+    g = _group(src, "r")
+    table = read_table(src)
+    attrs = read_attrs(src)
+    status = table["status"].astype(str)
+    keep = np.isin(status, list(live))
+    count = np.where(keep, table["tile_count"], 0).astype(np.int64)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    total = int(count.sum())
+    z, dim = g["fingerprint"].chunks[0], g["fingerprint"].shape[1]
+    compressor = (attrs.get("config", {}).get("store", {}) or {}).get("compressor", "lz4")
+    attrs = {**attrs, "schema_version": SCHEMA_VERSION, "compacted": {"from_slots": int(g["valid"].shape[0]),
+                                                                     "to_slots": total, "finished": _now()}}  # fmt: skip
+    create_store(dst, attrs, dim, str(g["fingerprint"].dtype), z, compressor)
+    grow(dst, total, len(status))
+    rows = {name: table[name] for name in IMG_VARS}
+    rows["tile_start"], rows["tile_count"] = start, count
+    write_rows(dst, np.arange(len(status)), rows)
+    d = _group(dst, "r+")
+    derived = [n for n in DERIVED_TILE_VARS if n in g and not _derived_meta(attrs, n).get("stale")]
+    for name in ("post_mean", "post_projection", *derived):
+        if name in g:
+            a = g[name]
+            d.create_array(name, shape=a.shape, chunks=a.chunks, dtype=a.dtype,
+                           dimension_names=a.metadata.dimension_names)  # fmt: skip
+    if "fingerprint_dba" in g and "fingerprint_dba" not in derived:
+        meta = dict(attrs.get("postprocess") or {})
+        meta.pop("dba", None)  # a stale DBA is not carried over: rerun postprocess --dba
+        d.attrs["postprocess"] = meta
+    for name in ("post_mean", "post_projection"):
+        if name in g:
+            d[name][...] = g[name][...]
+    kept = np.flatnonzero(count > 0)
+    block = block or z * META_CHUNK_FACTOR
+    for a in range(0, total, block):
+        b = min(total, a + block)
+        slots = np.arange(a, b)
+        owner = kept[np.searchsorted(start[kept], slots, side="right") - 1]
+        old = table["tile_start"][owner] + (slots - start[owner])
+        for name in (*TILE_VARS, *derived):
+            d[name][a:b] = g[name].get_orthogonal_selection((old,) + (slice(None),) * (g[name].ndim - 1))
+    consolidate(dst)
+    return {"slots_before": int(g["valid"].shape[0]), "slots_after": total, "images": len(status),
+            "images_dropped": int((~keep & (table["tile_count"] > 0)).sum())}  # fmt: skip
+
+
+def migrate(path: Path | str) -> tuple[int, int]:
+    """Upgrade a store in place to :data:`SCHEMA_VERSION`; returns ``(old, new)`` versions.
+
+    1 -> 2: version 2 adds the status ``removed`` (nothing to rewrite) and reads the group's
+    consolidated metadata, which is written here.
+    """
+    old = int(_group(path, "r").attrs.get("schema_version", 0))
+    if old == SCHEMA_VERSION:
+        return old, old
+    if old != 1:
+        raise StoreError(f"{path} has schema version {old}; this aerial-search migrates version 1 to {SCHEMA_VERSION}")
+    _group(path, "r+").attrs.update(schema_version=SCHEMA_VERSION, migrated={"from": old, "finished": _now()})
+    consolidate(path)
+    return old, SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------------------------
+# Staging: computed units kept until their batch is committed
+
+
+def staging_path(path: Path | str) -> Path | str:
+    """The sibling folder (or prefix) where an ingest stages its computed units."""
+    if is_remote(path):
+        return f"{str(path).rstrip('/')}.staging"
+    path = Path(path)
+    return path.with_name(f".{path.name}.staging")
+
+
+def _staging_fs(path: Path | str):
+    import fsspec
+
+    root = staging_path(path)
+    if is_remote(root):
+        return _fs(str(root))
+    return fsspec.filesystem("file"), str(root)
+
+
+def stage_rows(path: Path | str, start: int, rows: np.ndarray) -> None:
+    """Keep a unit's computed rows (slots ``[start, start + len(rows))``) until its batch commits;
+    written under a temporary name and renamed, so a staged file is always complete."""
+    import io
+
+    fs, root = _staging_fs(path)
+    fs.makedirs(root, exist_ok=True)
+    name = f"{root}/{start}-{len(rows)}.npy"
+    buf = io.BytesIO()
+    np.save(buf, rows, allow_pickle=False)
+    if is_remote(path):
+        fs.pipe_file(name, buf.getvalue())  # one PUT: atomic on object storage
+        return
+    tmp = f"{name}.{uuid.uuid4().hex}.partial"
+    with open(tmp, "wb") as f:
+        f.write(buf.getbuffer())
+    os.replace(tmp, name)
+
+
+def staged(path: Path | str) -> set[tuple[int, int]]:
+    """``(start, count)`` of every staged unit."""
+    fs, root = _staging_fs(path)
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return set()
+    out = set()
+    for name in names:
+        base = str(name).rsplit("/", 1)[-1]
+        if base.endswith(".npy") and base.count("-") == 1:
+            a, b = base[:-4].split("-")
+            if a.isdigit() and b.isdigit():
+                out.add((int(a), int(b)))
+    return out
+
+
+def load_staged(path: Path | str, start: int, count: int) -> np.ndarray:
+    """The rows :func:`stage_rows` kept for slots ``[start, start + count)``."""
+    import io
+
+    fs, root = _staging_fs(path)
+    rows = np.load(io.BytesIO(fs.cat_file(f"{root}/{start}-{count}.npy")), allow_pickle=False)
+    if len(rows) != count:
+        raise StoreError(f"staged unit {start}-{count} of {path} holds {len(rows)} rows; delete {root} and rerun")
+    return rows
+
+
+def drop_staged(path: Path | str, lo: int, hi: int) -> None:
+    """Delete the staged units that start in slots ``[lo, hi)`` (their batch is committed)."""
+    fs, root = _staging_fs(path)
+    for start, count in staged(path):
+        if lo <= start < hi:
+            fs.rm_file(f"{root}/{start}-{count}.npy")
+
+
+def clear_staging(path: Path | str) -> None:
+    """Remove the staging folder once nothing is staged in it."""
+    fs, root = _staging_fs(path)
+    if fs.exists(root) and not staged(path):
+        fs.rm(root, recursive=True)

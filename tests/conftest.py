@@ -98,13 +98,14 @@ _DATA_SKIPS: list[str] = []
 
 
 def pytest_runtest_logreport(report):
-    if report.skipped and "real imagery not available" in str(report.longrepr):
-        _DATA_SKIPS.append(report.nodeid)
+    if report.skipped and "realdata" in report.keywords:
+        _DATA_SKIPS.append(f"{report.nodeid} ({report.longrepr[-1] if isinstance(report.longrepr, tuple) else ''})")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """With $AERIAL_SEARCH_DATA set, a skipped real-data test fails the run (CI must not go green
-    on a mistyped data path)."""
+    """With $AERIAL_SEARCH_DATA set, any skip of a ``realdata`` test (missing imagery, missing
+    weights, an unreachable package index) fails the run: CI must not go green on a mistyped
+    data path or a half-set-up machine."""
     if os.environ.get(DATA_ENV) and _DATA_SKIPS:
         print(f"\nERROR: {DATA_ENV} is set but {len(_DATA_SKIPS)} real-data test(s) were skipped: {_DATA_SKIPS[:3]}")
         session.exitstatus = 1

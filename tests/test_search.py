@@ -498,13 +498,14 @@ def test_a_store_left_with_a_short_dba_array_still_opens(stores, tmp_path):
     with the array left out and reported stale."""
     import zarr
 
-    from pipeline.store import summarize
+    from pipeline.store import consolidate, summarize
 
     path = tmp_path / "old.zarr"
     shutil.copytree(stores["float32"], path)
     assert main(["postprocess", "--store", str(path), "--method", "l2", "--dba", "2"]) == 0
     g = zarr.open_group(str(path), mode="r+")
     g["fingerprint_dba"].resize((g["fingerprint"].shape[0] - 5, 512))  # what the old grow() left
+    consolidate(path)  # as `aerial-search migrate` does for such a store
     ds = open_store(path)
     assert "fingerprint_dba" not in ds and ds.sizes["tile"] == g["fingerprint"].shape[0]
     assert "stale" in summarize(path)["derived"]["fingerprint_dba"]

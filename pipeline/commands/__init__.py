@@ -10,9 +10,21 @@ module here plus its place in that tuple; :mod:`pipeline.cli` wires every one th
 Heavy imports (torch, dask) happen inside ``main`` so that ``--help`` stays instant.
 """
 
-from pipeline.commands import demo, evaluate, info, ingest, postprocess, search, weights
+from pipeline.commands import (
+    compact,
+    demo,
+    evaluate,
+    info,
+    ingest,
+    migrate,
+    postprocess,
+    relocate,
+    remove,
+    search,
+    weights,
+)
 
-COMMANDS = (ingest, search, info, postprocess, evaluate, demo, weights)
+COMMANDS = (ingest, search, info, postprocess, remove, relocate, compact, migrate, evaluate, demo, weights)
 
 
 def name_of(command) -> str:

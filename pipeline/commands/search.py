@@ -59,7 +59,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
             bbox=tuple(args.bbox) if args.bbox else None,
             image_ids=index.image_ids_matching(args.images) if args.images else None,
         )
-        queries, labels, pixels = resolve_queries(index, args, cfg.model.device)
+        queries, labels, pixels = resolve_queries(index, args, cfg.model.device, pixels=bool(args.sheet))
         expand = (args.qe, args.alpha) if args.qe else None
         results = index.search(queries, args.k, filters, diverse=args.diverse, labels=labels, expand=expand)
     for res in results:
@@ -73,8 +73,10 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def resolve_queries(index, args: argparse.Namespace, device: str):
-    """All queries of the command line, their labels and their 256 x 256 pixels (for sheets)."""
+def resolve_queries(index, args: argparse.Namespace, device: str, pixels: bool = False):
+    """All queries of the command line, their labels, and (``pixels``: for sheets only) their
+    256 x 256 pixels. Without ``pixels`` no source image is opened: a store whose imagery has
+    moved or is offline can still be searched by uid or place."""
     from pipeline.render import read_tile
     from pipeline.search import Queries, SearchIndex
 
@@ -108,20 +110,20 @@ def resolve_queries(index, args: argparse.Namespace, device: str):
             q = Queries(q.fingerprints, np.full(len(q), -1), q.row, q.col, q.lon, q.lat, q.half_m)
         parts.append(q)
         labels += lab
-    # Pixels for sheets, in the order of `labels` so far (uid-based queries).
-    pixels = []
-    pre = source.provenance.get("preprocessing", {})
-    for lab in labels:
-        pixels.append(
-            read_tile(lab["image_path"], lab["row"], lab["col"], pre.get("bands", (1, 2, 3)), pre.get("scale"))
-        )
+    tiles = []  # for sheets, in the order of `labels` so far (uid-based queries)
+    if pixels:
+        pre = source.provenance.get("preprocessing", {})
+        for lab in labels:
+            tiles.append(
+                read_tile(lab["image_path"], lab["row"], lab["col"], pre.get("bands", (1, 2, 3)), pre.get("scale"))
+            )
     if args.image:
         from pipeline.query import fingerprint_images
 
         fps, px = fingerprint_images(args.image, index.provenance, args.query_weights, device)
         parts.append(Queries.from_fingerprints(fps))
         labels += [{"type": "image", "image": str(Path(p).resolve()), "label": Path(p).name} for p in args.image]
-        pixels += list(px)
+        tiles += list(px)
     if not parts:
         raise SearchError("no query given: pass --uid UID, --uids-file FILE, --image FILE or --lonlat LON,LAT")
-    return Queries.concat(parts), labels, pixels
+    return Queries.concat(parts), labels, tiles

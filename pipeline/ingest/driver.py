@@ -108,7 +108,7 @@ def _ingest(
     sources, final, cfg: Config, overwrite: bool, strict: bool, client: Any, batch_tiles: int | None
 ) -> IngestReport:
     remote = store.is_remote(final)
-    with StoreLock(final) as lock:
+    with StoreLock(final, what="ingest") as lock:
         paths = raster.expand_sources(sources)
         if not paths:
             raise RasterError(
@@ -133,6 +133,7 @@ def _ingest(
             if have_store:
                 if not store.is_store(work):
                     raise StoreError(f"{work} exists and is not a fingerprint store; choose another --store path")
+                store.check_version(work)
                 diff = store.signature_diff(store.read_attrs(work), attrs)
                 if diff:
                     raise StoreError(
@@ -255,38 +256,63 @@ def _batches(paths: list[str]) -> list[list[str]]:
 
 
 def _run_batches(work, batches, cfg, spec, rt, strict, replaced_of, lock) -> tuple[list[int], list[tuple[str, str]]]:
-    """Compute the batches, ``cluster.batches_in_flight`` at a time, committing each as it ends.
+    """Compute the batches, ``cluster.batches_in_flight`` at a time, committing as they go.
 
     Before a batch starts, the driver writes its per-tile metadata (it follows from the plan);
-    its graph then only reads, fingerprints and writes ``fingerprint``/``valid``. A batch that
-    fails on one unreadable file is retried without it (that image is recorded ``failed``)
-    unless ``strict``; any other error stops new batches, lets those in flight finish and be
-    committed, then is raised.
+    its graph then reads, fingerprints (staging each unit's rows) and writes
+    ``fingerprint``/``valid``, one task per Zarr chunk. An image is committed (``done``) once
+    every Zarr chunk holding it is written: within ``store.commit_seconds`` of that, and at the
+    latest when its batch ends, whose staged units are then deleted. A batch that fails on one
+    unreadable file is retried without it (that image is recorded ``failed``) unless ``strict``;
+    any other error stops new batches, lets those in flight finish and be committed, then is
+    raised.
     """
     done: list[int] = []
     failures: list[tuple[str, str]] = []
+    z = cfg.store.chunk_tiles
     progress = Progress(
         sum(len(b.plans) for b in batches), sum(b.windows for b in batches), enabled=cfg.cluster.progress
     )
+    chunks_of: dict[int, list[int]] = {}  # batch -> the Zarr chunk of each of its parts
+    written: dict[int, set[int]] = {}  # batch -> its Zarr chunks written so far
+    committed: set[int] = set()
+    last_commit = time.monotonic()
 
     def build(batch: plan.Batch) -> list:
         for run in batch.runs:
             store.write_tile_meta(work, run[0].tile_start, plan.tile_meta(run))
-        return graph.batch_parts(work, batch, cfg, spec)
+        parts = graph.batch_parts(work, batch, cfg, spec, store.staged(work))
+        chunks_of[id(batch)], written[id(batch)] = [part.key[1] for part in parts], set()
+        return parts
+
+    def complete(p: plan.ImagePlan, have: set[int]) -> bool:
+        return all(c in have for c in range(p.tile_start // z, (p.tile_stop - 1) // z + 1))
+
+    def commit(ids: list[int]) -> None:
+        nonlocal last_commit
+        _commit(work, ids, [], replaced_of)
+        committed.update(ids)
+        done.extend(ids)
+        progress.advance(images=len(ids))
+        lock.refresh()
+        last_commit = time.monotonic()
 
     todo: deque[plan.Batch] = deque(batches)
     fatal: BaseException | None = None
     for event in rt.stream(todo, build, in_flight=cfg.cluster.batches_in_flight):
         batch = event.item
         if event.part is not None:
+            have = written[id(batch)]
+            have.add(chunks_of[id(batch)][event.part])
             progress.advance(tiles=event.result)
+            if time.monotonic() - last_commit >= cfg.store.commit_seconds:
+                ready = [p.image_id for p in batch.plans if p.image_id not in committed and complete(p, have)]
+                if ready:
+                    commit(ready)
             continue
         if event.error is None:
-            ids = [p.image_id for p in batch.plans]
-            _commit(work, ids, [], replaced_of)
-            done += ids
-            progress.advance(images=len(ids))
-            lock.refresh()
+            commit([p.image_id for p in batch.plans if p.image_id not in committed])
+            store.drop_staged(work, batch.plans[0].tile_start, batch.plans[-1].tile_stop)
             faults.after_commit()
             continue
         culprit = _culprit(event.error, batch)
@@ -305,6 +331,7 @@ def _run_batches(work, batches, cfg, spec, rt, strict, replaced_of, lock) -> tup
     progress.close()
     if fatal is not None:
         raise fatal
+    store.clear_staging(work)
     return done, failures
 
 

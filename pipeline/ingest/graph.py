@@ -97,16 +97,27 @@ def read_task(unit: Unit) -> list[np.ndarray]:
 
 
 def fingerprint_task(
-    blocks: list[np.ndarray], spec: ModelSpec, black_level: int, max_nodata_fraction: float
+    blocks: list[np.ndarray],
+    spec: ModelSpec,
+    black_level: int,
+    max_nodata_fraction: float,
+    stage_in: str = "",
+    start: int = 0,
 ) -> np.ndarray:
     """A unit's fingerprints: float32 ``(unit.count, dim + 1)`` (the last column 1.0 for kept
-    windows). The fault-injection point of the reliability tests."""
+    windows), staged for the store at ``stage_in`` (its first slot ``start``) as soon as they
+    exist, so that a crash loses at most the units in flight. The fault-injection point of the
+    reliability tests."""
     faults.maybe_kill_worker()
-    return tiles.fingerprint_blocks(blocks, spec, black_level, max_nodata_fraction)
+    rows = tiles.fingerprint_blocks(blocks, spec, black_level, max_nodata_fraction)
+    if stage_in:
+        store.stage_rows(stage_in, start, rows)
+        faults.after_stage()
+    return rows
 
 
 def unit_task(unit: Unit, spec: ModelSpec, black_level: int, max_nodata_fraction: float) -> np.ndarray:
-    """:func:`read_task` then :func:`fingerprint_task`, in one call (for tests and tools)."""
+    """:func:`read_task` then :func:`fingerprint_task`, in one call, nothing staged (tests, tools)."""
     return fingerprint_task(read_task(unit), spec, black_level, max_nodata_fraction)
 
 
@@ -125,8 +136,12 @@ def write_task(
     return written
 
 
-def batch_parts(path: Path | str, batch: Batch, cfg: Any, spec: ModelSpec) -> list[Delayed]:
-    """The write tasks of one batch, one ``Delayed`` per Zarr chunk (in slot order)."""
+def batch_parts(
+    path: Path | str, batch: Batch, cfg: Any, spec: ModelSpec, staged: set[tuple[int, int]] = frozenset()
+) -> list[Delayed]:
+    """The write tasks of one batch, one ``Delayed`` per Zarr chunk (in slot order); ``key[1]``
+    of each is its chunk index. Units in ``staged`` (``(start, count)``, computed by an earlier,
+    interrupted run) are loaded, not recomputed."""
     z = cfg.store.chunk_tiles
     units = [u for run in batch.runs for u in units_of(run, cfg)]
     token = tokenize(str(path), batch, cfg.tiling, cfg.read, cfg.store, spec)
@@ -134,13 +149,21 @@ def batch_parts(path: Path | str, batch: Batch, cfg: Any, spec: ModelSpec) -> li
     t = cfg.tiling
     # Reads are tasks of their own: while one thread waits for the model (torch's import on a
     # first call, or the device) the others keep reading and decoding.
-    dsk: dict[Any, Any] = {(rname, i): (read_task, u) for i, u in enumerate(units)}
-    dsk.update(
-        {
-            (uname, i): (fingerprint_task, (rname, i), spec, t.black_level, t.max_nodata_fraction)
-            for i in range(len(units))
-        }
-    )
+    dsk: dict[Any, Any] = {}
+    for i, u in enumerate(units):
+        if (u.start, u.count) in staged:
+            dsk[(uname, i)] = (store.load_staged, str(path), u.start, u.count)
+        else:
+            dsk[(rname, i)] = (read_task, u)
+            dsk[(uname, i)] = (
+                fingerprint_task,
+                (rname, i),
+                spec,
+                t.black_level,
+                t.max_nodata_fraction,
+                str(path),
+                u.start,
+            )
     regions: dict[int, list[tuple[int, int]]] = {}
     for run in batch.runs:
         a, b = run[0].tile_start, run[-1].tile_stop

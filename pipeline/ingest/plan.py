@@ -141,7 +141,12 @@ def classify(headers: Sequence[Header], table: dict[str, np.ndarray], strict: bo
     """Compare every source with the image table: new, changed (replaces an older id),
     unfinished (redo), unchanged (skipped) or unusable (a failure; raised if ``strict``).
     Unchanged means same size and modification time, or same sha256 when both have one."""
-    live = {str(p): i for i, (p, st) in enumerate(zip(table["image_path"], table["status"])) if st != "replaced"}
+    # Replaced and removed images are history: their path coming back is a new image.
+    live = {
+        str(p): i
+        for i, (p, st) in enumerate(zip(table["image_path"], table["status"]))
+        if st not in ("replaced", "removed")
+    }
     out = Classified()
     for h in headers:
         if h.info is None:

@@ -236,6 +236,12 @@ class SearchIndex:
         n_img = self.ds.sizes["img"]
         if not 0 <= image_id < n_img:
             raise SearchError(f"uid {uid} names image {image_id}, but the store has images 0..{n_img - 1}")
+        if self.usable is not None and not self.usable[image_id]:
+            status = self.ds["status"].values[image_id]
+            raise SearchError(
+                f"uid {uid} belongs to {self.image_paths[image_id]}, whose status is {status}, not done: "
+                f"its tiles are not searchable{' (rerun the ingest to finish it)' if status == 'pending' else ''}"
+            )
         table = self.image_table
         h, w = int(table["height"][image_id]), int(table["width"][image_id])
         chunk_px = int(self.provenance["layout"]["chunk_px"])
@@ -253,12 +259,7 @@ class SearchIndex:
         sel = self.ds.isel(tile=np.array(slots, dtype=np.int64))[
             ["fingerprint", "valid", "image", "row", "col", "lon", "lat"]
         ].compute()
-        for u, ok, img in zip(uids, sel["valid"].values, sel["image"].values):
-            if self.usable is not None and not self.usable[int(img)]:
-                status = self.ds["status"].values[int(img)]
-                raise SearchError(
-                    f"uid {u} belongs to {self.image_paths[int(img)]}, whose ingest is {status}, not done"
-                )
+        for u, ok in zip(uids, sel["valid"].values):
             if not ok:
                 raise SearchError(f"uid {u} is a dropped window (more than 50% nodata) and has no fingerprint")
         image = sel["image"].values.astype(np.int64)
