@@ -48,26 +48,28 @@ path, qfile, stop = sys.argv[1:4]
 q = np.load(qfile).astype(np.float32)[None]
 while not os.path.exists(stop):
     before = open_store(path)["status"].values.astype(object).tolist()
-    [res] = SearchIndex.open(path).search(Queries.from_fingerprints(q), 8)
+    index = SearchIndex.open(path)
+    [res] = index.search(Queries.from_fingerprints(q), 8)
+    used = ["done" if u else "" for u in index.usable]  # the statuses the search itself read
     after = open_store(path)["status"].values.astype(object).tolist()
-    print(json.dumps({"uids": [str(u) for u in res.uid], "before": before, "after": after}), flush=True)
+    print(json.dumps({"uids": [str(u) for u in res.uid], "before": before, "used": used, "after": after}), flush=True)
 """
 
 
 def wrong_answers(store: Path, answers: list[dict], q: np.ndarray) -> int:
-    """Answers that match a brute force over neither the images done at the search's start nor
-    at its end (the final store holds every fingerprint those images had then)."""
+    """Answers that differ from a brute force over the images done when the search read the
+    statuses (between its start and its end; the final store holds every fingerprint those
+    images had then), or whose statuses were not between those at its start and its end."""
     ds = open_store(store)
     x = ds["fingerprint"].values.astype(np.float64)
     d = np.sqrt(((x - q) ** 2).sum(1))
     image, valid, uid = ds["image"].values, ds["valid"].values, ds["uid"].values
     wrong = 0
     for a in answers:
-        options = []
-        for statuses in (a["before"], a["after"]):
-            idx = np.flatnonzero(valid & np.isin(image, [i for i, s in enumerate(statuses) if s == "done"]))
-            options.append([str(u) for u in uid[idx[np.lexsort((uid[idx], d[idx]))][:8]]])
-        wrong += a["uids"] not in options
+        done = {name: {i for i, s in enumerate(a[name]) if s == "done"} for name in ("before", "used", "after")}
+        idx = np.flatnonzero(valid & np.isin(image, sorted(done["used"])))
+        expect = [str(u) for u in uid[idx[np.lexsort((uid[idx], d[idx]))][:8]]]
+        wrong += a["uids"] != expect or not (done["before"] <= done["used"] <= done["after"])
     return wrong
 
 

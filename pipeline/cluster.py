@@ -148,24 +148,28 @@ class Runtime:
     def _stream_distributed(self, todo: deque, build: Callable, in_flight: int) -> Iterator[Event]:
         from distributed import wait
 
-        owner: dict[Any, tuple[Any, int]] = {}  # future -> (item id, part index)
-        items: dict[int, list] = {}  # item id -> [item, futures, results, failed]
+        owner: dict[Any, tuple[int, int]] = {}  # future -> (item id, part index)
+        items: dict[int, list] = {}  # item id -> [item, futures, results, parts still to come]
         try:
             while todo or items:
                 while todo and len(items) < in_flight:
                     item = todo.popleft()
                     futures = self.client.compute(list(build(item)))
-                    items[id(item)] = [item, futures, [None] * len(futures), False]
+                    items[id(item)] = [item, futures, [None] * len(futures), len(futures)]
                     owner.update({f: (id(item), i) for i, f in enumerate(futures)})
+                    if not futures:
+                        del items[id(item)]
+                        yield Event(item, None, [])
+                if not owner:
+                    break
                 done, _ = wait(list(owner), return_when="FIRST_COMPLETED")
                 for f in done:
                     key, i = owner.pop(f)
                     entry = items.get(key)
-                    if entry is None or entry[3]:
+                    if entry is None:
                         continue  # the item already failed
                     item, futures, results, _ = entry
                     if f.status == "error":
-                        entry[3] = True
                         for other in futures:
                             owner.pop(other, None)
                             other.cancel()
@@ -173,8 +177,11 @@ class Runtime:
                         yield Event(item, None, error=f.exception())
                         continue
                     results[i] = f.result()
+                    entry[3] -= 1
                     yield Event(item, i, results[i])
-                    if all(fut.done() for fut in futures) and all(fut not in owner for fut in futures):
+                    # Counted, not asked of the futures: a part's result may be lost with a worker
+                    # after it arrived (its write is done by then), and must not hold the item back.
+                    if entry[3] == 0:
                         del items[key]
                         yield Event(item, None, results)
         finally:

@@ -123,7 +123,8 @@ def test_xarray_opens_a_store_with_default_arguments_and_no_warning(images, tmp_
 
 def test_searches_during_an_ingest_see_only_completely_done_images(images, tmp_path):
     """A second process searches in a loop while an ingest commits batch after batch: every
-    answer equals a brute force over the images done when that search started or ended."""
+    answer equals a brute force over the images done at the moment the search read the statuses,
+    a moment between the search's start and its end (no half-written image, ever)."""
     src = tmp_path / "src"
     src.mkdir()
     first = write_tif(src / "a0.tif", textured(512, 512, seed=90))
@@ -145,8 +146,9 @@ def test_searches_during_an_ingest_see_only_completely_done_images(images, tmp_p
             before = open_store({str(path)!r})["status"].values.astype(object).tolist()
             index = SearchIndex.open({str(path)!r})
             [res] = index.search(Queries.from_fingerprints(q[None].astype(np.float32)), 6)
+            used = ["done" if u else "" for u in index.usable]  # the snapshot the search itself took
             after = open_store({str(path)!r})["status"].values.astype(object).tolist()
-            print(json.dumps({{"uids": [str(u) for u in res.uid], "before": before, "after": after}}), flush=True)
+            print(json.dumps({{"uids": [str(u) for u in res.uid], "before": before, "used": used, "after": after}}), flush=True)
             if all(s == "done" for s in after) and len(after) == 9:
                 break
     """)
@@ -161,12 +163,18 @@ def test_searches_during_an_ingest_see_only_completely_done_images(images, tmp_p
     image, valid, uid = ds["image"].values, ds["valid"].values, ds["uid"].values
     seen_partial = False
     for a in answers:
-        options = []
-        for statuses in (a["before"], a["after"]):
+
+        def top(statuses):
             done = [i for i, s in enumerate(statuses) if s == "done"]
             idx = np.flatnonzero(valid & np.isin(image, done))
-            options.append([str(u) for u in uid[idx[np.lexsort((uid[idx], d[idx]))][:6]]])
-        assert a["uids"] in options, a
+            return [str(u) for u in uid[idx[np.lexsort((uid[idx], d[idx]))][:6]]]
+
+        # The search read the statuses once, between the start and the end of this round: its
+        # answer is a brute force over exactly the images done then, which includes the images
+        # done at its start and is included in those done at its end.
+        assert a["uids"] == top(a["used"]), a
+        assert set(i for i, s in enumerate(a["before"]) if s == "done") <= set(i for i, s in enumerate(a["used"]) if s)
+        assert set(i for i, s in enumerate(a["used"]) if s) <= set(i for i, s in enumerate(a["after"]) if s == "done")
         seen_partial |= 1 < len([s for s in a["before"] if s == "done"]) < 9
     assert seen_partial and len(answers) >= 3  # the searches did run while batches were committed
 
