@@ -119,6 +119,7 @@ class StoreConfig:
     batch_tiles: int = 0  # tiles per committed batch of images (0 = 8 x chunk_tiles): the unit of resume
     content_hash: bool = False  # recognise unchanged images by sha256 of the file, not size + mtime
     commit_seconds: float = 10.0  # make finished images searchable at least this often within a batch
+    stage_seconds: float = 2.0  # while a unit runs, stage its finished windows this often (what a crash can lose)
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "float16"), "store.dtype", f"{self.dtype!r} is not float32 or float16")
@@ -130,6 +131,7 @@ class StoreConfig:
         _require(self.chunk_tiles >= 1, "store.chunk_tiles", "must be >= 1")
         _require(self.batch_tiles >= 0, "store.batch_tiles", "must be >= 0 (0 = 8 x chunk_tiles)")
         _require(self.commit_seconds >= 0, "store.commit_seconds", "must be >= 0 seconds")
+        _require(self.stage_seconds >= 0, "store.stage_seconds", "must be >= 0 seconds")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import hashlib
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -381,7 +381,12 @@ def embed_batch(windows: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return out
 
 
-def embed_chunks(chunks: Sequence[tuple[np.ndarray, np.ndarray]], spec: ModelSpec) -> list[np.ndarray]:
+def embed_chunks(
+    chunks: Sequence[tuple[np.ndarray, np.ndarray]],
+    spec: ModelSpec,
+    skip: int = 0,
+    on_batch: Callable[[int, np.ndarray], None] | None = None,
+) -> list[np.ndarray]:
     """Fingerprints of the windows ``ij`` (``(n, 2)`` grid indexes) of each chunk ``rgb``
     (uint8 ``(3, h, w)``): one float32 ``(n, dim)`` array per chunk.
 
@@ -390,6 +395,10 @@ def embed_chunks(chunks: Sequence[tuple[np.ndarray, np.ndarray]], spec: ModelSpe
     move each pixel over the bus four times. Batches of ``spec.batch_size`` windows span chunks,
     so many small images (one window each) still fill the model's batches. The CPU runs the
     very same code.
+
+    Counting the windows of all chunks in order, the first ``skip`` are not computed (their rows
+    are left for the caller: results of an earlier, interrupted run); ``on_batch(first, rows)``
+    is called after each forward pass with the index of its first window.
     """
     import torch
 
@@ -397,6 +406,8 @@ def embed_chunks(chunks: Sequence[tuple[np.ndarray, np.ndarray]], spec: ModelSpe
     outs = [np.empty((len(ij), spec.dim), dtype=np.float32) for _, ij in chunks]
     pending: list[tuple[int, int, Any]] = []  # (chunk, its first row, windows (k, 3, 256, 256))
     filled = 0
+    index = 0  # windows counted so far, over all chunks
+    batch_first = 0
 
     def flush() -> None:
         nonlocal filled
@@ -408,24 +419,30 @@ def embed_chunks(chunks: Sequence[tuple[np.ndarray, np.ndarray]], spec: ModelSpe
         for c, first, w in pending:
             outs[c][first : first + len(w)] = y[at : at + len(w)]
             at += len(w)
+        if on_batch is not None:
+            on_batch(batch_first, y)
         pending.clear()
         filled = 0
 
     with torch.inference_mode():
         for c, (rgb, ij) in enumerate(chunks):
-            if not len(ij):
+            s = min(len(ij), max(0, skip - index))  # windows of this chunk already computed
+            index += s
+            if s == len(ij):
                 continue
             views = run.upload(rgb).unfold(1, TILE, STRIDE).unfold(2, TILE, STRIDE)  # (3, ny, nx, 256, 256)
             if run.step > 1:
                 views = views[..., :: run.step, :: run.step]
             rows = torch.as_tensor(ij[:, 0], device=run.device)
             cols = torch.as_tensor(ij[:, 1], device=run.device)
-            s = 0
             while s < len(ij):
+                if not filled:
+                    batch_first = index
                 take = min(run.batch - filled, len(ij) - s)
                 pending.append((c, s, views[:, rows[s : s + take], cols[s : s + take]].transpose(0, 1)))
                 filled += take
                 s += take
+                index += take
                 if filled == run.batch:
                     flush()
         flush()

@@ -67,6 +67,20 @@ def after_stage() -> None:
         os._exit(17)
 
 
+EXIT_AFTER_PARTS = "AERIAL_SEARCH_FAILPOINT_EXIT_AFTER_PARTS"
+_parts = [0]
+
+
+def after_stage_part() -> None:
+    """``AERIAL_SEARCH_FAILPOINT_EXIT_AFTER_PARTS=N``: exit (17) after staging N partial units."""
+    limit = os.environ.get(EXIT_AFTER_PARTS)
+    if limit is None:
+        return
+    _parts[0] += 1
+    if _parts[0] >= int(limit):
+        os._exit(17)
+
+
 def after_commit() -> None:
     limit = os.environ.get(EXIT_AFTER_BATCHES)
     if limit is None:

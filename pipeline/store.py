@@ -53,8 +53,9 @@ removed, so a store always opens; search ignores a stale ``fingerprint_dba`` and
 rebuild it.
 
 Staging (resume inside an image): each ingest unit's fingerprint rows are saved, as soon as they
-are computed, in a hidden sibling folder (``.NAME.staging/START-COUNT.npy``). A rerun after a
-crash loads them instead of recomputing; a batch's files are deleted once it is committed.
+are computed, in a hidden sibling folder (``.NAME.staging/START-COUNT.npy``), and a long unit's
+first windows every few seconds while it runs (``START-COUNT.part-FIRST-N.npy``). A rerun after
+a crash loads them instead of recomputing; a batch's files are deleted once it is committed.
 """
 
 from __future__ import annotations
@@ -731,12 +732,69 @@ def _staging_fs(path: Path | str):
 
 def stage_rows(path: Path | str, start: int, rows: np.ndarray) -> None:
     """Keep a unit's computed rows (slots ``[start, start + len(rows))``) until its batch commits;
-    written under a temporary name and renamed, so a staged file is always complete."""
+    written under a temporary name and renamed, so a staged file is always complete. The unit's
+    partial files (:func:`stage_part`) are then deleted."""
+    _save_npy(path, f"{start}-{len(rows)}.npy", rows)
+    prefix = f"{start}-{len(rows)}.part-"
+    fs, root = _staging_fs(path)
+    for base in _staged_names(path):
+        if base.startswith(prefix):
+            fs.rm_file(f"{root}/{base}")
+
+
+def _staged_names(path: Path | str) -> list[str]:
+    fs, root = _staging_fs(path)
+    try:
+        return [str(n).rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def staged(path: Path | str) -> set[tuple[int, int]]:
+    """``(start, count)`` of every completely staged unit."""
+    out = set()
+    for base in _staged_names(path):
+        if base.endswith(".npy") and base.count("-") == 1:
+            a, b = base[:-4].split("-")
+            if a.isdigit() and b.isdigit():
+                out.add((int(a), int(b)))
+    return out
+
+
+def stage_part(path: Path | str, start: int, count: int, first: int, rows: np.ndarray) -> None:
+    """Keep the fingerprints of kept windows ``first .. first + len(rows) - 1`` of a unit still
+    being computed (``START-COUNT.part-FIRST-N.npy``), so a crash inside a large unit loses at
+    most the last few seconds of it."""
+    _save_npy(path, f"{start}-{count}.part-{first}-{len(rows)}.npy", rows)
+
+
+def load_partial(path: Path | str, start: int, count: int) -> np.ndarray | None:
+    """The fingerprints of the first kept windows of a unit staged by :func:`stage_part`
+    (the contiguous run from window 0), or None."""
+    import io
+
+    prefix = f"{start}-{count}.part-"
+    parts = []
+    for base in _staged_names(path):
+        if base.startswith(prefix) and base.endswith(".npy"):
+            first, n = (int(v) for v in base[len(prefix) : -4].split("-"))
+            parts.append((first, n, base))
+    fs, root = _staging_fs(path)
+    rows, at = [], 0
+    for first, n, base in sorted(parts):
+        if first != at:
+            break
+        rows.append(np.load(io.BytesIO(fs.cat_file(f"{root}/{base}")), allow_pickle=False))
+        at += n
+    return np.concatenate(rows) if rows else None
+
+
+def _save_npy(path: Path | str, base: str, rows: np.ndarray) -> None:
     import io
 
     fs, root = _staging_fs(path)
     fs.makedirs(root, exist_ok=True)
-    name = f"{root}/{start}-{len(rows)}.npy"
+    name = f"{root}/{base}"
     buf = io.BytesIO()
     np.save(buf, rows, allow_pickle=False)
     if is_remote(path):
@@ -746,23 +804,6 @@ def stage_rows(path: Path | str, start: int, rows: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         f.write(buf.getbuffer())
     os.replace(tmp, name)
-
-
-def staged(path: Path | str) -> set[tuple[int, int]]:
-    """``(start, count)`` of every staged unit."""
-    fs, root = _staging_fs(path)
-    try:
-        names = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return set()
-    out = set()
-    for name in names:
-        base = str(name).rsplit("/", 1)[-1]
-        if base.endswith(".npy") and base.count("-") == 1:
-            a, b = base[:-4].split("-")
-            if a.isdigit() and b.isdigit():
-                out.add((int(a), int(b)))
-    return out
 
 
 def load_staged(path: Path | str, start: int, count: int) -> np.ndarray:
@@ -777,15 +818,17 @@ def load_staged(path: Path | str, start: int, count: int) -> np.ndarray:
 
 
 def drop_staged(path: Path | str, lo: int, hi: int) -> None:
-    """Delete the staged units that start in slots ``[lo, hi)`` (their batch is committed)."""
+    """Delete the staged units (and partial units) that start in slots ``[lo, hi)``: their batch
+    is committed."""
     fs, root = _staging_fs(path)
-    for start, count in staged(path):
-        if lo <= start < hi:
-            fs.rm_file(f"{root}/{start}-{count}.npy")
+    for base in _staged_names(path):
+        head = base.split("-", 1)[0]
+        if head.isdigit() and lo <= int(head) < hi:
+            fs.rm_file(f"{root}/{base}")
 
 
 def clear_staging(path: Path | str) -> None:
     """Remove the staging folder once nothing is staged in it."""
     fs, root = _staging_fs(path)
-    if fs.exists(root) and not staged(path):
+    if fs.exists(root) and not _staged_names(path):
         fs.rm(root, recursive=True)

@@ -8,7 +8,7 @@ fingerprinted together, their windows batched across images.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -28,14 +28,21 @@ def keep_windows(block: np.ndarray, black_level: int, max_nodata_fraction: float
 
 
 def fingerprint_blocks(
-    blocks: Sequence[np.ndarray], spec: ModelSpec, black_level: int, max_nodata_fraction: float
+    blocks: Sequence[np.ndarray],
+    spec: ModelSpec,
+    black_level: int,
+    max_nodata_fraction: float,
+    done: np.ndarray | None = None,
+    on_batch: Callable[[int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Fingerprints of the kept windows of ``blocks``: float32 ``(sum of ny * nx, dim + 1)``, the
     blocks' windows one after the other.
 
     Columns ``0..dim-1`` hold the fingerprint (zeros for dropped windows), column ``dim`` is
     1.0 for a kept window and 0.0 for a dropped one. The model runs on kept windows only, in
-    batches that span blocks.
+    batches that span blocks. ``done``: fingerprints of the first kept windows, computed by an
+    earlier, interrupted run (not recomputed); ``on_batch(first, rows)``: called after each
+    model batch with the index of its first kept window (:func:`pipeline.embed.embed_chunks`).
     """
     keeps = [keep_windows(b, black_level, max_nodata_fraction) for b in blocks]
     out = np.zeros((sum(k.size for k in keeps), spec.dim + 1), dtype=np.float32)
@@ -47,9 +54,13 @@ def fingerprint_blocks(
             work.append((block[:3], np.stack(np.unravel_index(flat, keep.shape), axis=1)))
             rows.append(offset + flat)
         offset += keep.size
-    for r, fp in zip(rows, embed_chunks(work, spec)):
-        out[r, : spec.dim] = fp
-        out[r, spec.dim] = 1.0
+    skip = 0 if done is None else len(done)
+    fps = embed_chunks(work, spec, skip=skip, on_batch=on_batch)
+    kept_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    out[kept_rows, : spec.dim] = np.concatenate(fps) if fps else np.zeros((0, spec.dim), np.float32)
+    if skip:
+        out[kept_rows[:skip], : spec.dim] = done
+    out[kept_rows, spec.dim] = 1.0
     return out
 
 

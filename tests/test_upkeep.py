@@ -400,3 +400,31 @@ def test_searches_use_done_images_only_over_pending_failed_replaced_and_removed(
         q = ds["fingerprint"].values[t].astype(np.float64)
         [res] = index.search(Queries.from_fingerprints(q[None]), 15)
         np.testing.assert_array_equal(res.uid, brute_uids(path, q, 15))
+
+
+def test_a_crash_inside_a_large_unit_keeps_its_finished_windows(images, tmp_path, monkeypatch):
+    """One unit of 25 windows (a.tif in a single 768 px chunk), 4 windows per model batch,
+    staged every batch: the process dies after its 3rd partial stage; the rerun runs the model
+    on the 25 - 12 windows left and writes the same store as a clean run."""
+    from pipeline import embed
+
+    cfg = _cfg(**{"read.chunk_px": 768, "store.chunk_tiles": 64, "model.batch_size": 4, "store.stage_seconds": 0.0})
+    clean = tmp_path / "clean.zarr"
+    ingest([images / "a.tif"], clean, cfg)
+    target = tmp_path / "t.zarr"
+    script = textwrap.dedent(f"""
+        from pipeline import Config, ingest
+        cfg = Config().override(**{{"model.weights": "random", "read.chunk_px": 768, "store.chunk_tiles": 64,
+                                    "model.batch_size": 4, "store.stage_seconds": 0.0, "cluster.progress": False}})
+        ingest([{str(images / "a.tif")!r}], {str(target)!r}, cfg)
+    """)
+    env = {**os.environ, faults.EXIT_AFTER_PARTS: "3"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 17, res.stderr
+    assert store.load_partial(store.partial_path(target), 0, 25).shape == (12, 512)
+    computed = []
+    real = embed.Runner.forward
+    monkeypatch.setattr(embed.Runner, "forward", lambda self, x: computed.append(len(x)) or real(self, x))
+    ingest([images / "a.tif"], target, cfg)
+    assert sum(computed) == 25 - 12
+    assert_same_store(target, clean)

@@ -20,8 +20,9 @@ together (shared units once) and follows one by one.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +104,45 @@ def fingerprint_task(
     max_nodata_fraction: float,
     stage_in: str = "",
     start: int = 0,
+    stage_seconds: float = 2.0,
 ) -> np.ndarray:
     """A unit's fingerprints: float32 ``(unit.count, dim + 1)`` (the last column 1.0 for kept
     windows), staged for the store at ``stage_in`` (its first slot ``start``) as soon as they
-    exist, so that a crash loses at most the units in flight. The fault-injection point of the
+    exist, and its finished model batches every ``stage_seconds`` while it runs, so that a crash
+    loses at most a few seconds of work per thread. The fault-injection point of the
     reliability tests."""
     faults.maybe_kill_worker()
-    rows = tiles.fingerprint_blocks(blocks, spec, black_level, max_nodata_fraction)
-    if stage_in:
-        store.stage_rows(stage_in, start, rows)
-        faults.after_stage()
+    if not stage_in:
+        return tiles.fingerprint_blocks(blocks, spec, black_level, max_nodata_fraction)
+    count = sum((b.shape[1] // grid.STRIDE - 1) * (b.shape[2] // grid.STRIDE - 1) for b in blocks)
+    saver = PartSaver(stage_in, start, count, stage_seconds)
+    done = store.load_partial(stage_in, start, count)
+    rows = tiles.fingerprint_blocks(blocks, spec, black_level, max_nodata_fraction, done=done, on_batch=saver)
+    store.stage_rows(stage_in, start, rows)
+    faults.after_stage()
     return rows
+
+
+@dataclass
+class PartSaver:
+    """Stages a unit's finished model batches every ``every`` seconds while the unit runs."""
+
+    path: str
+    start: int
+    count: int
+    every: float = 2.0
+    first: int = -1
+    rows: list = field(default_factory=list)
+    last: float = field(default_factory=time.monotonic)
+
+    def __call__(self, first: int, rows: np.ndarray) -> None:
+        if self.first < 0:
+            self.first = first
+        self.rows.append(rows)
+        if time.monotonic() - self.last >= self.every:
+            store.stage_part(self.path, self.start, self.count, self.first, np.concatenate(self.rows))
+            faults.after_stage_part()
+            self.first, self.rows, self.last = -1, [], time.monotonic()
 
 
 def unit_task(unit: Unit, spec: ModelSpec, black_level: int, max_nodata_fraction: float) -> np.ndarray:
@@ -163,6 +192,7 @@ def batch_parts(
                 t.max_nodata_fraction,
                 str(path),
                 u.start,
+                cfg.store.stage_seconds,
             )
     regions: dict[int, list[tuple[int, int]]] = {}
     for run in batch.runs:
