@@ -268,19 +268,20 @@ def make_cluster(cfg: ClusterConfig) -> tuple[Any, int, int]:
             raise ClusterError(
                 "--scheduler local-cuda found no GPU (nvidia-smi and CUDA_VISIBLE_DEVICES); use --scheduler local"
             )
-        torch_threads = max(1, cores // len(gpus))
+        io = io_threads(cfg, len(gpus), cores)
+        torch_threads = max(1, cores // len(gpus) // io)
         try:
             from dask_cuda import LocalCUDACluster
 
             return (
-                LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(gpus), threads_per_worker=1, dashboard_address=":0"),
-                1,
+                LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(gpus), threads_per_worker=io, dashboard_address=":0"),
+                io,
                 torch_threads,
             )
         except Exception as e:  # not installed, or built against another dask: use the plain equivalent
             if not isinstance(e, ImportError):
                 warnings.warn(f"dask_cuda.LocalCUDACluster failed ({e}); using one plain worker per GPU", stacklevel=2)
-            return gpu_worker_cluster(gpus), 1, torch_threads
+            return gpu_worker_cluster(gpus, io), io, torch_threads
     if kind == "kubernetes":
         KubeCluster = _optional("dask_kubernetes.operator", "KubeCluster", "dask-kubernetes")
         cluster = KubeCluster(custom_cluster_spec=kubernetes_spec(cfg))
@@ -320,8 +321,22 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
 
 
-def gpu_worker_cluster(gpus: list[str]):
-    """One single-threaded worker process per GPU, each seeing only its GPU as ``cuda:0``.
+def io_threads(cfg: ClusterConfig, n_gpus: int, cores: int | None = None) -> int:
+    """Threads per GPU worker (``cluster.io_threads``; 0: the cores per GPU, at least 2).
+
+    They read, decode and filter chunks while the device, serialized by a per-device lock
+    (:func:`pipeline.embed.device_lock`), runs one batch at a time: with one thread, reading and
+    inference take turns and a GPU waits for every chunk (``benchmarks/feed.py`` measures how
+    many a format needs).
+    """
+    if cfg.io_threads:
+        return cfg.io_threads
+    return max(2, (cores or cpu_count()) // max(1, n_gpus))
+
+
+def gpu_worker_cluster(gpus: list[str], threads: int = 2):
+    """One worker process per GPU, each seeing only its GPU as ``cuda:0`` and running ``threads``
+    threads (:func:`io_threads`).
 
     The plain-distributed equivalent of ``dask_cuda.LocalCUDACluster``: Nanny processes are
     spawned (not forked), so CUDA is first initialized inside each worker, on its own device.
@@ -329,7 +344,10 @@ def gpu_worker_cluster(gpus: list[str]):
     from distributed import Nanny, Scheduler, SpecCluster
 
     workers = {
-        f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": g}, "silence_logs": 40}}
+        f"gpu-{g}": {
+            "cls": Nanny,
+            "options": {"nthreads": threads, "env": {"CUDA_VISIBLE_DEVICES": g}, "silence_logs": 40},
+        }
         for g in gpus
     }
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}

@@ -147,6 +147,7 @@ class ClusterConfig:
     jobqueue: dict[str, Any] = field(default_factory=dict)  # slurm/pbs: keyword arguments of SLURMCluster/PBSCluster
     progress: bool = True
     batches_in_flight: int = 2  # ingest: batches computed at once (the next starts before one ends)
+    io_threads: int = 0  # local-cuda: threads per GPU worker reading while the GPU computes (0 = cores per GPU, >= 2)
 
     def __post_init__(self) -> None:
         _require(
@@ -157,6 +158,7 @@ class ClusterConfig:
         _require(self.n_workers >= 0, "cluster.n_workers", "must be >= 0")
         _require(self.threads >= 0, "cluster.threads", "must be >= 0")
         _require(self.batches_in_flight >= 1, "cluster.batches_in_flight", "must be >= 1")
+        _require(self.io_threads >= 0, "cluster.io_threads", "must be >= 0 (0 = cores per GPU)")
         _require(
             all(g.strip().isdigit() for g in self.gpus.split(",")) if self.gpus else True,
             "cluster.gpus",

@@ -238,18 +238,27 @@ def _headless(arch: str, full):
     return nn.Sequential(full.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
-class _SimulatedDevice:
-    """One simulated accelerator per process: forwards take turns, as kernels on one GPU do."""
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
 
-    lock = threading.Lock()
+
+def device_lock(device: str) -> threading.Lock:
+    """The lock that serializes inference on one device within this process.
+
+    A GPU worker runs several threads (``cluster.io_threads``) that read, decode and filter
+    chunks; they take turns on the device, so only one batch is resident and computing at a
+    time while the others prepare the next. CPU inference is not serialized: there each thread
+    runs the model on its own share of the cores.
+    """
+    with _CACHE_LOCK:
+        return _DEVICE_LOCKS.setdefault(device, threading.Lock())
 
 
 def StandIn(dim: int, rate: float):  # noqa: N802 (builds a module, like torchvision's constructors)
     """The stand-in backbone: ``uint8 (n, 3, H, W) -> float32 (n, dim)``, the three band means of
     a 16 px subsample of each window (scaled to [0, 1]) then zeros. It costs next to nothing, so
     the pipeline around the model is what a benchmark measures. With ``rate > 0`` each forward
-    also sleeps ``n / rate`` seconds without holding the GIL, holding the process's simulated
-    device: a stand-in for an accelerator that runs ``rate`` tiles/s."""
+    also sleeps ``n / rate`` seconds without holding the GIL: a simulated accelerator of
+    ``rate`` tiles/s, which :class:`Runner` serializes like a GPU (:func:`device_lock`)."""
     import time
 
     import torch
@@ -261,8 +270,7 @@ def StandIn(dim: int, rate: float):  # noqa: N802 (builds a module, like torchvi
             out = torch.zeros((len(x), dim), dtype=torch.float32, device=x.device)
             out[:, :3] = means
             if rate > 0:
-                with _SimulatedDevice.lock:
-                    time.sleep(len(x) / rate)
+                time.sleep(len(x) / rate)
             return out
 
     return _StandIn().eval()
@@ -328,22 +336,39 @@ class Runner:
         # Pixels the model looks at: every pixel, or one in 16 per axis for the stand-in (whose
         # windows are then cut from a subsampled view, so cutting them costs nothing either).
         self.step = STANDIN_STEP if BACKBONES[spec.arch].standin else 1
+        # Inference takes turns on a GPU (and on a simulated one); CPU threads each compute.
+        self.lock = device_lock(self.device) if self.on_cuda or spec.standin_rate > 0 else None
 
     def upload(self, array: np.ndarray):
-        """uint8 host array -> tensor on the device (pinned, non-blocking copy on CUDA)."""
+        """uint8 host array -> tensor on the device. On CUDA: from pinned memory, on this
+        thread's copy stream, so that it overlaps the batch another thread is computing (double
+        buffering); :meth:`forward` makes the compute stream wait for the copy."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(array))
-        return x.pin_memory().to(self.device, non_blocking=True) if self.on_cuda else x
+        if not self.on_cuda:
+            return x
+        stream = _copy_stream(self.device)
+        with torch.cuda.stream(stream):
+            y = x.pin_memory().to(self.device, non_blocking=True)
+        y.record_stream(torch.cuda.current_stream(self.device))  # its memory outlives the copy stream's use
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return y
 
     def forward(self, x) -> np.ndarray:
         """uint8 ``(n, 3, H, W)`` on the device -> float32 ``(n, dim)`` on the host."""
+        if self.lock is None:
+            return self._forward(x)
+        with self.lock:
+            return self._forward(x)
+
+    def _forward(self, x) -> np.ndarray:
         import torch
 
         if self.step > 1:  # the stand-in: no normalization, it must cost next to nothing
             if x.shape[-1] == TILE:
                 x = x[:, :, :: self.step, :: self.step]
-            return self.model(x).numpy()
+            return self.model(x).cpu().numpy()
         x = x.to(dtype=torch.float32, memory_format=self.fmt).sub_(self.shift).mul_(self.inv)
         if self.amp is not None:
             with torch.autocast("cuda", dtype=self.amp):
@@ -351,6 +376,21 @@ class Runner:
         else:
             y = self.model(x)
         return y.float().cpu().numpy()
+
+
+_STREAMS = threading.local()
+
+
+def _copy_stream(device: str):
+    """This thread's CUDA stream for host-to-device copies on ``device``."""
+    import torch
+
+    streams = getattr(_STREAMS, "by_device", None)
+    if streams is None:
+        streams = _STREAMS.by_device = {}
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device=device)
+    return streams[device]
 
 
 def auto_batch_size(spec: ModelSpec, device: str) -> int:

@@ -42,7 +42,8 @@ def test_kubernetes_manifest_validates_against_the_operator_crd():
     [container] = worker["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # the CRD wants strings
     assert worker["spec"]["nodeSelector"]
-    assert "--nthreads" in container["args"] and container["image"]
+    nthreads = container["args"][container["args"].index("--nthreads") + 1]
+    assert container["image"] and int(nthreads) == int(container["resources"]["limits"]["cpu"]) >= 2
     ports = {p["name"] for p in spec["spec"]["scheduler"]["service"]["ports"]}
     assert ports == {"tcp-comm", "http-dashboard"}
     bad = yaml.safe_load(yaml.safe_dump(spec))
@@ -57,7 +58,7 @@ def test_slurm_config_builds_a_gpu_job_script():
     with jobqueue_cluster(cfg.cluster) as cluster:
         script = cluster.job_script()
     assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -p gpu" in script
-    assert "--nthreads 1" in script
+    assert "--nthreads 8" in script and "#SBATCH --cpus-per-task=8" in script  # an I/O thread per core
 
 
 def test_jobqueue_yaml_is_dask_config_for_slurm_and_pbs():
@@ -75,16 +76,16 @@ def test_jobqueue_yaml_is_dask_config_for_slurm_and_pbs():
 
 
 def test_gpu_worker_fallback_gives_each_worker_its_own_gpu():
-    """The path used when dask-cuda is absent: one single-threaded process per GPU id."""
+    """The path used when dask-cuda is absent: one process per GPU id, with its I/O threads."""
     from distributed import Client
 
-    with gpu_worker_cluster(["0", "1"]) as cluster, Client(cluster) as client:
+    with gpu_worker_cluster(["0", "1"], 3) as cluster, Client(cluster) as client:
         client.wait_for_workers(2, timeout=60)
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
         threads = client.nthreads()
         pids = client.run(os.getpid)
     assert sorted(seen.values()) == ["0", "1"]
-    assert set(threads.values()) == {1}
+    assert set(threads.values()) == {3}
     assert os.getpid() not in pids.values()
 
 
@@ -92,9 +93,9 @@ def test_local_cuda_kind_without_dask_cuda_uses_the_fallback(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # as if not installed
-    cluster, dask_threads, torch_threads = make_cluster(ClusterConfig(scheduler="local-cuda", gpus="0,1"))
+    cluster, dask_threads, torch_threads = make_cluster(ClusterConfig(scheduler="local-cuda", gpus="0,1", io_threads=3))
     with cluster:
-        assert len(cluster.workers) == 2 and dask_threads == 1 and torch_threads >= 1
+        assert len(cluster.workers) == 2 and dask_threads == 3 and torch_threads >= 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(RuntimeError, match="found no GPU"):
         make_cluster(ClusterConfig(scheduler="local-cuda"))

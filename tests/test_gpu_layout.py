@@ -1,0 +1,82 @@
+"""The GPU worker layout, shown on a CPU with a simulated device: inference takes turns on the
+device (a per-device lock) while other threads read and decode. Structural checks from the
+tasks' own timelines; the speed figures live in benchmarks/overlap.py and benchmarks/feed.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import textured, write_tif
+
+from pipeline import Config, embed, ingest, open_store
+from pipeline.cluster import io_threads
+from pipeline.config import ClusterConfig
+from pipeline.ingest import graph
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    return write_tif(tmp_path_factory.mktemp("gpu") / "i.tif", textured(1536, 1024, seed=5), tiled=True)
+
+
+def timeline(monkeypatch):
+    """Record when reads run and when the (simulated) device computes, by thread."""
+    spans: dict[str, list[tuple[float, float, int]]] = {"read": [], "device": []}
+    lock = threading.Lock()
+    real_read, real_forward = graph.read_task, embed.Runner._forward
+
+    def read(unit):
+        t0 = time.perf_counter()
+        out = real_read(unit)
+        with lock:
+            spans["read"].append((t0, time.perf_counter(), threading.get_ident()))
+        return out
+
+    def forward(self, x):
+        t0 = time.perf_counter()
+        out = real_forward(self, x)
+        with lock:
+            spans["device"].append((t0, time.perf_counter(), threading.get_ident()))
+        return out
+
+    monkeypatch.setattr(graph, "read_task", read)
+    monkeypatch.setattr(embed.Runner, "_forward", forward)
+    return spans
+
+
+def overlapping(a, b) -> bool:
+    return any(x0 < y1 and y0 < x1 for x0, x1, _ in a for y0, y1, _ in b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reads_overlap_the_simulated_device_only_with_several_threads(image, tmp_path, monkeypatch, threads):
+    spans = timeline(monkeypatch)
+    cfg = Config().override(**{
+        "model.arch": "standin", "model.standin_rate": 400.0, "model.batch_size": 16, "read.chunk_px": 512,
+        "cluster.threads": threads, "cluster.progress": False,
+    })  # fmt: skip
+    report = ingest([image], tmp_path / "s.zarr", cfg)
+    assert report.processed == 1 and len(spans["read"]) == 3 * 2  # 6 grid chunks
+    device = sorted(spans["device"])
+    assert all(b[0] >= a[1] for a, b in zip(device, device[1:]))  # the device takes one batch at a time
+    assert overlapping(spans["read"], spans["device"]) == (threads > 1)
+    if threads > 1:
+        assert len({t for _, _, t in spans["device"]}) > 1  # several threads took turns on the device
+
+
+def test_the_same_fingerprints_whatever_the_layout(image, tmp_path):
+    base = {"model.arch": "standin", "read.chunk_px": 512, "cluster.progress": False}
+    ingest([image], tmp_path / "a.zarr", Config().override(**{**base, "cluster.threads": 1}))
+    ingest(
+        [image], tmp_path / "b.zarr", Config().override(**{**base, "cluster.threads": 2, "model.standin_rate": 5000.0})
+    )
+    a, b = open_store(tmp_path / "a.zarr"), open_store(tmp_path / "b.zarr")
+    assert (a["fingerprint"].values == b["fingerprint"].values).all() and (a["uid"].values == b["uid"].values).all()
+
+
+def test_io_threads_default_to_the_cores_per_gpu():
+    assert io_threads(ClusterConfig(io_threads=6), 4, cores=64) == 6
+    assert io_threads(ClusterConfig(), 4, cores=64) == 16
+    assert io_threads(ClusterConfig(), 8, cores=8) == 2  # at least 2: one reads while one computes
