@@ -92,6 +92,41 @@ def topk_graph(
     return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=list(blocks)), layer=name)
 
 
+def threshold_graph(
+    blocks: Sequence[Delayed],
+    scorer: Scorer,
+    max_score: float,
+    limit: int,
+    filters: Filters,
+    exclude: Exclusions,
+    half_m: np.ndarray,
+    split_every: int = 8,
+    usable: np.ndarray | None = None,
+) -> Delayed:
+    """Every tile scoring at most ``max_score``, per column: a ``Delayed`` of (the best ``limit``,
+    sorted; how many passed in all). The same map and tree as :func:`topk_graph`, with the
+    threshold filter in the map and a concatenating, counting reduction."""
+    if split_every < 2:
+        raise SearchError(f"split_every must be >= 2 (the fan-in of the reduction tree), got {split_every}")
+    name = f"threshold-{uuid.uuid4().hex}"
+    dsk: dict[Any, Any] = {}
+    level = []
+    for i, b in enumerate(blocks):
+        dsk[(name, 0, i)] = (kernels.chunk_threshold, b.key, scorer, max_score, limit, filters, exclude, half_m, usable)
+        level.append((name, 0, i))
+    depth = 0
+    while len(level) > 1:
+        depth += 1
+        nxt = []
+        for s in range(0, len(level), split_every):
+            dsk[(name, depth, s)] = (kernels.merge_threshold, list(level[s : s + split_every]), limit)
+            nxt.append((name, depth, s))
+        level = nxt
+    final = (name, "final")
+    dsk[final] = (kernels.finalize_threshold, level[0]) if level else (kernels.empty_threshold, len(scorer))
+    return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=list(blocks)), layer=name)
+
+
 def nearest_centre_graph(ds: Any, lon: float, lat: float, usable: np.ndarray | None) -> tuple[Any, Any]:
     """Lazy ``(slot, metres)``: the valid, searchable tile whose centre is nearest ``(lon, lat)``
     and its distance in metres (``inf`` when no tile has lon/lat)."""

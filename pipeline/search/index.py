@@ -24,7 +24,16 @@ import numpy as np
 from pipeline import geo, grid, post, resources, store
 from pipeline.errors import SearchError
 from pipeline.search import graph, kernels
-from pipeline.search.kernels import Exclusions, Filters, L2Scorer, Queries, Scorer
+from pipeline.search.kernels import (
+    CentroidScorer,
+    ExampleSet,
+    Exclusions,
+    Filters,
+    L2Scorer,
+    NearestScorer,
+    Queries,
+    Scorer,
+)
 from pipeline.search.results import Result
 
 
@@ -167,44 +176,146 @@ class SearchIndex:
     def search(
         self,
         queries: Queries,
-        k: int,
+        k: int | None = 10,
         filters: Filters | None = None,
         diverse: bool = False,
         labels: Sequence[dict] | None = None,
         expand: tuple[int, float] | None = None,
+        max_distance: float | None = None,
+        limit: int = 10_000,
     ) -> list[Result]:
         """The ``k`` nearest valid tiles to each query (exact Euclidean distance, after the
-        store's post-processing). ``expand=(depth, alpha)``: alpha query expansion first."""
-        if k <= 0:
-            raise SearchError(f"k must be a positive number of results, got {k}")
-        dim = self.ds.sizes["feature"]
-        if queries.fingerprints.shape[1] != dim:
-            raise SearchError(
-                f"query fingerprints have {queries.fingerprints.shape[1]} dimensions but the store holds {dim}-d "
-                f"fingerprints of {self.provenance.get('model', {}).get('arch')}; fingerprint queries with the store's model"
-            )
+        store's post-processing), or, with ``max_distance``, every tile at most that far (the
+        best ``limit``, and how many in all). ``expand=(depth, alpha)``: alpha query expansion
+        first."""
+        self._check_dim(queries.fingerprints)
         filters = filters or Filters()
         queries = self._transformed(queries)
         exclude = queries.exclusions()
         if expand is not None:
             queries = self._expand(queries, filters, exclude, *expand)
-        scorer = L2Scorer(queries.fingerprints)
-        pool = k * 9 if diverse else k  # a result suppresses at most its 8 same-image neighbours
+        max_score = None if max_distance is None else float(max_distance) ** 2
+        return self.run(L2Scorer(queries.fingerprints), exclude, k, max_score, limit, filters, diverse, labels)
+
+    def search_examples(
+        self,
+        sets: Sequence[ExampleSet],
+        k: int | None = 10,
+        filters: Filters | None = None,
+        diverse: bool = False,
+        labels: Sequence[dict] | None = None,
+        max_score: float | None = None,
+        limit: int = 10_000,
+    ) -> list[Result]:
+        """Each example set as one query (:class:`~pipeline.search.kernels.ExampleSet`): tiles
+        ranked by its score (lower is better), the examples and tiles overlapping them excluded."""
+        scorer, exclude = self.example_scorer(sets)
+        return self.run(scorer, exclude, k, max_score, limit, filters or Filters(), diverse, labels)
+
+    def example_scorer(self, sets: Sequence[ExampleSet]) -> tuple[Scorer, Exclusions]:
+        """The scorer of example sets in this store's post-processed space, and their exclusions."""
+        if not sets:
+            raise SearchError("no example set given")
+        pos, neg, weights = [], [], []
+        for es in sets:
+            if not len(es.positives):
+                raise SearchError("an example set needs at least one positive example")
+            self._check_dim(es.positives.fingerprints)
+            p = self.transform.apply(es.positives.fingerprints)
+            n = self.transform.apply(es.negatives.fingerprints) if len(es.negatives) else p[:0]
+            pos.append(p)
+            neg.append(n)
+            weights.append(es.weight)
+        if all(es.score == "centroid" for es in sets):
+            q = np.stack([kernels.centroid_query(p, n, w) for p, n, w in zip(pos, neg, weights)])
+            scorer: Scorer = CentroidScorer(q.astype(np.float32))
+        elif all(es.score == "nearest" for es in sets):
+            scorer = NearestScorer(tuple(pos), tuple(neg), tuple(weights))
+        else:
+            raise SearchError("example sets of one search share one --score (centroid or nearest)")
+        return scorer, kernels.exclusions_of_sets(sets)
+
+    def run(
+        self,
+        scorer: Scorer,
+        exclude: Exclusions,
+        k: int | None = 10,
+        max_score: float | None = None,
+        limit: int = 10_000,
+        filters: Filters | None = None,
+        diverse: bool = False,
+        labels: Sequence[dict] | None = None,
+    ) -> list[Result]:
+        """Any scorer through the engine: the ``k`` best tiles per column (``diverse``: spatial
+        non-maximum suppression), or every tile scoring at most ``max_score`` (the best
+        ``limit``; each result's ``total`` says how many passed)."""
+        if (k is None) == (max_score is None):
+            raise SearchError("choose one: -k for the k best tiles, or a threshold (--max-distance / --min-score)")
+        filters = filters or Filters()
+        totals: Sequence[int | None]
+        if max_score is not None:
+            if limit <= 0:
+                raise SearchError(f"--limit must be a positive number of results, got {limit}")
+            raw, counts = self._compute(
+                graph.threshold_graph(
+                    self.blocks(),
+                    scorer,
+                    max_score,
+                    limit,
+                    filters,
+                    exclude,
+                    self.half_m,
+                    self.split_every,
+                    self.usable,
+                )  # fmt: skip
+            )[0]
+            totals = [int(c) for c in counts]
+        else:
+            if k <= 0:
+                raise SearchError(f"k must be a positive number of results, got {k}")
+            raw = self._topk_diverse(scorer, exclude, k, filters) if diverse else self.topk(scorer, k, filters, exclude)
+            totals = [None] * len(raw)
+        labels = labels or [{} for _ in raw]
+        table = self.geometry
+        return [
+            Result.from_topk(
+                r, lab, scorer.report(r["score"]), self.image_paths, scorer.name, total, table, scorer.higher_is_better
+            )  # fmt: skip
+            for r, lab, total in zip(raw, labels, totals)
+        ]
+
+    def _topk_diverse(self, scorer: Scorer, exclude: Exclusions, k: int, filters: Filters) -> list[np.ndarray]:
+        pool = k * 9  # a result suppresses at most its 8 same-image neighbours
         while True:
             raw = self.topk(scorer, pool, filters, exclude)
-            if not diverse:
-                break
             picked = [kernels.nms(r, k, self.half_m) for r in raw]
-            saturated = any(len(p) < k and len(r) == pool for p, r in zip(picked, raw))
-            if not saturated:
-                raw = picked
-                break
+            if not any(len(p) < k and len(r) == pool for p, r in zip(picked, raw)):
+                return picked
             pool *= 4
-        labels = labels or [{} for _ in raw]
-        return [
-            Result.from_topk(r, lab, scorer.report(r["score"]), self.image_paths, scorer.name)
-            for r, lab in zip(raw, labels)
-        ]
+
+    def _check_dim(self, fingerprints: np.ndarray) -> None:
+        dim = self.ds.sizes["feature"]
+        if fingerprints.shape[1] != dim:
+            raise SearchError(
+                f"query fingerprints have {fingerprints.shape[1]} dimensions but the store holds {dim}-d "
+                f"fingerprints of {self.provenance.get('model', {}).get('arch')}; fingerprint queries with the store's model"
+            )
+
+    @property
+    def geometry(self) -> dict[str, np.ndarray]:
+        """Each image's affine transform and CRS (for footprints in exports)."""
+        return self._once("geometry", lambda: {"transform": self.ds["transform"].values,
+                                                "crs": self.ds["crs"].values.astype(object)})  # fmt: skip
+
+    def scoring_signature(self) -> dict[str, Any]:
+        """What must match for a saved classifier to score this index: the fingerprints' model
+        and preprocessing, and the post-processing (and DBA) the index applies."""
+        post = self.provenance.get("postprocess") or {} if self.use_post else {}
+        return {
+            **store.fingerprint_signature(self.provenance),
+            "postprocess": {k: post.get(k) for k in ("method", "dims", "fitted_on_tiles", "created")} if post else None,
+            "dba": (post.get("dba") or {}).get("depth") if self.uses_dba else None,
+        }
 
     def _transformed(self, queries: Queries) -> Queries:
         t = self.transform
@@ -218,10 +329,7 @@ class SearchIndex:
         neighbours = []
         for res in first:
             slots = np.array([self.slot_of(int(u)) for u in res["uid"]], dtype=np.int64)
-            raw = (
-                self.ds["fingerprint"].data[slots].compute() if len(slots) else np.zeros((0, self.ds.sizes["feature"]))
-            )
-            x = self.transform.apply(raw)
+            x = self.transform.apply(self.fingerprints_at(slots))
             pad = np.zeros((depth - len(x), queries.fingerprints.shape[1]), np.float32)  # fewer results than depth
             neighbours.append(np.concatenate([x, pad]) if len(pad) else x)
         return dataclasses.replace(
@@ -229,6 +337,13 @@ class SearchIndex:
         )
 
     # ---- queries from uids and places -----------------------------------------------------
+
+    def fingerprints_at(self, slots: np.ndarray) -> np.ndarray:
+        """Raw float32 fingerprints ``(len(slots), dim)`` of the given slots."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if not len(slots):
+            return np.zeros((0, self.ds.sizes["feature"]), np.float32)
+        return np.asarray(self.ds["fingerprint"].data[slots].compute(), dtype=np.float32)
 
     def slot_of(self, uid: int) -> int:
         """Slot of ``uid`` in this store, from grid math (no scan); SearchError if not a tile."""

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from pipeline import grid
+from pipeline.errors import SearchError
 from pipeline.geo import local_metres
 
 RESULT_DTYPE = np.dtype([("score", "f8"), ("uid", "u8"), ("lon", "f8"), ("lat", "f8")])
@@ -58,6 +59,12 @@ class Exclusions:
 
     def __len__(self) -> int:
         return len(self.column)
+
+    @classmethod
+    def none(cls) -> Exclusions:
+        """No tile excluded (a classifier, or a query from outside the store)."""
+        i, f = np.zeros(0, np.int64), np.zeros(0)
+        return cls(i, i, i, i, f, f, f)
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,53 @@ class Queries:
         """Each query's own tile, for the queries that are tiles (of this store or on the ground)."""
         j = np.flatnonzero((self.image >= 0) | np.isfinite(self.lon))
         return Exclusions(j, self.image[j], self.row[j], self.col[j], self.lon[j], self.lat[j], self.half_m[j])
+
+
+@dataclass(frozen=True)
+class ExampleSet:
+    """One query made of several examples: raw ``positives`` and ``negatives`` (fingerprints and
+    locations, as :class:`Queries`), scored by ``score``: ``centroid`` (the distance to
+    ``q = mP + w (mP - mN)``) or ``nearest`` (the distance to the closest positive minus ``w``
+    times the distance to the closest negative). ``negative_weight`` w defaults to 0.5 with
+    negatives, 0 without."""
+
+    positives: Queries
+    negatives: Queries
+    score: str = "centroid"
+    negative_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.score not in ("centroid", "nearest"):
+            raise SearchError(f"--score must be centroid or nearest, got {self.score!r}")
+
+    @property
+    def weight(self) -> float:
+        if not len(self.negatives):
+            return 0.0
+        return 0.5 if self.negative_weight is None else float(self.negative_weight)
+
+
+def centroid_query(positives: np.ndarray, negatives: np.ndarray, weight: float) -> np.ndarray:
+    """``q = mP + w (mP - mN)``: the positives' mean pushed away from the negatives' mean."""
+    mp = positives.astype(np.float64).mean(axis=0)
+    if not len(negatives) or not weight:
+        return mp
+    return mp + weight * (mp - negatives.astype(np.float64).mean(axis=0))
+
+
+def exclusions_of_sets(sets: Sequence[ExampleSet]) -> Exclusions:
+    """Every example of each set excludes the tiles overlapping it, for that set's column."""
+    cols = []
+    for j, es in enumerate(sets):
+        for q in (es.positives, es.negatives):
+            e = q.exclusions()
+            cols.append(
+                Exclusions(
+                    np.full(len(e), j, dtype=np.int64),
+                    *(getattr(e, f) for f in ("image", "row", "col", "lon", "lat", "half_m")),
+                )
+            )
+    return Exclusions(*(np.concatenate([getattr(c, f) for c in cols]) for f in Exclusions.__dataclass_fields__))
 
 
 @dataclass(frozen=True)
@@ -145,6 +199,7 @@ class Scorer(Protocol):
     """Scores of the tiles of a block for ``len(scorer)`` query columns; lower is better."""
 
     name: ClassVar[str]  # what :meth:`report` returns, as results call it ("distance", "score")
+    higher_is_better: ClassVar[bool]  # of the reported value (a probability); scores stay lower-is-better
 
     def __len__(self) -> int: ...
 
@@ -160,6 +215,11 @@ class Scorer(Protocol):
         """The value results show for a score (e.g. the distance for a squared distance)."""
         ...
 
+    def internal(self, value: float) -> float:
+        """The score whose reported value is ``value``: a threshold on what results show,
+        as the threshold collection applies it."""
+        ...
+
 
 @dataclass(frozen=True)
 class L2Scorer:
@@ -173,6 +233,7 @@ class L2Scorer:
 
     queries: np.ndarray
     name: ClassVar[str] = "distance"
+    higher_is_better: ClassVar[bool] = False
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -195,6 +256,108 @@ class L2Scorer:
 
     def report(self, score: np.ndarray) -> np.ndarray:
         return np.sqrt(np.maximum(score, 0.0))
+
+    def internal(self, value: float) -> float:
+        return float(value) ** 2
+
+
+@dataclass(frozen=True)
+class CentroidScorer(L2Scorer):
+    """An example set's centroid query ``q = mP + w (mP - mN)`` (``queries``, one per set), scored
+    by the squared Euclidean distance to it and reported as ``score`` (the distance)."""
+
+    name: ClassVar[str] = "score"
+
+
+def _sq_dists(x: np.ndarray, sqnorm: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """``(n, p)`` squared distances of rows ``x`` to examples ``e`` by the norm expansion."""
+    d2 = x @ e.T
+    d2 *= -2.0
+    d2 += sqnorm[:, None]
+    d2 += np.einsum("ij,ij->i", e, e)[None, :]
+    return np.maximum(d2, 0.0)
+
+
+@dataclass(frozen=True)
+class NearestScorer:
+    """Example sets scored by ``min_i |x - P_i| - w min_j |x - N_j|`` (lower is better): close to
+    some positive, far from every negative. One column per set: ``positives[c]`` (p, dim) and
+    ``negatives[c]`` (n, dim, possibly empty) float32, ``weights[c]`` = w."""
+
+    positives: tuple[np.ndarray, ...]
+    negatives: tuple[np.ndarray, ...]
+    weights: tuple[float, ...]
+    name: ClassVar[str] = "score"
+    higher_is_better: ClassVar[bool] = False
+
+    def __len__(self) -> int:
+        return len(self.positives)
+
+    def _score(self, x: np.ndarray, sqnorm: np.ndarray, c: int) -> np.ndarray:
+        s = np.sqrt(_sq_dists(x, sqnorm, self.positives[c]).min(axis=1))
+        if len(self.negatives[c]) and self.weights[c]:
+            s -= self.weights[c] * np.sqrt(_sq_dists(x, sqnorm, self.negatives[c]).min(axis=1))
+        return s
+
+    def scores(self, block: Block) -> np.ndarray:
+        x = as_float32(block["fingerprint"])
+        sqnorm = block.get("sqnorm")
+        if sqnorm is None:
+            sqnorm = masked_sqnorm(x, block["valid"])
+        finite = np.where(np.isfinite(sqnorm), sqnorm, 0.0).astype(np.float32)
+        out = np.stack([self._score(x, finite, c) for c in range(len(self))], axis=1)
+        out[~np.isfinite(sqnorm)] = np.inf
+        return out
+
+    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
+        x = as_float32(block["fingerprint"][rows]).astype(np.float64)
+        sq = np.einsum("ij,ij->i", x, x)
+
+        def nearest(e: np.ndarray) -> np.ndarray:  # float64 expansion: memory (rows, examples)
+            return np.sqrt(_sq_dists(x, sq, e.astype(np.float64)).min(axis=1))
+
+        s = nearest(self.positives[j])
+        if len(self.negatives[j]) and self.weights[j]:
+            s -= self.weights[j] * nearest(self.negatives[j])
+        return s
+
+    def report(self, score: np.ndarray) -> np.ndarray:
+        return np.asarray(score, dtype=np.float64)
+
+    def internal(self, value: float) -> float:
+        return float(value)
+
+
+@dataclass(frozen=True)
+class LinearScorer:
+    """A linear classifier ``p = sigmoid(x . coef + intercept)`` on (post-processed) fingerprints,
+    one column per model: ``coef`` (m, dim) float32, ``intercept`` (m,). The score is the negated
+    logit (lower is better, monotone in -p); results report the probability."""
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    name: ClassVar[str] = "score"
+    higher_is_better: ClassVar[bool] = True
+
+    def __len__(self) -> int:
+        return len(self.coef)
+
+    def scores(self, block: Block) -> np.ndarray:
+        s = as_float32(block["fingerprint"]) @ -self.coef.T
+        s -= self.intercept[None, :].astype(np.float32)
+        return s
+
+    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
+        x = as_float32(block["fingerprint"][rows]).astype(np.float64)
+        return -(x @ self.coef[j].astype(np.float64) + float(self.intercept[j]))
+
+    def report(self, score: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(np.asarray(score, dtype=np.float64)))  # sigmoid(-score)
+
+    def internal(self, value: float) -> float:
+        """The score at or below which a tile's probability is at least ``value``."""
+        p = min(max(float(value), 1e-12), 1 - 1e-12)
+        return -float(np.log(p / (1 - p)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,6 +440,57 @@ def chunk_topk(
         res["uid"], res["lon"], res["lat"] = uid[sel], lon[sel], lat[sel]
         out.append(res)
     return out
+
+
+def chunk_threshold(
+    block: Block,
+    scorer: Scorer,
+    max_score: float,
+    limit: int,
+    filters: Filters,
+    exclude: Exclusions,
+    half_m: np.ndarray,
+    usable: np.ndarray | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every tile of one block scoring at most ``max_score`` (exact scores), per column: the best
+    ``limit`` of them (unsorted) and how many passed in all, ``(m,)`` int64.
+
+    Candidates come from the scorer's fast scores with a small margin; the threshold is applied
+    to the exact scores, so a tile just past it is never let in by rounding.
+    """
+    scores = scorer.scores(block)
+    mask_scores(scores, block, filters, exclude, half_m, usable)
+    uid, lon, lat = block["uid"], block["lon"], block["lat"]
+    margin = 1e-3 + 1e-4 * abs(max_score)
+    out, counts = [], np.zeros(len(scorer), dtype=np.int64)
+    for j in range(scores.shape[1]):
+        cand = np.flatnonzero(scores[:, j] <= max_score + margin)
+        exact = scorer.exact(block, cand, j) if len(cand) else np.zeros(0)
+        keep = cand[exact <= max_score]
+        exact = exact[exact <= max_score]
+        counts[j] = len(keep)
+        if len(keep) > limit:
+            sel = select(exact, uid[keep], limit)
+            keep, exact = keep[sel], exact[sel]
+        res = np.empty(len(keep), dtype=RESULT_DTYPE)
+        res["score"], res["uid"], res["lon"], res["lat"] = exact, uid[keep], lon[keep], lat[keep]
+        out.append(res)
+    return out, counts
+
+
+def merge_threshold(
+    parts: Sequence[tuple[list[np.ndarray], np.ndarray]], limit: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Combine step of the threshold collection: the best ``limit`` and the summed counts."""
+    return merge_topk([p[0] for p in parts], limit), np.sum([p[1] for p in parts], axis=0)
+
+
+def finalize_threshold(part: tuple[list[np.ndarray], np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    return finalize(part[0]), part[1]
+
+
+def empty_threshold(m: int) -> tuple[list[np.ndarray], np.ndarray]:
+    return empty_results(m), np.zeros(m, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------

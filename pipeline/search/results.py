@@ -24,22 +24,43 @@ from pipeline import grid
 
 @dataclass
 class Result:
-    """Results for one query, best first."""
+    """Results for one query, best first.
+
+    ``distance`` holds what the scorer reports, named ``value_name`` in the outputs: the
+    Euclidean distance for single queries, ``score`` for example sets (lower is better) and
+    classifiers (the probability, higher is better). ``total``: in threshold mode, how many
+    tiles passed (more than the results when ``--limit`` cut them). ``transform``/``crs``: each
+    result's image georeference, for footprints (:mod:`pipeline.export`).
+    """
 
     query: dict[str, Any]
     uid: np.ndarray
-    distance: np.ndarray  # the scorer's reported value (Euclidean distance for the L2 scorer)
+    distance: np.ndarray
     image_path: list[str]
     row: np.ndarray
     col: np.ndarray
     lon: np.ndarray
     lat: np.ndarray
     value_name: str = "distance"
+    higher_is_better: bool = False  # of ``distance``'s values (a classifier's probability)
+    total: int | None = None
+    transform: np.ndarray | None = None  # (n, 6) affine a, b, c, d, e, f of each result's image
+    crs: list[str] | None = None
 
     @classmethod
-    def from_topk(cls, res: np.ndarray, query: dict[str, Any], values: np.ndarray, image_paths: Sequence[str],
-                  value_name: str = "distance") -> Result:  # fmt: skip
-        """From a sorted RESULT_DTYPE array; ``values``: what the scorer reports per row."""
+    def from_topk(
+        cls,
+        res: np.ndarray,
+        query: dict[str, Any],
+        values: np.ndarray,
+        image_paths: Sequence[str],
+        value_name: str = "distance",
+        total: int | None = None,
+        geometry: dict[str, np.ndarray] | None = None,
+        higher_is_better: bool = False,
+    ) -> Result:
+        """From a sorted RESULT_DTYPE array; ``values``: what the scorer reports per row;
+        ``geometry``: the image table's ``transform`` and ``crs``."""
         image, row, col = grid.unpack_uid(res["uid"])
         return cls(
             query=query,
@@ -51,6 +72,10 @@ class Result:
             lon=res["lon"],
             lat=res["lat"],
             value_name=value_name,
+            higher_is_better=higher_is_better,
+            total=total,
+            transform=None if geometry is None else np.asarray(geometry["transform"])[image].reshape(-1, 6),
+            crs=None if geometry is None else [str(geometry["crs"][i]) for i in image],
         )
 
     def __len__(self) -> int:
@@ -75,12 +100,32 @@ class Result:
         ]
 
     def to_json(self) -> dict[str, Any]:
-        return {"query": self.query, "results": self.records()}
+        doc: dict[str, Any] = {"query": self.query, "results": self.records()}
+        if self.total is not None:
+            doc["total_passed"] = self.total  # threshold mode: all that passed, capped by --limit
+        return doc
+
+    def to_geojson(self, pixel_coords: bool = False) -> dict[str, Any]:
+        """The results as a GeoJSON FeatureCollection of window polygons (EPSG:4326)."""
+        from pipeline import export
+
+        return export.to_geojson([self], pixel_coords=pixel_coords)
+
+    def to_geodataframe(self, pixel_coords: bool = False):
+        """The results as a geopandas GeoDataFrame of window polygons (EPSG:4326)."""
+        from pipeline import export
+
+        return export.to_geodataframe([self], pixel_coords=pixel_coords)
 
     def table(self) -> str:
         name = self.value_name
         lines = [
-            f"query: {self.query.get('label', '')}",
+            f"query: {self.query.get('label', '')}"
+            + (
+                f"  ({self.total} passed; showing {len(self)})"
+                if self.total is not None and self.total > len(self)
+                else ""
+            ),
             f"{'rank':>4}  {'uid':>20}  {name:>10}  {'row':>6}  {'col':>6}  {'lon':>11}  {'lat':>10}  image",
         ]
         for r in self.records():
