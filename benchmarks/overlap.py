@@ -8,7 +8,9 @@ the device), in one run.
 For each thread count t: the feed rate F_t (R = 0, nothing to wait for) and, for each R, the
 ingest's windows/s against min(R, F_t) (the layout's ceiling; target >= 0.8 with 2 threads)
 and against the serial sum 1 / (1 / F_1 + 1 / R) (what 1 thread can do). Whole ingests of a
-deflate-tiled 8,192 x 8,192 GeoTIFF (3,969 windows), median of 3, torch imported first.
+deflate-tiled 16,384 x 16,384 GeoTIFF (16,129 windows: long enough that the ingest's fixed costs,
+planning and the first read before the device starts, weigh little), median of 3, torch
+imported first.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def rate(source: str, threads: int, standin_rate: float, work: Path, repeat: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--px", type=int, default=8192)
+    ap.add_argument("--px", type=int, default=16384)
     ap.add_argument("--rates", type=float, nargs="+", default=[1000.0, 2500.0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/aerial-search-feed")
@@ -57,7 +59,7 @@ def main() -> None:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    source = str(write(work / "deflate-tiled.tif", args.px, FORMATS["deflate tiled"]))
+    source = str(write(work / f"deflate-tiled-{args.px}.tif", args.px, FORMATS["deflate tiled"]))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         feeds = {t: rate(source, t, 0.0, Path(tmp), args.repeat) for t in (1, 2)}

@@ -5,6 +5,7 @@ a NumPy reference and faiss IndexFlatL2, in one run. Writes benchmarks/search.js
     python benchmarks/search.py    # N = 45,000 / 1,000,000 (float32) / 10,000,000 (float16)
     python benchmarks/search.py --sizes 45000 1000000    # skip the 10M store (10 GB on disk)
     python benchmarks/search.py --against 6438984        # this tree against an older commit, same run
+    python benchmarks/search.py --classifier             # a classifier's scoring pass against a search, 1M
 
 Fingerprints are synthetic (ReLU'd Gaussian 512-d vectors, like pooled CNN features), written as
 real stores with the project's schema. At 10M only the project's float16 paths run: a float32
@@ -174,6 +175,33 @@ def compare_commits(rev: str, sizes: list[int], work: Path, repeat: int, rounds:
               f"{r['new_over_old']:7.3f}  {r['new_minus_old_ms']:9.2f}")  # fmt: skip
 
 
+def classifier_pass(work: Path, n: int, repeat: int, out: Path) -> None:
+    """A classifier's scoring pass over a persisted index against a single-query search, same
+    run, same index (k = 10 both, median of ``repeat``); fitting timed apart."""
+    from pipeline.classify import fit
+    from pipeline.search.kernels import ExampleSet, Exclusions
+
+    path = synthetic_store(work / f"synth-{n}-float32.zarr", n, "float32")
+    index = SearchIndex.open(str(path)).persist()
+    q = np.maximum(np.random.default_rng(1).standard_normal((1, DIM)), 0).astype(np.float32)
+    queries = Queries.from_fingerprints(q)
+    uids = open_store(path)["uid"].values
+    pos = index.queries_from_uids([int(u) for u in uids[[10, 20_000, 400_000, 700_000, 999_000]]])[0]
+    neg = index.queries_from_uids([int(u) for u in uids[[50, 60_000, 500_000, 800_000, 990_000]]])[0]
+    t0 = time.perf_counter()
+    model = fit(index, ExampleSet(pos, neg), background=200)
+    fit_s = time.perf_counter() - t0
+    scorer = model.scorer()
+    index.search(queries, 10)
+    index.run(scorer, Exclusions.none(), k=10)
+    search_s, _ = timed(lambda: index.search(queries, 10), repeat)
+    classify_s, _ = timed(lambda: index.run(scorer, Exclusions.none(), k=10), repeat)
+    row = {"n": n, "single_query_search_s": search_s, "classifier_pass_s": classify_s,
+           "classifier_over_search": classify_s / search_s, "fit_s": fit_s, "repeat": repeat}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    out.write_text(json.dumps(row, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[45_000, 1_000_000, 10_000_000])
@@ -183,9 +211,15 @@ def main() -> None:
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--against", metavar="REV", help="compare this tree with commit REV (k = 10, 1 and 100 queries)")
     ap.add_argument("--rounds", type=int, default=5, help="--against: interleaved old/new process pairs per row")
+    ap.add_argument("--classifier", action="store_true", help="time a classifier's scoring pass against a search, 1M")
     args = ap.parse_args()
     if args.child:
         child_store_search(args.child[0], int(args.child[1]), int(args.child[2]))
+        return
+    if args.classifier:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        classifier_pass(work, 1_000_000, max(args.repeat, 7), Path(__file__).with_name("classifier.json"))
         return
     if args.against:
         sizes = args.sizes if args.sizes != ap.get_default("sizes") else [45_000, 1_000_000]

@@ -22,6 +22,7 @@ import numpy as np
 from pipeline import grid, post, store
 from pipeline.embed import ModelSpec, describe_weights, embed_batch
 from pipeline.errors import DatasetError, PostprocessError
+from pipeline.search.kernels import L2Scorer, centroid_query
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 PRECISION_AT = (5, 10, 20, 50, 100)
@@ -143,10 +144,91 @@ def _halves(labels: np.ndarray) -> np.ndarray:
     return half
 
 
+EXAMPLE_METHODS = ("single", "centroid", "nearest", "classifier")
+
+
+def evaluate_examples(
+    raw: np.ndarray,
+    labels: np.ndarray,
+    options: list[Options],
+    n: int,
+    draws: int = 4,
+    background: int = 200,
+    seed: int = 0,
+) -> list[dict]:
+    """Example sets against single-example queries, through the same engine.
+
+    Per class and draw (seeded): ``n`` positives of the class and ``n`` negatives from the other
+    classes; every other image is ranked (the examples excluded) by each method: each positive
+    alone (``single``, averaged over the ``n``), the ``centroid`` of the set, the ``nearest``
+    scoring, and the ``classifier`` (logistic regression on the examples plus ``background``
+    random other images as negatives). AP and P@k are against the class, averaged over classes
+    and draws. The post-processing of each ``options`` applies (their DBA / QE do not).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.search import SearchIndex
+    from pipeline.search.kernels import CentroidScorer, LinearScorer, NearestScorer
+
+    rows = []
+    classes = np.unique(labels)
+    for opts in options:
+        x = post.fit(opts.post, raw, opts.dims).apply(raw)
+        index = SearchIndex(store.memory_dataset(x))
+        scores: dict[str, list[dict]] = {m: [] for m in EXAMPLE_METHODS}
+        for c in classes:
+            inside, outside = np.flatnonzero(labels == c), np.flatnonzero(labels != c)
+            for d in range(draws):
+                rng = np.random.default_rng(seed + 1000 * int(c) + d)
+                pos = rng.choice(inside, min(n, len(inside) - 1), replace=False)
+                neg = rng.choice(outside, n, replace=False)
+                examples = np.concatenate([pos, neg])
+                rest = len(x) - len(examples)
+                pool = np.setdiff1d(np.arange(len(x)), examples)
+                bg = rng.choice(pool, min(background, len(pool)), replace=False)
+
+                mp, mn = x[pos], x[neg]
+                clf = LogisticRegression(class_weight="balanced", max_iter=2000)
+                clf.fit(np.concatenate([mp, mn, x[bg]]), np.r_[np.ones(len(mp)), np.zeros(len(mn) + len(bg))])
+                runs = {
+                    "single": (L2Scorer(mp.astype(np.float32)), len(pos)),
+                    "centroid": (CentroidScorer(centroid_query(mp, mn, 0.5)[None].astype(np.float32)), 1),
+                    "nearest": (NearestScorer((mp,), (mn,), (0.5,)), 1),
+                    "classifier": (LinearScorer(clf.coef_.astype(np.float32), clf.intercept_.astype(np.float64)), 1),
+                }
+                for method, (scorer, columns) in runs.items():
+                    results = index.run(scorer, _excluding(examples, columns), k=rest)
+                    ranked = np.stack([grid.unpack_uid(r.uid)[0] for r in results])
+                    m = retrieval_metrics(labels[ranked], np.full(len(ranked), c))
+                    scores[method].append({k: v for k, v in m.items() if k != "ap"})
+        for method in EXAMPLE_METHODS:
+            got = scores[method]
+            row = {"options": opts.label(), "method": method, "n_examples": n, "sets": len(got)}
+            row.update({k: float(np.mean([g[k] for g in got])) for k in got[0]})
+            rows.append(row)
+    return rows
+
+
+def _excluding(examples: np.ndarray, columns: int):
+    """Every example image excluded from every column's ranking (in-memory items: one image each)."""
+    from pipeline.search.kernels import Exclusions
+
+    j = np.repeat(np.arange(columns), len(examples))
+    e = np.tile(examples, columns).astype(np.int64)
+    zero, nan = np.zeros(len(e), np.int64), np.full(len(e), np.nan)
+    return Exclusions(j, e, zero, zero.copy(), nan, nan.copy(), nan.copy())
+
+
 def evaluate(
-    dataset: str, spec: ModelSpec, options: list[Options], out: Path | None = None, tune_grid: bool = False
+    dataset: str,
+    spec: ModelSpec,
+    options: list[Options],
+    out: Path | None = None,
+    tune_grid: bool = False,
+    n_examples: int = 0,
 ) -> dict:
-    """Fingerprint the dataset once, then report every option (and a tuned one when asked)."""
+    """Fingerprint the dataset once, then report every option (and a tuned one when asked; and
+    example sets of ``n_examples`` positives and negatives against single examples)."""
     paths, labels, classes = list_dataset(dataset)
     t0 = time.perf_counter()
     raw = fingerprint_images(paths, spec)
@@ -177,6 +259,8 @@ def evaluate(
         report["runs"].append(run)
         if out is not None and opts is options[-1]:
             _pictures(out, paths, labels, classes, order, m["ap"], per_class, opts.label())
+    if n_examples:
+        report["examples"] = evaluate_examples(raw, labels, options, n_examples)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -191,6 +275,12 @@ def table(report: dict) -> str:
         lines.append(
             f"{r['options']:<32} " + " ".join(f"{r[c]:8.3f}" for c in cols[:-1]) + f"  {r['mAP_held_out_half']:12.3f}"
         )
+    if report.get("examples"):
+        n = report["examples"][0]["n_examples"]
+        lines += ["", f"example sets: {n} positives + {n} negatives per set, 4 sets per class, examples excluded",
+                  f"{'options':<20} {'method':<11} " + " ".join(f"{c:>8}" for c in cols[:-1])]  # fmt: skip
+        for r in report["examples"]:
+            lines.append(f"{r['options']:<20} {r['method']:<11} " + " ".join(f"{r[c]:8.3f}" for c in cols[:-1]))
     return "\n".join(lines)
 
 

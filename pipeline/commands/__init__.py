@@ -11,9 +11,11 @@ Heavy imports (torch, dask) happen inside ``main`` so that ``--help`` stays inst
 """
 
 from pipeline.commands import (
+    classify,
     compact,
     demo,
     evaluate,
+    heatmap,
     info,
     ingest,
     migrate,
@@ -24,7 +26,9 @@ from pipeline.commands import (
     weights,
 )
 
-COMMANDS = (ingest, search, info, postprocess, remove, relocate, compact, migrate, evaluate, demo, weights)
+COMMANDS = (
+    ingest, search, classify, heatmap, info, postprocess, remove, relocate, compact, migrate, evaluate, demo, weights,
+)  # fmt: skip
 
 
 def name_of(command) -> str:

@@ -55,3 +55,108 @@ def add_cluster(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", dest="cluster.n_workers", type=int, help="local: worker processes")
     g.add_argument("--threads", dest="cluster.threads", type=int, help="dask threads (per worker for local)")
     g.add_argument("--no-progress", dest="cluster.progress", action="store_false", default=None)
+
+
+def add_filters(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters")
+    g.add_argument("--include-overlapping", action="store_true", help="keep the query tiles and tiles overlapping them")
+    g.add_argument("--diverse", action="store_true", help="skip results overlapping a better result")
+    g.add_argument("--bbox", type=float_list(4), help="W,S,E,N: only tiles centred in this lon/lat box")
+    g.add_argument("--images", help="glob: only tiles of source images whose path (or file name) matches")
+
+
+def add_examples(p: argparse.ArgumentParser, required_help: str = "") -> None:
+    g = p.add_argument_group(f"example sets: one query made of several examples{required_help}")
+    g.add_argument("--positive", action="append", default=[], metavar="REF",
+                   help="an example of what to find: a tile uid, lonlat:LON,LAT or an image file (repeatable)")  # fmt: skip
+    g.add_argument("--negative", action="append", default=[], metavar="REF",
+                   help="an example of what not to find (repeatable)")  # fmt: skip
+    g.add_argument("--examples", metavar="FILE",
+                   help="CSV (uid or lon,lat, and label positive/negative) or GeoJSON points with a label property")  # fmt: skip
+
+
+def add_outputs(p: argparse.ArgumentParser, threshold_help: str) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--limit", type=int, default=10_000, help=f"{threshold_help}: at most this many results (default 10,000)"
+    )
+    g.add_argument("--json", dest="json_out", help="write results as JSON to this file")
+    g.add_argument("--geojson", help="write the hits' window polygons (EPSG:4326) as GeoJSON")
+    g.add_argument("--geoparquet", help="write the hits' window polygons as GeoParquet")
+    g.add_argument("--dissolve", action="store_true",
+                   help="GeoJSON/GeoParquet: merge touching hits per image (hits, best value, area_m2)")  # fmt: skip
+    g.add_argument("--pixel-coords", action="store_true",
+                   help="GeoJSON/GeoParquet: write hits of images without a CRS in pixel coordinates")  # fmt: skip
+    g.add_argument("--sheet", help="write a PNG of the query and its results (several queries: NAME-1.png, ...)")
+
+
+def k_or_threshold(k: int | None, threshold: float | None, flag: str) -> tuple[int | None, float | None]:
+    """``-k`` or a threshold, never both; neither: ``-k 10``."""
+    from pipeline.errors import SearchError
+
+    if k is not None and threshold is not None:
+        raise SearchError(
+            f"-k and {flag} both given: choose one, -k for the k best tiles or {flag} for every tile past it"
+        )
+    return (10 if k is None and threshold is None else k), threshold
+
+
+def example_refs(args: argparse.Namespace) -> tuple[list, list]:
+    """The positive and negative references of ``--positive``, ``--negative`` and ``--examples``."""
+    from pipeline.examples import parse_ref, read_examples
+
+    pos = [parse_ref(r) for r in args.positive]
+    neg = [parse_ref(r) for r in args.negative]
+    if args.examples:
+        for ref, label in read_examples(args.examples):
+            (pos if label == "positive" else neg).append(ref)
+    return pos, neg
+
+
+def filters_of(args: argparse.Namespace, index):
+    from pipeline.search import Filters
+
+    return Filters(
+        include_overlapping=args.include_overlapping,
+        bbox=tuple(args.bbox) if args.bbox else None,
+        image_ids=index.image_ids_matching(args.images) if args.images else None,
+    )
+
+
+def example_pixels(index, ref):
+    """The 256 x 256 pixels a sheet shows for an example."""
+    from pipeline.query import load_image
+    from pipeline.render import read_tile
+
+    if ref.kind == "image":
+        pre = index.provenance.get("preprocessing", {})
+        return load_image(ref.value, pre.get("bands", (1, 2, 3)), pre.get("scale"))
+    uid = ref.value if ref.kind == "uid" else index.uid_at(*ref.value)[0]
+    _, labels = index.queries_from_uids([uid])
+    pre = index.provenance.get("preprocessing", {})
+    lab = labels[0]
+    return read_tile(lab["image_path"], lab["row"], lab["col"], pre.get("bands", (1, 2, 3)), pre.get("scale"))
+
+
+def write_outputs(results, args: argparse.Namespace, index, pixels) -> None:
+    """Tables on stdout, then the files the flags ask for."""
+    from pipeline import export
+    from pipeline.render import write_sheets
+    from pipeline.search.results import write_json
+
+    for res in results:
+        print(res.table())
+        if res.total is not None and res.total > len(res):
+            print(f"{res.total} tiles passed the threshold; --limit {len(res)} kept the best of them")
+        print()
+    if args.json_out:
+        write_json(results, args.json_out)
+    if args.geojson:
+        export.write_geojson(results, args.geojson, args.pixel_coords, args.dissolve)
+        print(f"GeoJSON written to {args.geojson}")
+    if args.geoparquet:
+        export.write_geoparquet(results, args.geoparquet, args.pixel_coords, args.dissolve)
+        print(f"GeoParquet written to {args.geoparquet}")
+    if args.sheet:
+        for path in write_sheets(results, pixels, index.provenance, args.sheet):
+            print(f"sheet written to {path}")

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
                    help="post-processing runs: none, l2, hellinger, pca:DIMS, with +dbaN, +qeN, @ALPHA "
                         f"(default: {' '.join(DEFAULT_OPTIONS)})")  # fmt: skip
     p.add_argument("--tune", action="store_true", help="also pick post/QE/DBA settings on half the queries")
+    p.add_argument("--n-examples", type=int, default=0, metavar="N",
+                   help="also compare example sets of N positives + N negatives (centroid, nearest, classifier) "
+                        "with single-example queries")  # fmt: skip
     add_model(p)
 
 
@@ -31,7 +34,8 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     spec = ModelSpec.from_config(
         cfg.model, describe_weights(cfg.model.arch, cfg.model.weights, cfg.model.seed)["weights_sha256"]
     )
-    report = evaluate.evaluate(args.dataset, spec, options, Path(args.out), tune_grid=args.tune)
+    report = evaluate.evaluate(args.dataset, spec, options, Path(args.out), tune_grid=args.tune,
+                               n_examples=args.n_examples)  # fmt: skip
     print(evaluate.table(report))
     print(f"\nwritten {Path(args.out) / 'metrics.json'}, per_class_ap.png, best_worst.png")
     return 0

@@ -1,5 +1,7 @@
-"""``aerial-search search --store S -k K (--uid | --uids-file | --image | --lonlat)...``: resolve
-the queries, answer them in one pass over the store, print tables, write JSON and sheets."""
+"""``aerial-search search --store S (-k K | --max-distance D) (QUERIES | EXAMPLES)``: resolve the
+queries (one per --uid/--image/--lonlat, or one example set from --positive/--negative/
+--examples), answer them in one pass over the store, print tables, write JSON, GIS files and
+sheets."""
 
 from __future__ import annotations
 
@@ -8,16 +10,29 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.commands.common import add_cluster, add_common, float_list
+from pipeline.commands.common import (
+    add_cluster,
+    add_common,
+    add_examples,
+    add_filters,
+    add_outputs,
+    example_pixels,
+    example_refs,
+    filters_of,
+    float_list,
+    k_or_threshold,
+    write_outputs,
+)
 from pipeline.config import Config
 from pipeline.errors import SearchError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("search", help="find the k tiles most similar to a query")
+    p = sub.add_parser("search", help="find the tiles most similar to a query, or to a set of examples")
     p.add_argument("--store", required=True, help="the Zarr store to search")
-    p.add_argument("-k", type=int, default=10, help="number of results per query (default 10)")
-    g = p.add_argument_group("queries (repeat or combine; all are answered in one pass over the store)")
+    p.add_argument("-k", type=int, help="number of results per query (default 10)")
+    p.add_argument("--max-distance", type=float, help="instead of -k: every tile within this distance (or score)")
+    g = p.add_argument_group("queries (repeat or combine; each is one query, all answered in one pass over the store)")
     g.add_argument("--uid", action="append", default=[], help="a tile uid of the store (or of --query-store)")
     g.add_argument("--uids-file", help="text file with one uid per line")
     g.add_argument("--image", action="append", default=[], help="PNG/JPEG/TIFF fingerprinted with the store's model")
@@ -25,15 +40,16 @@ def add_parser(sub) -> None:
         "--lonlat", action="append", default=[], type=float_list(2), help="LON,LAT: the tile centred nearest"
     )
     g.add_argument("--query-store", help="take --uid fingerprints from this store (same model required)")
-    g = p.add_argument_group("filters")
-    g.add_argument("--include-overlapping", action="store_true", help="keep the query tile and tiles overlapping it")
-    g.add_argument("--diverse", action="store_true", help="skip results overlapping a better result")
-    g.add_argument("--bbox", type=float_list(4), help="W,S,E,N: only tiles centred in this lon/lat box")
-    g.add_argument("--images", help="glob: only tiles of source images whose path (or file name) matches")
-    g = p.add_argument_group("output")
-    g.add_argument("--json", dest="json_out", help="write results as JSON to this file")
-    g.add_argument("--sheet", help="write a PNG of the query and its results (several queries: NAME-1.png, ...)")
-    g.add_argument("--split-every", type=int, default=8, help="fan-in of the top-k tree reduction")
+    add_examples(p)
+    g = p.add_argument_group("example-set scoring")
+    g.add_argument("--score", choices=["centroid", "nearest"], default="centroid",
+                   help="centroid: distance to mP + w (mP - mN); nearest: to the closest positive minus w x to the "
+                        "closest negative (default centroid)")  # fmt: skip
+    g.add_argument("--negative-weight", type=float, help="w (default 0.5 with negatives)")
+    add_filters(p)
+    add_outputs(p, "--max-distance")
+    g = p.add_argument_group("search")
+    g.add_argument("--split-every", type=int, default=8, help="fan-in of the reduction tree")
     g.add_argument("--raw", action="store_true", help="ignore the store's post-processing (raw fingerprints)")
     g.add_argument("--qe", type=int, default=0, help="alpha query expansion with this many top results (0: off)")
     g.add_argument("--alpha", type=float, default=3.0, help="query expansion weight exponent")
@@ -45,31 +61,35 @@ def add_parser(sub) -> None:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.cluster import runtime
-    from pipeline.render import write_sheets
-    from pipeline.search import Filters, SearchIndex
-    from pipeline.search.results import write_json
+    from pipeline.search import SearchIndex
 
-    if args.k <= 0:
-        raise SearchError(f"-k must be a positive number of results, got {args.k}")
+    k, threshold = k_or_threshold(args.k, args.max_distance, "--max-distance")
+    pos, neg = example_refs(args)
+    singles = args.uid or args.uids_file or args.image or args.lonlat
+    if (pos or neg) and singles:
+        raise SearchError(
+            "--positive/--negative/--examples make one query of several examples and --uid/--uids-file/--image/"
+            "--lonlat make one query each: use one kind per search"
+        )
     with runtime(cfg.cluster) as rt:
         index = SearchIndex.open(args.store, rt, split_every=args.split_every)
         index.use_post = not args.raw
-        filters = Filters(
-            include_overlapping=args.include_overlapping,
-            bbox=tuple(args.bbox) if args.bbox else None,
-            image_ids=index.image_ids_matching(args.images) if args.images else None,
-        )
-        queries, labels, pixels = resolve_queries(index, args, cfg.model.device, pixels=bool(args.sheet))
-        expand = (args.qe, args.alpha) if args.qe else None
-        results = index.search(queries, args.k, filters, diverse=args.diverse, labels=labels, expand=expand)
-    for res in results:
-        print(res.table())
-        print()
-    if args.json_out:
-        write_json(results, args.json_out)
-    if args.sheet:
-        for path in write_sheets(results, pixels, index.provenance, args.sheet):
-            print(f"sheet written to {path}")
+        filters = filters_of(args, index)
+        if pos or neg:
+            from pipeline.examples import example_set
+
+            es, query = example_set(index, pos, neg, args.score, args.negative_weight, args.query_weights,
+                                    cfg.model.device)  # fmt: skip
+            scorer, exclude = index.example_scorer([es])
+            max_score = None if threshold is None else scorer.internal(threshold)
+            results = index.run(scorer, exclude, k, max_score, args.limit, filters, args.diverse, [query])
+            pixels = [example_pixels(index, pos[0])] if args.sheet else []
+        else:
+            queries, labels, pixels = resolve_queries(index, args, cfg.model.device, pixels=bool(args.sheet))
+            expand = (args.qe, args.alpha) if args.qe else None
+            results = index.search(queries, k, filters, diverse=args.diverse, labels=labels, expand=expand,
+                                   max_distance=threshold, limit=args.limit)  # fmt: skip
+        write_outputs(results, args, index, pixels)
     return 0
 
 
