@@ -141,16 +141,19 @@ def describe_weights(arch: str, weights: str, seed: int = 0) -> dict[str, Any]:
         )
     sha = sha256_file(weights)
     wid = f"file:{os.path.abspath(weights)}"
-    if _is_torchvision_imagenet(arch, sha):
+    if _is_torchvision_imagenet(arch, weights, sha):
         wid = f"torchvision:{BACKBONES[arch].weights_enum}.IMAGENET1K_V1 ({wid})"
     return {"weights_id": wid, "weights_sha256": sha, "pretrained": True}
 
 
-def _is_torchvision_imagenet(arch: str, sha256: str) -> bool:
+def _is_torchvision_imagenet(arch: str, path: str, sha256: str) -> bool:
     """torchvision names its files ``<arch>-<first hex digits of the sha256>.pth``: a local copy
-    of IMAGENET1K_V1 (e.g. resnet18-f37072fd.pth) is recognised by that prefix."""
+    of IMAGENET1K_V1 (e.g. resnet18-f37072fd.pth) is recognised by that prefix. Files named
+    otherwise are not looked up (which would import torchvision, seconds, before any work)."""
     import re
 
+    if not re.fullmatch(rf"{re.escape(arch)}-[0-9a-f]{{6,}}\.pth", os.path.basename(path)):
+        return False
     m = re.search(r"-([0-9a-f]{6,})\.pth$", _imagenet_weights(arch).url)
     return bool(m) and sha256.startswith(m.group(1))
 
