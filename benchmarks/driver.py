@@ -219,16 +219,16 @@ def simulated_device(work: Path, rate: float, n_batches: int) -> list[dict]:
                         t0 = time.perf_counter()
                         report = ingest(paths, work / f"sim-{in_flight}.zarr", c, client=client, overwrite=True)
                         seconds = time.perf_counter() - t0
-                    work = sum(  # every task's compute time: reads, the simulated device, writes
+                    busy = sum(  # every task's compute time: reads, the simulated device, writes
                         span["stop"] - span["start"]
                         for task in ts.data
                         for span in task["startstops"]
                         if span["action"] == "compute"
                     )
                     rows.append({"batches_in_flight": in_flight, "batches": n_batches, "windows": report.windows,
-                                 "rate_tiles_per_s": rate, "seconds": seconds, "work_s": work,
-                                 "work_per_worker_s": work / 2, "over_work_per_worker": seconds / (work / 2),
-                                 "device_s": report.windows / rate, "worker_busy_fraction": work / (2 * seconds)})  # fmt: skip
+                                 "rate_tiles_per_s": rate, "seconds": seconds, "work_s": busy,
+                                 "work_per_worker_s": busy / 2, "over_work_per_worker": seconds / (busy / 2),
+                                 "device_s": report.windows / rate, "worker_busy_fraction": busy / (2 * seconds)})  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 

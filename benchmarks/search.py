@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import grid  # noqa: E402
 from pipeline.search import Queries, SearchIndex  # noqa: E402
-from pipeline.store import META_CHUNK_FACTOR, SCHEMA_VERSION, fingerprint_compressors, open_store  # noqa: E402
+from pipeline.store import META_CHUNK_FACTOR, SCHEMA_VERSION, consolidate, fingerprint_compressors, open_store  # noqa: E402
 
 DIM = 512
 IMAGE_SIDE = 10_240  # px: 79 x 79 windows per synthetic image
@@ -40,7 +41,9 @@ def synthetic_store(path: Path, n: int, dtype: str, chunk_tiles: int = 8192, see
     import xarray as xr
 
     if (path / "zarr.json").exists():
-        return path
+        if _current(path):
+            return path
+        shutil.rmtree(path)  # made by an older version of this script: made again
     per_img = grid.windows_per_axis(IMAGE_SIDE) ** 2
     n_img = -(-n // per_img)
     slot = np.arange(n, dtype=np.int64)
@@ -55,7 +58,7 @@ def synthetic_store(path: Path, n: int, dtype: str, chunk_tiles: int = 8192, see
     ds = xr.Dataset(
         {
             "fingerprint": (("tile", "feature"), fp),
-            "valid": ("tile", da.ones(n, bool, chunks=chunk_tiles)),
+            "valid": ("tile", da.ones(n, dtype=bool, chunks=chunk_tiles)),
             "uid": ("tile", ch(grid.pack_uid(image, row, col))),
             "image": ("tile", ch(image.astype(np.int32))),
             "row": ("tile", ch(row.astype(np.int32))),
@@ -80,7 +83,18 @@ def synthetic_store(path: Path, n: int, dtype: str, chunk_tiles: int = 8192, see
     print(f"writing synthetic store {path} ({n:,} x {DIM} {dtype}) ...", flush=True)
     encoding = {"fingerprint": {"compressors": fingerprint_compressors("lz4")}}  # the ingest default
     ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+    consolidate(path)  # schema 2: readers open the consolidated metadata
     return path
+
+
+def _current(path: Path) -> bool:
+    """Whether a cached synthetic store has this schema version and a boolean ``valid``."""
+    from pipeline.errors import StoreError
+
+    try:
+        return open_store(path)["valid"].dtype == bool
+    except StoreError:
+        return False
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:
