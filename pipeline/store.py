@@ -255,7 +255,8 @@ def consolidate(path: Path | str) -> None:
 
     import zarr
 
-    with warnings.catch_warnings():  # zarr notes that v3 consolidation is not in the spec yet: known, and read back here
+    # zarr notes that v3 consolidation is not in the spec yet: known, and read back here
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
         zarr.consolidate_metadata(str(path), zarr_format=3)
 

@@ -133,5 +133,8 @@ def test_local_copy_of_torchvision_imagenet_file_is_recognised(tmp_path, monkeyp
     monkeypatch.setattr(
         embed, "_imagenet_weights", lambda arch: SimpleNamespace(url=f"https://x/resnet18-{sha[:8]}.pth")
     )
-    wid = embed.describe_weights("resnet18", str(path))["weights_id"]
+    assert not embed.describe_weights("resnet18", str(path))["weights_id"].startswith("torchvision:")  # w.pth
+    named = tmp_path / f"resnet18-{sha[:8]}.pth"
+    named.write_bytes(path.read_bytes())
+    wid = embed.describe_weights("resnet18", str(named))["weights_id"]
     assert wid.startswith("torchvision:ResNet18_Weights.IMAGENET1K_V1 (file:")
