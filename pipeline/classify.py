@@ -42,6 +42,11 @@ class Classifier:
     def scorer(self) -> LinearScorer:
         return LinearScorer(self.coef[None, :].astype(np.float32), np.array([self.intercept], np.float64))
 
+    def query_of(self, query: dict[str, Any]) -> dict[str, Any]:
+        """The description of the example set it was fitted on, as the query of this model."""
+        return {**query, "type": "classifier", "cv_average_precision": self.info.get("cv_average_precision"),
+                "label": f"classifier on {query['label']}"}  # fmt: skip
+
     def save(self, path: str | Path) -> None:
         doc = {"format": FORMAT, "coef": self.coef.tolist(), "intercept": self.intercept,
                "signature": self.signature, **self.info}  # fmt: skip

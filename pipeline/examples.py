@@ -41,17 +41,20 @@ class Ref:
         return str(self.value)
 
 
-def parse_ref(text: str) -> Ref:
-    """``UID``, ``lonlat:LON,LAT`` or an image file path."""
-    text = text.strip()
+def parse_ref(text: str, files: bool = True) -> Ref:
+    """``UID``, ``lonlat:LON,LAT`` or (``files``) an image file path. Without ``files`` (a
+    reference from a web request) nothing is ever looked up on disk."""
+    text = str(text).strip()
     if text.lower().startswith("lonlat:"):
         try:
             lon, lat = (float(v) for v in text[7:].split(","))
         except ValueError:
             raise SearchError(f"example {text!r}: write places as lonlat:LON,LAT, e.g. lonlat:-82.03,29.82") from None
         return Ref("lonlat", (lon, lat))
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return Ref("uid", int(text))
+    if not files:
+        raise SearchError(f"example {text[:80]!r} is neither a tile uid nor lonlat:LON,LAT")
     if Path(text).expanduser().is_file():
         return Ref("image", str(Path(text).expanduser().resolve()))
     raise SearchError(f"example {text!r} is neither a tile uid, lonlat:LON,LAT nor an existing image file")
@@ -177,3 +180,25 @@ def example_set(
         "label": f"{len(positives)} positive(s), {len(negatives)} negative(s), {score}",
     }
     return es, query
+
+
+def answer(
+    index: Any,
+    es: ExampleSet,
+    query: dict,
+    k: int | None = 10,
+    threshold: float | None = None,
+    limit: int = 10_000,
+    filters: Any = None,
+    diverse: bool = False,
+    model: Any = None,
+) -> list:
+    """The results of one example set: tiles ranked by the set's own score, or, with ``model`` (a
+    fitted :class:`~pipeline.classify.Classifier`), by the model's probability. The examples and
+    the tiles overlapping them are left out. ``threshold``: a distance or score (or, for a
+    model, a minimum probability) instead of ``k``."""
+    scorer, exclude = index.example_scorer([es])
+    if model is not None:
+        scorer = model.scorer()
+    max_score = None if threshold is None else scorer.internal(threshold)
+    return index.run(scorer, exclude, k, max_score, limit, filters, diverse, [query])

@@ -27,26 +27,27 @@ from pipeline import grid
 from pipeline.geo import to_lonlat
 
 
+def window_ring(transform: Sequence[float], crs: str, row: int, col: int, pixel_coords: bool = False):
+    """One window's footprint as a closed ring of 5 (x, y) points: its corners through the image's
+    affine, then EPSG:4326; without a CRS, pixel coordinates (``pixel_coords``) or None."""
+    t = grid.TILE
+    cols = col + np.array([0, t, t, 0, 0], dtype=np.float64)
+    rows = row + np.array([0, 0, t, t, 0], dtype=np.float64)
+    if not crs:
+        return [(float(c), float(r)) for c, r in zip(cols, rows)] if pixel_coords else None
+    a, b, c, d, e, f = (float(v) for v in transform)
+    lon, lat = to_lonlat(a * cols + b * rows + c, d * cols + e * rows + f, crs)
+    return [(float(u), float(v)) for u, v in zip(lon, lat)]
+
+
 def window_rings(result: Any, pixel_coords: bool = False) -> list[list[tuple[float, float]] | None]:
-    """Each result's window footprint as a closed ring of 5 (x, y) points, or None when its image
-    has no CRS and ``pixel_coords`` is off. Corners go through the image's affine, then EPSG:4326."""
+    """Each result's :func:`window_ring` (None when its image has no CRS and ``pixel_coords`` is off)."""
     if result.transform is None:
         raise ValueError("results carry no georeference: they come from a SearchIndex over a store")
-    t = grid.TILE
-    corners = np.array([(0, 0), (t, 0), (t, t), (0, t), (0, 0)], dtype=np.float64)  # (dcol, drow)
-    rings: list[list[tuple[float, float]] | None] = []
-    for i in range(len(result)):
-        cols = result.col[i] + corners[:, 0]
-        rows = result.row[i] + corners[:, 1]
-        crs = result.crs[i]
-        if not crs:
-            rings.append([(float(c), float(r)) for c, r in zip(cols, rows)] if pixel_coords else None)
-            continue
-        a, b, c, d, e, f = result.transform[i]
-        x, y = a * cols + b * rows + c, d * cols + e * rows + f
-        lon, lat = to_lonlat(x, y, crs)
-        rings.append([(float(u), float(v)) for u, v in zip(lon, lat)])
-    return rings
+    return [
+        window_ring(result.transform[i], result.crs[i], int(result.row[i]), int(result.col[i]), pixel_coords)
+        for i in range(len(result))
+    ]
 
 
 def _rows(results: Sequence[Any], pixel_coords: bool) -> tuple[list[dict[str, Any]], list]:

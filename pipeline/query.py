@@ -75,6 +75,47 @@ def load_image(path: str, bands=(1, 2, 3), scale=None) -> np.ndarray:
     return fit_to_window(rgb)
 
 
+MAX_QUERY_PIXELS = 50_000_000  # an uploaded image larger than this is refused before decoding
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def decode_image(data: bytes, what: str, bands=(1, 2, 3), scale=None, max_pixels: int = MAX_QUERY_PIXELS) -> np.ndarray:
+    """Image bytes (PNG, JPEG, WebP, TIFF or GeoTIFF: an upload) as uint8 ``(3, 256, 256)``
+    following the size rule above. Nothing touches the disk. Anything that does not decode as an
+    image, or decodes to more than ``max_pixels``, is a :class:`SearchError` naming ``what``."""
+    import io
+
+    try:
+        if data[:4] in TIFF_MAGIC:  # GeoTIFFs: the store's band selection and scaling
+            from rasterio.io import MemoryFile
+
+            from pipeline.raster import to_uint8
+
+            with MemoryFile(data) as mem, mem.open() as src:
+                _check_pixels(src.width * src.height, max_pixels, what)
+                if src.count < max(bands):
+                    raise SearchError(f"{what} has {src.count} band(s) but the store reads bands {tuple(bands)}")
+                rgb = to_uint8(src.read(list(bands)), scale, what)[:3]
+        else:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:
+                _check_pixels(im.width * im.height, max_pixels, what)
+                rgb = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+    except SearchError:
+        raise
+    except Exception as e:
+        raise SearchError(f"{what} is not a readable image ({type(e).__name__}); send a PNG, JPEG or GeoTIFF") from e
+    if min(rgb.shape[1:]) < 1:
+        raise SearchError(f"{what} has no pixels")
+    return fit_to_window(rgb)
+
+
+def _check_pixels(n: int, max_pixels: int, what: str) -> None:
+    if n > max_pixels:
+        raise SearchError(f"{what} has {n:,} pixels, more than the {max_pixels:,} a query image may have")
+
+
 def fit_to_window(rgb: np.ndarray) -> np.ndarray:
     """Resize so the shorter side is 256 (bilinear, antialiased), then centre-crop to 256 x 256."""
     import torch
@@ -90,6 +131,11 @@ def fit_to_window(rgb: np.ndarray) -> np.ndarray:
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
     top, left = (nh - t) // 2, (nw - t) // 2
     return x[:, top : top + t, left : left + t].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def fingerprint_pixels(pixels: np.ndarray, prov: dict[str, Any], weights: str | None = None, device: str = "auto"):
+    """Fingerprints ``(m, dim)`` of uint8 windows ``(m, 3, 256, 256)`` by the store's model."""
+    return embed_batch(pixels, spec_from_provenance(prov, weights, device))
 
 
 def fingerprint_images(

@@ -23,11 +23,12 @@ from pipeline.commands import (
     relocate,
     remove,
     search,
+    serve,
     weights,
 )
 
 COMMANDS = (
-    ingest, search, classify, heatmap, info, postprocess, remove, relocate, compact, migrate, evaluate, demo, weights,
+    ingest, search, classify, heatmap, serve, info, postprocess, remove, relocate, compact, migrate, evaluate, demo, weights,
 )  # fmt: skip
 
 

@@ -77,8 +77,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
             print(f"fitted on {model.info['positives']} positive(s), {model.info['negatives']} negative(s) and "
                   f"{model.info['background']} background tiles; cross-validated AP "
                   f"{'n/a (too few examples)' if ap is None else f'{ap:.3f}'} ({model.info['cv_folds']} folds)")  # fmt: skip
-            query = {**query, "type": "classifier", "cv_average_precision": ap,
-                     "label": f"classifier on {query['label']}"}  # fmt: skip
+            query = model.query_of(query)
             if args.save:
                 model.save(args.save)
                 print(f"model saved to {args.save}")

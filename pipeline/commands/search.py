@@ -76,13 +76,11 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         index.use_post = not args.raw
         filters = filters_of(args, index)
         if pos or neg:
-            from pipeline.examples import example_set
+            from pipeline.examples import answer, example_set
 
             es, query = example_set(index, pos, neg, args.score, args.negative_weight, args.query_weights,
                                     cfg.model.device)  # fmt: skip
-            scorer, exclude = index.example_scorer([es])
-            max_score = None if threshold is None else scorer.internal(threshold)
-            results = index.run(scorer, exclude, k, max_score, args.limit, filters, args.diverse, [query])
+            results = answer(index, es, query, k, threshold, args.limit, filters, args.diverse)
             pixels = [example_pixels(index, pos[0])] if args.sheet else []
         else:
             queries, labels, pixels = resolve_queries(index, args, cfg.model.device, pixels=bool(args.sheet))
@@ -116,12 +114,8 @@ def resolve_queries(index, args: argparse.Namespace, device: str, pixels: bool =
     if args.query_store:
         source = SearchIndex.open(args.query_store, index.runtime)
         index.check_comparable(source.provenance, f"--query-store {args.query_store}")
-    for lon, lat in args.lonlat:
-        uid, metres = index.uid_at(lon, lat)
-        q, lab = index.queries_from_uids([uid])
-        lab[0].update(
-            type="lonlat", lonlat=[lon, lat], metres_to_centre=round(metres, 2), label=f"{lon},{lat} -> uid {uid}"
-        )
+    if args.lonlat:
+        q, lab = index.queries_from_lonlats(args.lonlat)
         parts.append(q)
         labels += lab
     if uid_ints:

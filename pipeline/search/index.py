@@ -130,6 +130,11 @@ class SearchIndex:
         dba = self.uses_dba
         return graph.store_blocks(self.ds, transform=None if dba else self.transform, use_dba=dba)
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether :meth:`persist` holds the blocks (in this process or on the cluster)."""
+        return self._blocks is not None
+
     def persist(self, block_rows: int | None = None) -> SearchIndex:
         """Load every chunk once (with precomputed norms) and keep it in memory or cluster memory.
 
@@ -347,6 +352,8 @@ class SearchIndex:
 
     def slot_of(self, uid: int) -> int:
         """Slot of ``uid`` in this store, from grid math (no scan); SearchError if not a tile."""
+        if not 0 <= int(uid) < 1 << 64:
+            raise SearchError(f"uid {uid} is not a tile uid (uids are 64-bit unsigned integers)")
         image_id, row, col = (int(v) for v in grid.unpack_uid(np.uint64(uid)))
         n_img = self.ds.sizes["img"]
         if not 0 <= image_id < n_img:
@@ -399,6 +406,22 @@ class SearchIndex:
             for u, i, r, c in zip(uids, image, q.row, q.col)
         ]
         return q, labels
+
+    def queries_from_lonlats(self, points: Sequence[tuple[float, float]]) -> tuple[Queries, list[dict]]:
+        """Queries of the tiles covering places ``(lon, lat)`` (:meth:`uid_at`), labelled with
+        the place, the uid it resolved to and the metres from the point to that tile's centre."""
+        parts, labels = [], []
+        for lon, lat in points:
+            uid, metres = self.uid_at(lon, lat)
+            q, lab = self.queries_from_uids([uid])
+            lab[0].update(
+                type="lonlat", lonlat=[lon, lat], metres_to_centre=round(metres, 2), label=f"{lon},{lat} -> uid {uid}"
+            )
+            parts.append(q)
+            labels += lab
+        if not parts:
+            return Queries.from_fingerprints(np.zeros((0, self.ds.sizes["feature"]), np.float32)), []
+        return Queries.concat(parts), labels
 
     def nearest_uid(self, lon: float, lat: float) -> tuple[int, float]:
         """The valid tile whose centre is nearest ``(lon, lat)`` and the distance in metres."""

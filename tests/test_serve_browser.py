@@ -1,0 +1,254 @@
+"""The map page in a real browser: headless Chromium (Debian's, driven by Playwright) on a store
+ingested from the real imagery in $AERIAL_SEARCH_DATA/aerial with a pretrained network.
+
+A missing browser or missing page assets fail this test, never skip it: `.ci/run` installs
+chromium with apt and the README's test command runs `npm ci`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="serve needs fastapi: pip install -e .")
+
+from pipeline.cli import main  # noqa: E402
+from pipeline.serve.app import create_app, find_assets, missing_assets_hint  # noqa: E402
+from pipeline.serve.service import Service  # noqa: E402
+
+# real images with a CRS on three continents, and one without a CRS (searched from the gallery
+# view): ~520 windows
+IMAGES = ["test_tiled.tif", "australia.tif", "OSBS_029.tif", "2018_SJER_3_252000_4107000_image_477.tif",
+          "5b90f92da0d7280005fab355_4310.tif", "2019_YELL_2_528000_4978000_image_crop2.tif"]  # fmt: skip
+K = 12
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("Chromium is not installed: `apt-get install chromium` (.ci/run does)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory):
+    import os
+
+    root = os.environ.get("AERIAL_SEARCH_DATA")
+    if not root or not Path(root, "aerial").is_dir():
+        pytest.skip("real imagery not available: set AERIAL_SEARCH_DATA to the shared data folder")
+    weights = Path(root).parent / "weights" / "squeezenet1_1-imagenet.pth"
+    if not weights.is_file():
+        pytest.skip(f"pretrained SqueezeNet weights not found at {weights}")
+    path = tmp_path_factory.mktemp("page") / "aerial.zarr"
+    sources = [str(Path(root, "aerial", n)) for n in IMAGES]
+    assert main(["ingest", *sources, "--store", str(path), "--model", "squeezenet1_1", "--weights", str(weights),
+                 "--no-progress"]) == 0  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(real_store):
+    import uvicorn
+
+    assets = find_assets()
+    if assets is None:
+        pytest.fail(missing_assets_hint())
+    service = Service.open(str(real_store))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    srv = uvicorn.Server(uvicorn.Config(create_app(service, assets=assets), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(10)
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium(), headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def shot(page, path: Path) -> np.ndarray:
+    """A screenshot written to ``path``, read back, and checked not to be blank."""
+    from PIL import Image
+
+    page.screenshot(path=str(path))
+    px = np.asarray(Image.open(path).convert("RGB")).astype(float)
+    assert path.stat().st_size > 20_000, path
+    assert px.std() > 20, f"{path} looks blank"
+    return px
+
+
+def gallery_uids(page) -> list[str]:
+    return page.eval_on_selector_all("#gallery .result", "els => els.map(e => e.dataset.uid)")
+
+
+def wait_js(page, expression: str, timeout: float = 30) -> None:
+    """Poll a JavaScript expression until true (page.wait_for_function would need 'unsafe-eval',
+    which the page's Content-Security-Policy forbids)."""
+    deadline = time.time() + timeout
+    while not page.evaluate(expression):
+        assert time.time() < deadline, f"timed out waiting for {expression}"
+        page.wait_for_timeout(100)
+
+
+def wait_seq(page, n: int) -> None:
+    """Wait for the page's n-th answered search; an error shown instead fails at once."""
+    wait_js(page, f"document.body.dataset.seq === '{n}' || !document.getElementById('error').hidden", 60)
+    assert page.locator("#error").is_hidden(), page.locator("#error").inner_text()
+    assert page.evaluate("document.body.dataset.seq") == str(n)
+
+
+def test_page_search_mark_rerun_and_permalink(server, browser, tmp_path):
+    import httpx
+
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("requestfailed", lambda r: errors.append(f"{r.url} {r.failure}") if "/api/" in r.url else None)
+    page.goto(server + "/", wait_until="domcontentloaded")
+    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+    assert f"tiles in {len(IMAGES)} images" in page.inner_text("#store-info")
+    assert page.locator(".leaflet-overlay-pane path").count() >= len(IMAGES) - 1  # footprints (one has no CRS)
+    shot(page, tmp_path / "1-loaded.png")
+
+    # go to one image and click the middle of the map
+    fc = httpx.get(server + "/api/images").json()
+    ring = np.array(next(f for f in fc["features"] if f["properties"]["name"] == "test_tiled.tif")["geometry"]
+                    ["coordinates"][0])  # fmt: skip
+    fit = (f"aerialSearch.map.fitBounds([[{ring[:, 1].min()}, {ring[:, 0].min()}], "
+           f"[{ring[:, 1].max()}, {ring[:, 0].max()}]], {{animate: false}})")  # fmt: skip
+    page.evaluate(fit)
+    page.wait_for_selector(".leaflet-tile-loaded", timeout=30_000)
+    page.fill("#k", str(K))
+    box = page.locator("#map").bounding_box()
+    with page.expect_response(lambda r: "/api/search" in r.url) as first:
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert first.value.status == 200
+    wait_seq(page, 1)
+    uids = gallery_uids(page)
+    assert len(uids) == K
+    assert page.locator("path.result-outline").count() == K  # every hit outlined on the map
+    assert page.locator("path.query-outline").count() == 1
+    lon, lat = page.evaluate("aerialSearch.state.lonlat")
+    oracle = httpx.get(server + "/api/search", params={"lonlat": f"{lon},{lat}", "k": K}).json()
+    assert uids == [r["uid"] for r in oracle["results"]]
+    wait_js(page, "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)")
+    shot(page, tmp_path / "2-results.png")
+
+    place_link = page.url
+    assert "lonlat=" in place_link
+
+    # a click on a result flies the map there
+    page.locator("#gallery .result img").nth(3).click()
+    page.wait_for_timeout(1200)
+    centre = page.evaluate("(() => { const c = aerialSearch.map.getCenter(); return [c.lng, c.lat]; })()")
+    hit = oracle["results"][3]
+    assert abs(centre[0] - hit["lon"]) < 2e-4 and abs(centre[1] - hit["lat"]) < 2e-4
+
+    # mark the best result negative, re-run: the results change, as the API says they should
+    page.locator("#gallery .result").first.locator("button.neg").click()
+    assert "negative" in page.locator("#gallery .result").first.get_attribute("class")
+    page.click("#rerun")
+    wait_seq(page, 2)
+    rerun = gallery_uids(page)
+    assert len(rerun) == K and rerun != uids and uids[0] not in rerun
+    expect = httpx.post(server + "/api/search", json={"positives": [oracle["query"]["uid"]], "negatives": [uids[0]],
+                                                      "k": K}).json()  # fmt: skip
+    assert rerun == [r["uid"] for r in expect["results"]]
+    link = page.url
+    assert "pos=" in link and "neg=" in link
+    shot(page, tmp_path / "3-rerun.png")
+
+    # the permalink reproduces the results in a fresh page
+    again = browser.new_page(viewport={"width": 1400, "height": 900})
+    again.goto(link, wait_until="domcontentloaded")
+    wait_seq(again, 1)
+    assert gallery_uids(again) == rerun
+    shot(again, tmp_path / "4-permalink.png")
+
+    # ... and so does a place's permalink
+    again.goto(place_link, wait_until="domcontentloaded")
+    again.reload(wait_until="domcontentloaded")
+    wait_seq(again, 1)
+    assert gallery_uids(again) == uids
+
+    # export: a GeoJSON file of the hits
+    with page.expect_download() as dl:
+        page.click("#export")
+    doc = json.loads(Path(dl.value.path()).read_text())
+    assert [f["properties"]["uid"] for f in doc["features"]] == rerun
+
+    # threshold mode: every result within the slider's value (now example-set scores)
+    page.check("#threshold-mode")
+    values = page.evaluate("aerialSearch.last.results.map(r => r.score)")
+    limit = float(np.median(values))
+    page.evaluate(f"(() => {{ const s = document.getElementById('threshold'); s.max = '{limit * 2}'; "
+                  f"s.value = '{limit}'; s.dispatchEvent(new Event('change')); }})()")  # fmt: skip
+    wait_seq(page, 3)
+    got = page.evaluate("aerialSearch.last.results.map(r => r.score)")
+    assert len(got) >= K // 2 and max(got) <= limit + 1e-9
+    assert "passed" in page.inner_text("#status")
+    page.uncheck("#threshold-mode")
+
+    # search in this view: every hit centred inside the map's bounds; the progress bar shows meanwhile
+    page.check("#in-view")
+    page.evaluate(fit)
+    page.evaluate("""(() => { window.sawProgress = false; const p = document.getElementById('progress');
+        new MutationObserver(() => { if (!p.hidden) window.sawProgress = true; })
+          .observe(p, {attributes: true}); })()""")
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    wait_seq(page, 4)
+    assert page.evaluate("window.sawProgress")
+    w, s, e, n = page.evaluate("aerialSearch.state.bbox")
+    hits = page.evaluate("aerialSearch.last.results")
+    assert hits and all(w <= r["lon"] <= e and s <= r["lat"] <= n for r in hits)
+    page.uncheck("#in-view")
+
+    # an uploaded image as the query (not part of the permalink)
+    png = httpx.get(f"{server}/api/tiles/{uids[2]}.png").content
+    (tmp_path / "query.png").write_bytes(png)
+    page.set_input_files("#upload", str(tmp_path / "query.png"))
+    wait_seq(page, 5)
+    assert page.evaluate("aerialSearch.last.query.type") == "image"
+    assert "#" not in page.url or page.url.endswith("#")
+
+    # the gallery view of an image without a CRS: a click on its preview searches from that tile
+    page.click("#open-images")
+    page.locator("#image-list a", has_text="2019_YELL").click()
+    wait_js(page, "document.getElementById('preview').complete && document.getElementById('preview').naturalWidth > 0")
+    pbox = page.locator("#preview").bounding_box()
+    page.mouse.click(pbox["x"] + pbox["width"] * 0.5, pbox["y"] + pbox["height"] * 0.5)
+    wait_seq(page, 6)
+    q = page.evaluate("aerialSearch.last.query")
+    assert q["type"] == "uid" and "2019_YELL" in q["image_path"]
+    assert abs(q["row"] + 128 - 2472 / 2) <= 128 and abs(q["col"] + 128 - 2299 / 2) <= 128
+    assert len(gallery_uids(page)) == K
+    shot(page, tmp_path / "5-gallery-view.png")
+    page.click("#close-images")
+
+    # a readable error: a place with no tile
+    page.evaluate("aerialSearch.map.setView([0, -30], 10, {animate: false})")
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    assert "no tile covers" in page.inner_text("#error")
+    shot(page, tmp_path / "6-error.png")
+    assert not errors, errors
