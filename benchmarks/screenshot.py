@@ -70,7 +70,7 @@ def main() -> None:
         browser.close()
     server.should_exit = True
     service.close()
-    im = Image.open(raw).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+    im = Image.open(raw).convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
     im.save(args.out, optimize=True)
     raw.unlink()
     print(f"{args.out}: {Path(args.out).stat().st_size / 1024:.0f} kB")
