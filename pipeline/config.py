@@ -40,9 +40,11 @@ class ModelConfig:
     seed: int = 0  # only for weights=random
     torch_threads: int = 0  # 0 = cores // (dask threads per process)
     standin_rate: float = 0.0  # arch standin only: simulated device speed in tiles/s (0 = instant)
+    mode: str = "exact"  # exact: every window through the CNN on its own; dense: shared feature maps
+    context_px: int = 64  # dense: surroundings read around each chunk of a large image (pixels)
 
     def __post_init__(self) -> None:
-        from pipeline.embed import BACKBONES  # local import: embed imports torch lazily
+        from pipeline.embed import BACKBONES, MODES  # local import: embed imports torch lazily
 
         _require(
             self.arch in BACKBONES,
@@ -61,6 +63,18 @@ class ModelConfig:
         _require(self.amp in ("none", "bf16", "fp16"), "model.amp", f"{self.amp!r} is not none, bf16 or fp16")
         _require(self.torch_threads >= 0, "model.torch_threads", "must be >= 0 (0 = automatic)")
         _require(self.standin_rate >= 0, "model.standin_rate", "must be >= 0 tiles/s (0 = instant)")
+        _require(self.mode in MODES, "model.mode", f"{self.mode!r} is not one of {', '.join(MODES)}")
+        _require(
+            not (self.mode == "dense" and BACKBONES[self.arch].standin),
+            "model.mode",
+            "dense needs a CNN; the stand-in backbone runs in exact mode only",
+        )
+        cell = BACKBONES[self.arch].cell_px
+        _require(
+            self.context_px >= 0 and self.context_px % cell == 0,
+            "model.context_px",
+            f"must be a multiple of {cell} px (a feature-map cell of {self.arch}) and >= 0, got {self.context_px}",
+        )
 
 
 @dataclass(frozen=True)

@@ -32,23 +32,46 @@ STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Backbone:
-    """A torchvision classifier used as a fingerprint extractor."""
+    """A torchvision classifier used as a fingerprint extractor.
+
+    Dense mode (:func:`embed_dense`) needs the window-to-cell mapping of the backbone's
+    convolutional body: ``cell_px`` input pixels per output cell (the body's total stride) and
+    ``window_cells`` cells per 256 px window side, so that the window with origin ``(r, c)``
+    (pixels, multiples of 128) averages cells ``[r / cell_px, r / cell_px + window_cells)`` of a
+    feature map computed over its surroundings, with a step of ``128 / cell_px`` cells between
+    neighbouring windows. The mapping follows from the layers' strides, padding and pooling:
+
+    - ResNet-18/34/50: conv 7x7/2 pad 3, max-pool 3x3/2 pad 1, then three stride-2 stages with
+      'same' padding: 32 px per cell, a 256 px window is 8 x 8 cells, neighbours are 4 cells
+      apart. Shifting the input by 32 px shifts the map by exactly one cell.
+    - SqueezeNet 1.1: an unpadded conv 3x3/2 and three ceil-mode max-pools 3x3/2, the 1x1 and
+      'same'-padded 3x3 fire modules between them: 16 px per cell; an input of ``128 m`` px gives
+      ``8 m - 1`` cells (256 px: 15), so a window is 15 x 15 cells at a step of 8, and a shift
+      by 16 px shifts the map by exactly one cell (the unpadded layers lose the same border
+      everywhere).
+    - MobileNet v2, EfficientNet-B0: stride 32 with 'same' padding: 8 x 8 cells at a step of 4.
+
+    A 256 x 256 input with no surroundings therefore gives exactly the exact-mode fingerprint.
+    """
 
     dim: int  # fingerprint length
     classifier: str  # state_dict prefix of the removed classifier head
     weights_enum: str  # torchvision weights enum whose IMAGENET1K_V1 member is 'imagenet'
     standin: bool = False  # not a CNN: see STANDIN
+    cell_px: int = 32  # dense mode: input pixels per feature-map cell
+    window_cells: int = 8  # dense mode: cells per 256 px window side
 
 
 BACKBONES: dict[str, Backbone] = {
     "resnet18": Backbone(512, "fc.", "ResNet18_Weights"),
     "resnet34": Backbone(512, "fc.", "ResNet34_Weights"),
     "resnet50": Backbone(2048, "fc.", "ResNet50_Weights"),
-    "squeezenet1_1": Backbone(512, "classifier.", "SqueezeNet1_1_Weights"),
+    "squeezenet1_1": Backbone(512, "classifier.", "SqueezeNet1_1_Weights", cell_px=16, window_cells=15),
     "mobilenet_v2": Backbone(1280, "classifier.", "MobileNet_V2_Weights"),
     "efficientnet_b0": Backbone(1280, "classifier.", "EfficientNet_B0_Weights"),
     "standin": Backbone(512, "", "", standin=True),
 }
+MODES = ("exact", "dense")
 STANDIN = "standin"
 STANDIN_STEP = 16
 STANDIN_ID = (
@@ -71,6 +94,8 @@ class ModelSpec:
     seed: int = 0
     torch_threads: int = 0
     standin_rate: float = 0.0  # standin only: a simulated device of this many tiles/s (0: instant)
+    mode: str = "exact"  # exact: each window on its own; dense: shared feature maps (embed_dense)
+    context_px: int = 64  # dense only: pixels of surroundings read around a chunk of a large image
 
     @property
     def dim(self) -> int:
@@ -89,6 +114,8 @@ class ModelSpec:
             seed=model_cfg.seed,
             torch_threads=model_cfg.torch_threads if torch_threads is None else torch_threads,
             standin_rate=model_cfg.standin_rate,
+            mode=model_cfg.mode,
+            context_px=model_cfg.context_px,
         )
 
 
@@ -232,6 +259,17 @@ def _drop_classifier(arch: str, full) -> None:
         full.classifier = nn.Identity()
 
 
+def feature_body(arch: str, headless):
+    """The convolutional body of a headless model from :func:`get_model` (its modules, shared):
+    ``(N, 3, H, W) -> (N, dim, H', W')``, the map the global average pool would reduce."""
+    from torch import nn
+
+    if arch.startswith("resnet"):
+        m = headless
+        return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+    return headless[0]
+
+
 def _headless(arch: str, full):
     """``features -> global average pool -> flatten`` for each backbone family."""
     from torch import nn
@@ -365,6 +403,25 @@ class Runner:
         with self.lock:
             return self._forward(x)
 
+    def features(self, body, x):
+        """uint8 ``(n, 3, H, W)`` on the device -> the body's feature map ``(n, dim, H', W')``
+        (float32 or the autocast dtype) on the device; serialized like :meth:`forward`."""
+        import torch
+
+        x = x.to(dtype=torch.float32, memory_format=self.fmt).sub_(self.shift).mul_(self.inv)
+        if self.lock is not None:
+            self.lock.acquire()
+        try:
+            if self.amp is not None:
+                with torch.autocast("cuda", dtype=self.amp):
+                    return body(x).float()
+            return body(x)
+        finally:
+            if self.lock is not None:
+                if self.on_cuda:
+                    torch.cuda.current_stream(self.device).synchronize()
+                self.lock.release()
+
     def _forward(self, x) -> np.ndarray:
         import torch
 
@@ -489,6 +546,71 @@ def embed_chunks(
                 if filled == run.batch:
                     flush()
         flush()
+    return outs
+
+
+def embed_dense(
+    blocks: Sequence[tuple[np.ndarray, int, int, np.ndarray]],
+    spec: ModelSpec,
+    skip: int = 0,
+    on_batch: Callable[[int, np.ndarray], None] | None = None,
+) -> list[np.ndarray]:
+    """Dense fingerprints: the convolutional body runs once over each block and every window's
+    fingerprint is the average of its cells of the shared map (see :class:`Backbone`).
+
+    ``blocks``: ``(rgb, top, left, ij)`` with ``rgb`` uint8 ``(3, h, w)`` holding a chunk with its
+    surroundings, the chunk's first window origin at pixel ``(top, left)`` of ``rgb`` (multiples
+    of the backbone's ``cell_px``), and ``ij`` ``(n, 2)`` the grid indexes (within the chunk) of
+    the windows wanted. Returns one float32 ``(n, dim)`` array per block.
+
+    Consecutive blocks of equal shape and offsets (small images of one size) go through the
+    model together, up to about ``spec.batch_size`` windows' worth of pixels. ``skip`` and
+    ``on_batch`` count windows over all blocks as in :func:`embed_chunks`: groups whose windows
+    all lie below ``skip`` are not computed, and ``on_batch(first, rows)`` follows each group.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    bb = BACKBONES[spec.arch]
+    if bb.standin:
+        raise WeightsError("dense mode needs a CNN; the stand-in backbone runs in exact mode only")
+    run = Runner(spec)
+    body = feature_body(spec.arch, run.model)
+    step, k = STRIDE // bb.cell_px, bb.window_cells
+    outs = [np.empty((len(ij), spec.dim), dtype=np.float32) for *_, ij in blocks]
+    groups: list[list[int]] = []
+    for b, (rgb, top, left, _) in enumerate(blocks):
+        if top % bb.cell_px or left % bb.cell_px:
+            raise ValueError(f"dense offsets ({top}, {left}) are not multiples of {bb.cell_px} px for {spec.arch}")
+        key = (rgb.shape, top, left)
+        g = groups[-1] if groups else None
+        if g and (blocks[g[0]][0].shape, blocks[g[0]][1], blocks[g[0]][2]) == key:
+            if (len(g) + 1) * rgb.shape[1] * rgb.shape[2] <= max(run.batch, 1) * TILE * TILE:
+                g.append(b)
+                continue
+        groups.append([b])
+    index = 0
+    with torch.inference_mode():
+        for g in groups:
+            n = sum(len(blocks[b][3]) for b in g)
+            first, index = index, index + n
+            if index <= skip or n == 0:
+                continue
+            x = torch.stack([run.upload(blocks[b][0]) for b in g]) if len(g) > 1 else run.upload(blocks[g[0]][0])[None]
+            _, top, left, _ = blocks[g[0]]
+            fmap = run.features(body, x)[:, :, top // bb.cell_px :, left // bb.cell_px :]
+            pooled = F.avg_pool2d(fmap, kernel_size=k, stride=step)  # (len(g), dim, windows y, windows x)
+            rows = []
+            for slot, b in enumerate(g):
+                ij = blocks[b][3]
+                if len(ij) and (ij[:, 0].max() >= pooled.shape[2] or ij[:, 1].max() >= pooled.shape[3]):
+                    raise ValueError(f"block of {blocks[b][0].shape[1:]} px gives {tuple(pooled.shape[2:])} windows; "
+                                     f"window {tuple(ij.max(axis=0))} asked for")  # fmt: skip
+                r = pooled[slot][:, torch.as_tensor(ij[:, 0]), torch.as_tensor(ij[:, 1])].T
+                outs[b][:] = r.float().cpu().numpy()
+                rows.append(outs[b])
+            if on_batch is not None:
+                on_batch(first, np.concatenate(rows))
     return outs
 
 

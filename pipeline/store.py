@@ -303,6 +303,8 @@ def fingerprint_signature(prov: dict[str, Any]) -> dict[str, Any]:
     return {
         "arch": model.get("arch"),
         "dim": model.get("dim"),
+        "mode": model.get("mode", "exact"),  # stores before dense mode are exact
+        "context_px": model.get("context_px"),
         "weights": model.get("weights_sha256") or model.get("weights_id"),
         "mean": pre.get("mean"),
         "std": pre.get("std"),
@@ -395,7 +397,14 @@ def schema_attrs(cfg: Any, arch: str, dim: int, weights: dict[str, Any]) -> dict
         "schema_version": SCHEMA_VERSION,
         "software": f"aerial-search {__version__}",
         "created": _now(),
-        "model": {"arch": arch, "dim": dim, "head": "classifier removed; global average pool", **weights},
+        "model": {
+            "arch": arch,
+            "dim": dim,
+            "head": "classifier removed; global average pool",
+            **weights,
+            "mode": cfg.model.mode,
+            **({"context_px": cfg.model.context_px} if cfg.model.mode == "dense" else {}),
+        },
         "preprocessing": {
             "tile": grid.TILE,
             "stride": grid.STRIDE,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pipeline import grid
-from pipeline.embed import ModelSpec, embed_chunks
+from pipeline.embed import ModelSpec, embed_chunks, embed_dense
 
 
 def nodata_pixels(block: np.ndarray, black_level: int) -> np.ndarray:
@@ -34,6 +34,7 @@ def fingerprint_blocks(
     max_nodata_fraction: float,
     done: np.ndarray | None = None,
     on_batch: Callable[[int, np.ndarray], None] | None = None,
+    margins: Sequence[tuple[int, int, int, int]] = (),
 ) -> np.ndarray:
     """Fingerprints of the kept windows of ``blocks``: float32 ``(sum of ny * nx, dim + 1)``, the
     blocks' windows one after the other.
@@ -43,19 +44,26 @@ def fingerprint_blocks(
     batches that span blocks. ``done``: fingerprints of the first kept windows, computed by an
     earlier, interrupted run (not recomputed); ``on_batch(first, rows)``: called after each
     model batch with the index of its first kept window (:func:`pipeline.embed.embed_chunks`).
+
+    ``margins``: per block, the ``(top, bottom, left, right)`` pixels of surroundings read
+    around its chunk (dense mode, :func:`pipeline.embed.embed_dense`); none by default.
     """
-    keeps = [keep_windows(b, black_level, max_nodata_fraction) for b in blocks]
+    margins = list(margins) or [(0, 0, 0, 0)] * len(blocks)
+    cores = [b[:, t : b.shape[1] - bm, lf : b.shape[2] - r] for b, (t, bm, lf, r) in zip(blocks, margins)]
+    keeps = [keep_windows(c, black_level, max_nodata_fraction) for c in cores]
     out = np.zeros((sum(k.size for k in keeps), spec.dim + 1), dtype=np.float32)
     work, rows = [], []
     offset = 0
-    for block, keep in zip(blocks, keeps):
+    for block, core, keep, (top, _, left, _) in zip(blocks, cores, keeps, margins):
         flat = np.flatnonzero(keep.ravel())
         if len(flat):
-            work.append((block[:3], np.stack(np.unravel_index(flat, keep.shape), axis=1)))
+            ij = np.stack(np.unravel_index(flat, keep.shape), axis=1)
+            work.append((block[:3], top, left, ij) if spec.mode == "dense" else (core[:3], ij))
             rows.append(offset + flat)
         offset += keep.size
     skip = 0 if done is None else len(done)
-    fps = embed_chunks(work, spec, skip=skip, on_batch=on_batch)
+    embed = embed_dense if spec.mode == "dense" else embed_chunks
+    fps = embed(work, spec, skip=skip, on_batch=on_batch)
     kept_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     out[kept_rows, : spec.dim] = np.concatenate(fps) if fps else np.zeros((0, spec.dim), np.float32)
     if skip:

@@ -26,6 +26,11 @@ def add_parser(sub) -> None:
     g.add_argument(
         "--black-level", dest="tiling.black_level", type=int, help="pixels with all bands <= this are nodata"
     )
+    g.add_argument("--mode", dest="model.mode", choices=["exact", "dense"],
+                   help="exact (default): every window through the CNN on its own; dense: one pass per chunk, "
+                        "windows pooled from the shared feature map (about 3x faster)")  # fmt: skip
+    g.add_argument("--context-px", dest="model.context_px", type=int,
+                   help="dense: pixels of surroundings read around each chunk (default 64)")  # fmt: skip
     g.add_argument("--chunk-px", dest="read.chunk_px", type=int, help="read chunk side in pixels (multiple of 128)")
     g.add_argument("--dtype", dest="store.dtype", choices=["float32", "float16"], help="fingerprint dtype in the store")
     g.add_argument("--chunk-tiles", dest="store.chunk_tiles", type=int, help="tiles per Zarr chunk")

@@ -135,6 +135,15 @@ def _ingest(
                     raise StoreError(f"{work} exists and is not a fingerprint store; choose another --store path")
                 store.check_version(work)
                 diff = store.signature_diff(store.read_attrs(work), attrs)
+                if "mode" in diff or "context_px" in diff:
+                    was = store.read_attrs(work).get("model", {})
+                    flags = f"--mode {was.get('mode', 'exact')}"
+                    flags += f" --context-px {was['context_px']}" if was.get("context_px") is not None else ""
+                    raise StoreError(
+                        f"store {final} was ingested with {flags} and this run asks for --mode {cfg.model.mode}"
+                        f"{f' --context-px {cfg.model.context_px}' if cfg.model.mode == 'dense' else ''}; "
+                        f"exact and dense fingerprints never mix in one store: pass {flags} or use another --store"
+                    )
                 if diff:
                     raise StoreError(
                         f"store {final} holds fingerprints made differently ({diff}); fingerprints of different "

@@ -44,6 +44,7 @@ class Unit:
     members: tuple[tuple[raster.RasterReader, grid.Span, grid.Span], ...]
     start: int
     count: int
+    margins: tuple[tuple[int, int, int, int], ...] = ()  # dense mode: (top, bottom, left, right) px read around
 
     @property
     def stop(self) -> int:
@@ -55,7 +56,10 @@ def units_of(run: Sequence[ImagePlan], cfg: Any) -> list[Unit]:
 
     Single-chunk images are grouped until a group holds ``(chunk_px / 128)^2`` windows or
     ``(chunk_px + 128)^2`` pixels (a full chunk's worth of either); larger images give one unit
-    per grid chunk, row-major, which is their slot order.
+    per grid chunk, row-major, which is their slot order. In dense mode a chunk of a larger image
+    is read with ``model.context_px`` of surroundings on each side (as far as the image goes), so
+    that windows at chunk edges see context like interior ones; a single-chunk image is its own
+    context.
     """
     t = cfg.tiling
     max_windows = (cfg.read.chunk_px // grid.STRIDE) ** 2
@@ -84,17 +88,28 @@ def units_of(run: Sequence[ImagePlan], cfg: Any) -> list[Unit]:
             continue
         close_group()
         slot = p.tile_start
+        m = cfg.model.context_px if cfg.model.mode == "dense" else 0
         for sy in p.spans_y:
             for sx in p.spans_x:
-                units.append(Unit(((reader, sy, sx),), slot, sy.count * sx.count))
+                margin = (
+                    min(m, sy.start),
+                    min(m, p.info.height - sy.stop),
+                    min(m, sx.start),
+                    min(m, p.info.width - sx.stop),
+                )
+                units.append(Unit(((reader, sy, sx),), slot, sy.count * sx.count, (margin,) if any(margin) else ()))
                 slot += sy.count * sx.count
     close_group()
     return units
 
 
 def read_task(unit: Unit) -> list[np.ndarray]:
-    """A unit's pixels: one uint8 ``(4, h, w)`` block (chunk + halo) per member."""
-    return [reader.read((sy.start, sy.stop), (sx.start, sx.stop)) for reader, sy, sx in unit.members]
+    """A unit's pixels: one uint8 ``(4, h, w)`` block (chunk + halo, plus its margins) per member."""
+    margins = unit.margins or ((0, 0, 0, 0),) * len(unit.members)
+    return [
+        reader.read((sy.start - t, sy.stop + b), (sx.start - lf, sx.stop + r))
+        for (reader, sy, sx), (t, b, lf, r) in zip(unit.members, margins)
+    ]
 
 
 def fingerprint_task(
@@ -105,6 +120,7 @@ def fingerprint_task(
     stage_in: str = "",
     start: int = 0,
     stage_seconds: float = 2.0,
+    margins: tuple[tuple[int, int, int, int], ...] = (),
 ) -> np.ndarray:
     """A unit's fingerprints: float32 ``(unit.count, dim + 1)`` (the last column 1.0 for kept
     windows), staged for the store at ``stage_in`` (its first slot ``start``) as soon as they
@@ -113,11 +129,15 @@ def fingerprint_task(
     reliability tests."""
     faults.maybe_kill_worker()
     if not stage_in:
-        return tiles.fingerprint_blocks(blocks, spec, black_level, max_nodata_fraction)
-    count = sum((b.shape[1] // grid.STRIDE - 1) * (b.shape[2] // grid.STRIDE - 1) for b in blocks)
+        return tiles.fingerprint_blocks(blocks, spec, black_level, max_nodata_fraction, margins=margins)
+    ms = margins or ((0, 0, 0, 0),) * len(blocks)
+    count = sum(((b.shape[1] - t - bm) // grid.STRIDE - 1) * ((b.shape[2] - lf - r) // grid.STRIDE - 1)
+                for b, (t, bm, lf, r) in zip(blocks, ms))  # fmt: skip
     saver = PartSaver(stage_in, start, count, stage_seconds)
     done = store.load_partial(stage_in, start, count)
-    rows = tiles.fingerprint_blocks(blocks, spec, black_level, max_nodata_fraction, done=done, on_batch=saver)
+    rows = tiles.fingerprint_blocks(
+        blocks, spec, black_level, max_nodata_fraction, done=done, on_batch=saver, margins=margins
+    )
     store.stage_rows(stage_in, start, rows)
     faults.after_stage()
     return rows
@@ -147,7 +167,7 @@ class PartSaver:
 
 def unit_task(unit: Unit, spec: ModelSpec, black_level: int, max_nodata_fraction: float) -> np.ndarray:
     """:func:`read_task` then :func:`fingerprint_task`, in one call, nothing staged (tests, tools)."""
-    return fingerprint_task(read_task(unit), spec, black_level, max_nodata_fraction)
+    return fingerprint_task(read_task(unit), spec, black_level, max_nodata_fraction, margins=unit.margins)
 
 
 def write_task(
@@ -193,6 +213,7 @@ def batch_parts(
                 str(path),
                 u.start,
                 cfg.store.stage_seconds,
+                u.margins,
             )
     regions: dict[int, list[tuple[int, int]]] = {}
     for run in batch.runs:

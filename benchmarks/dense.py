@@ -1,0 +1,137 @@
+"""Dense against exact fingerprints: whole-process ingest speed and search agreement.
+
+1. **Speed** (ResNet-18): `aerial-search ingest` of the multi-chunk images of
+   `$AERIAL_SEARCH_DATA/aerial`, each linked ``--copies`` times under another name (a few
+   thousand windows), run as a new process per contender with the README's defaults plus
+   ``--mode dense`` for dense, rounds alternating exact and dense so that machine noise hits
+   both alike; medians of ``--rounds`` runs. ResNet-18 runs with random weights here
+   (torchvision's ImageNet file cannot be downloaded on this machine): the same layers and
+   FLOPs as the pretrained network.
+2. **Agreement** (the shared ImageNet SqueezeNet 1.1): the whole aerial folder ingested in both
+   modes; for 100 query tiles (seed 0) the top-10 of each store, each queried with its own
+   fingerprint of the tile; the mean top-10 overlap and the mean cosine between the two modes'
+   fingerprints of the same window.
+
+    python benchmarks/dense.py                   # writes benchmarks/dense.json
+    python benchmarks/dense.py --rounds 1 --copies 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def data() -> Path:
+    root = os.environ.get("AERIAL_SEARCH_DATA")
+    if not root or not Path(root, "aerial").is_dir():
+        raise SystemExit("set AERIAL_SEARCH_DATA to the shared data folder (holding aerial/)")
+    return Path(root)
+
+
+def linked_sources(work: Path, copies: int) -> tuple[Path, int]:
+    import rasterio
+
+    from pipeline import grid
+
+    folder = work / "sources"
+    folder.mkdir(parents=True, exist_ok=True)
+    windows = 0
+    for tif in sorted((data() / "aerial").glob("*.tif")):
+        with rasterio.open(tif) as ds:
+            w, h = ds.width, ds.height
+        if max(w, h) <= 2048:  # one chunk at the default chunk_px: no shared map to speak of
+            continue
+        for c in range(copies):
+            link = folder / f"{tif.stem}-{c}.tif"
+            if not link.exists():
+                link.symlink_to(tif)
+            windows += grid.windows_per_axis(w) * grid.windows_per_axis(h)
+    return folder, windows
+
+
+def ingest_seconds(sources: Path, store: Path, *extra: str) -> float:
+    cmd = [sys.executable, "-m", "pipeline.cli", "ingest", str(sources), "--store", str(store), "--overwrite",
+           "--model", "resnet18", "--weights", "random", "--no-progress", *extra]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def agreement(work: Path, weights: Path, queries: int = 100, k: int = 10) -> dict:
+    from pipeline.config import Config
+    from pipeline.ingest import ingest
+    from pipeline.search import SearchIndex
+
+    stores = {}
+    for mode in ("exact", "dense"):
+        cfg = Config().override(**{"model.arch": "squeezenet1_1", "model.weights": str(weights),
+                                   "model.mode": mode, "cluster.progress": False})  # fmt: skip
+        stores[mode] = work / f"agree-{mode}.zarr"
+        ingest([data() / "aerial"], stores[mode], cfg, overwrite=True)
+    idx = {m: SearchIndex.open(str(p)) for m, p in stores.items()}
+    for i in idx.values():
+        i.persist()
+    ds = {m: i.ds for m, i in idx.items()}
+    uid = ds["exact"]["uid"].values
+    assert (uid == ds["dense"]["uid"].values).all()
+    valid = ds["exact"]["valid"].values & ds["dense"]["valid"].values
+    fe, fd = ds["exact"]["fingerprint"].values[valid], ds["dense"]["fingerprint"].values[valid]
+    cos = (fe * fd).sum(1) / np.linalg.norm(fe, axis=1) / np.linalg.norm(fd, axis=1)
+    picks = np.random.default_rng(0).choice(uid[valid], min(queries, int(valid.sum())), replace=False)
+    tops = {}
+    for m, i in idx.items():
+        q, labels = i.queries_from_uids([int(u) for u in picks])
+        res = i.search(q, k, labels=labels)
+        tops[m] = [{int(u) for u in r.uid} for r in res]
+    overlap = [len(a & b) / k for a, b in zip(tops["exact"], tops["dense"])]
+    return {"tiles": int(valid.sum()), "queries": len(picks), "k": k, "top10_overlap_mean": float(np.mean(overlap)),
+            "top10_overlap_min": float(np.min(overlap)), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--copies", type=int, default=2, help="links per multi-chunk aerial image (speed part)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--weights", default=None, help="SqueezeNet 1.1 ImageNet file (default: ../weights of the data)")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("dense.json")))
+    args = ap.parse_args()
+    weights = Path(args.weights) if args.weights else data().parent / "weights" / "squeezenet1_1-imagenet.pth"
+
+    res: dict = {"machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory(prefix="aerial-dense-") as tmp:
+        work = Path(tmp)
+        if not args.skip_speed:
+            sources, windows = linked_sources(work, args.copies)
+            times: dict[str, list[float]] = {"exact": [], "dense": []}
+            for r in range(args.rounds):
+                times["exact"].append(ingest_seconds(sources, work / "exact.zarr"))
+                times["dense"].append(ingest_seconds(sources, work / "dense.zarr", "--mode", "dense"))
+                print(f"round {r + 1}: exact {times['exact'][-1]:.1f} s, dense {times['dense'][-1]:.1f} s", flush=True)
+            med = {m: statistics.median(t) for m, t in times.items()}
+            res["speed"] = {"model": "resnet18 (random weights: same FLOPs)", "windows": windows, "runs": times,
+                            "median_s": med, "exact_over_dense": med["exact"] / med["dense"],
+                            "windows_per_s": {m: windows / s for m, s in med.items()}}  # fmt: skip
+            print(f"\n{windows} windows, ResNet-18, whole process: exact {med['exact']:.1f} s "
+                  f"({windows / med['exact']:.0f} w/s), dense {med['dense']:.1f} s ({windows / med['dense']:.0f} w/s): "
+                  f"dense {med['exact'] / med['dense']:.2f}x faster (target >= 2.5)")  # fmt: skip
+        res["agreement"] = agreement(work, weights)
+        a = res["agreement"]
+        print(f"SqueezeNet, {a['tiles']} aerial tiles, {a['queries']} queries: top-10 overlap dense/exact "
+              f"{a['top10_overlap_mean']:.3f} (target >= 0.8; min {a['top10_overlap_min']:.1f}), "
+              f"fingerprint cosine mean {a['cosine_mean']:.3f} (min {a['cosine_min']:.3f})")  # fmt: skip
+    Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
