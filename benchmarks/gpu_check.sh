@@ -8,7 +8,8 @@
 # the gpu-marked tests, then measures bare-model tiles/s (fp32/bf16/fp16, channels_last, batch
 # sizes) and end-to-end ingest tiles/s on a synthetic 16,384 x 16,384 GeoTIFF with 1, 4 and all-cores
 # I/O threads feeding the GPU (reads overlap inference; the GPU takes one batch at a time), with
-# the GPU utilization nvidia-smi samples during each run. About 4-6 minutes.
+# the GPU utilization nvidia-smi samples during each run, then the same ingest with --mode dense
+# (tiles/s against exact, and the cosine between the two modes' fingerprints). About 5-7 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import post, store
+from pipeline import codes, post, store
 from pipeline.search import SearchIndex
 
 
@@ -53,3 +53,39 @@ def augment_store(path: str, depth: int, alpha: float = 1.0, batch: int = 256, r
         out[rows] = post.expand_queries(x[rows], nb, alpha)
     store.write_dba(path, out, depth, alpha, len(valid))
     return len(valid)
+
+
+def encode_store(
+    path: str, kind: str = "binary", bits: int | None = None, sample: int = 100_000, seed: int = 0
+) -> dict:  # noqa: E501
+    """Fit ``kind`` codes on a sample of the store's search space (its post-processed
+    fingerprints, or its current ``fingerprint_dba``) and write every tile's code
+    (:func:`pipeline.store.write_codes`). ``bits``: default ``min(512, dims)``. Returns the
+    ``postprocess.codes`` record."""
+    if kind not in codes.KINDS:
+        raise ValueError(f"unknown codes kind {kind!r}; choose one of {codes.KINDS}")
+    index = SearchIndex.open(path)
+    ds = index.ds
+    source = "fingerprint_dba" if index.uses_dba else "fingerprint"
+
+    def space(sel) -> np.ndarray:
+        x = np.asarray(ds[source].data[sel].compute(), dtype=np.float32)
+        return x if source == "fingerprint_dba" else index.transform.apply(x)
+
+    valid = np.flatnonzero(ds["valid"].values)
+    fit_rows = valid
+    if len(valid) > sample:
+        fit_rows = np.sort(np.random.default_rng(seed).choice(valid, sample, replace=False))
+    x = space(fit_rows)
+    bits = bits or min(512, x.shape[1] // 64 * 64 or 64)
+    enc = codes.BinaryCodes.fit(x, bits, seed=seed)
+    n = ds.sizes["tile"]
+    z = int(ds["fingerprint"].data.chunksize[0]) or n
+
+    def rows():
+        for a in range(0, n, z):
+            yield a, enc.encode(space(slice(a, min(n, a + z))))
+
+    info = {"kind": kind, "bits": bits, "fitted_on_tiles": int(len(fit_rows)), "on": source, "tiles": int(len(valid))}
+    store.write_codes(path, n, enc.mean, enc.projection, info, rows())
+    return info

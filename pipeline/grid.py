@@ -128,3 +128,18 @@ def slot_in_image(row: int, col: int, height: int, width: int, chunk_px: int) ->
     chunk_h = min(per, ny - ci * per)
     chunk_w = min(per, nx - cj * per)
     return rows_before * nx + chunk_h * (cj * per) + (i - ci * per) * chunk_w + (j - cj * per)
+
+
+def slots_in_images(
+    row: np.ndarray, col: np.ndarray, height: np.ndarray, width: np.ndarray, chunk_px: int
+) -> np.ndarray:
+    """:func:`slot_in_image` for arrays of windows (of grid windows only; int64 offsets within
+    each window's image): the same formula, vectorized."""
+    i, j = np.asarray(row, np.int64) // STRIDE, np.asarray(col, np.int64) // STRIDE
+    ny = np.maximum(0, 2 * (np.asarray(height, np.int64) // TILE) - 1)
+    nx = np.maximum(0, 2 * (np.asarray(width, np.int64) // TILE) - 1)
+    per = chunk_px // STRIDE
+    ci, cj = i // per, j // per
+    chunk_h = np.minimum(per, ny - ci * per)
+    chunk_w = np.minimum(per, nx - cj * per)
+    return np.minimum(ci * per, ny) * nx + chunk_h * (cj * per) + (i - ci * per) * chunk_w + (j - cj * per)

@@ -26,6 +26,9 @@ only copy of anything)::
     post_mean        (feature,)               float32  PCA: centre of the fitting set
     post_projection  (feature, post_feature)  float32  PCA: projection with whitening
     fingerprint_dba  (tile, post_feature)     float32  database-side augmented fingerprints
+    codes            (tile, code_byte)        uint8    binary codes of the search space (ITQ)
+    codes_mean       (post_feature,)          float32  codes: centre of the fitting set
+    codes_projection (post_feature, code_bit) float32  codes: PCA + ITQ rotation, sign -> bit
 
 Group attributes: ``schema_version`` (:data:`SCHEMA_VERSION`), ``software``, ``created``,
 ``model`` (arch, dim, head, weights_id, weights_sha256, pretrained), ``preprocessing`` (tile,
@@ -33,7 +36,8 @@ stride, crop, mean, std, input_scale, bands, scale, black_level, max_nodata_frac
 ``fingerprint_dtype``, ``uid`` (the formula), ``layout`` (chunk_tiles, chunk_px), ``config``
 (every setting of the ingest that made it), ``last_ingest`` (finished, failed files) and
 ``postprocess`` (method, dims, fitted_on_tiles, created; ``dba``: depth, alpha, tiles and
-``stale``, the reason it no longer covers the store, when it does not).
+``stale``, the reason it no longer covers the store, when it does not; ``codes``: kind, bits,
+fitted_on_tiles, on (``fingerprint`` or ``fingerprint_dba``), created and ``stale``).
 
 Slots: images in image-id order (sorted paths), each image's grid chunks row-major, each chunk's
 windows row-major. Every window of the paper's grid has a slot, kept or not, so a window's slot
@@ -83,7 +87,8 @@ TILE_VARS = ("fingerprint", "valid", "uid", "image", "row", "col", "x", "y", "lo
 IMG_STR_VARS = ("image_path", "crs", "status", "error", "sha256")
 IMG_INT_VARS = ("width", "height", "size", "tile_start", "tile_count")
 IMG_VARS = (*IMG_STR_VARS, *IMG_INT_VARS, "mtime", "transform")
-DERIVED_TILE_VARS = ("fingerprint_dba",)  # per-tile arrays computed from the others
+DERIVED_TILE_VARS = ("fingerprint_dba", "codes")  # per-tile arrays computed from the others
+_DERIVED_META = {"fingerprint_dba": "dba", "codes": "codes"}  # their entry in attrs["postprocess"]
 IMG_CHUNK = 4096
 
 __all__ = ["StoreError", "open_store", "summarize"]
@@ -555,13 +560,8 @@ def set_status(path: Path | str, ids: Any, status: str, errors: Any = None) -> N
     write_rows(path, ids[order], values)
     if status in ("done", "replaced", "removed"):
         attrs = read_attrs(path)
-        meta = attrs.get("postprocess") or {}
-        if meta.get("dba") and not meta["dba"].get("stale"):
-            _note_stale(
-                attrs,
-                "fingerprint_dba",
-                f"images were {'removed' if status == 'removed' else 'added or replaced'} after it was built",
-            )
+        why = f"images were {'removed' if status == 'removed' else 'added or replaced'} after it was built"
+        if any([_note_stale(attrs, name, why) for name in DERIVED_TILE_VARS]):  # every one, no short cut
             set_attrs(path, postprocess=attrs["postprocess"])
 
 
@@ -589,7 +589,7 @@ def save_transform(path: str | Path, t: post.Transform, fitted_on: int) -> None:
     """Write a fitted transform into a store (arrays + attributes); the raw fingerprints stay.
     Derived arrays are dropped: they were made under the old transform."""
     g = _group(path, "r+")
-    for name in ("post_mean", "post_projection", *DERIVED_TILE_VARS):
+    for name in ("post_mean", "post_projection", *DERIVED_TILE_VARS, *CODE_VARS):
         if name in g:
             del g[name]
     if t.method == "pca":
@@ -616,8 +616,48 @@ def write_dba(path: str | Path, values: np.ndarray, depth: int, alpha: float, ti
     arr[:] = values
     meta = dict(g.attrs.get("postprocess") or {"method": "none", "dims": None})
     meta["dba"] = {"depth": depth, "alpha": alpha, "tiles": int(tiles)}
+    if meta.get("codes") and meta["codes"].get("on") != "fingerprint_dba" and not meta["codes"].get("stale"):
+        meta["codes"] = {**meta["codes"], "stale": "DBA was built after the codes, which encode the space search uses"}
     g.attrs["postprocess"] = meta
     consolidate(path)
+
+
+CODE_VARS = ("codes_mean", "codes_projection")  # the fitted encoder of ``codes``
+
+
+def write_codes(
+    path: str | Path, n_tiles: int, mean: np.ndarray, projection: np.ndarray, info: dict, rows: Any
+) -> None:
+    """Write ``codes`` (tile, code_byte) uint8, chunked like ``fingerprint``, from ``rows`` (an
+    iterable of ``(start, uint8 codes)``, one Zarr chunk each), its encoder (``codes_mean``,
+    ``codes_projection``) and, last, ``postprocess.codes`` (``info`` + created), replacing
+    earlier codes. Until that last write the store has no usable codes: an interrupted run
+    leaves them absent, never half-written."""
+    g = _group(path, "r+")
+    meta = dict(g.attrs.get("postprocess") or {"method": "none", "dims": None})
+    if meta.pop("codes", None) is not None:
+        g.attrs["postprocess"] = meta
+    for name in ("codes", *CODE_VARS):
+        if name in g:
+            del g[name]
+    nbytes = projection.shape[1] // 8
+    arr = g.create_array("codes", shape=(n_tiles, nbytes), chunks=(g["fingerprint"].chunks[0], nbytes),
+                         dtype="uint8", dimension_names=("tile", "code_byte"))  # fmt: skip
+    for start, block in rows:
+        arr[start : start + len(block)] = block
+    m = g.create_array("codes_mean", shape=mean.shape, dtype="float32", dimension_names=("post_feature",))
+    m[:] = mean
+    p = g.create_array("codes_projection", shape=projection.shape, dtype="float32",
+                       dimension_names=("post_feature", "code_bit"))  # fmt: skip
+    p[:] = projection
+    meta["codes"] = {**info, "created": _now()}
+    g.attrs["postprocess"] = meta
+    consolidate(path)
+
+
+def read_codes_encoder(ds) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, projection)`` of a store's codes."""
+    return ds["codes_mean"].values.astype(np.float32), ds["codes_projection"].values.astype(np.float32)
 
 
 def _has_derived(ds, name: str) -> bool:
@@ -626,14 +666,17 @@ def _has_derived(ds, name: str) -> bool:
 
 def _derived_meta(attrs: dict[str, Any], name: str) -> dict[str, Any]:
     meta = attrs.get("postprocess") or {}
-    return (meta.get("dba") or {}) if name == "fingerprint_dba" else {}
+    return meta.get(_DERIVED_META[name]) or {}
 
 
-def _note_stale(attrs: dict[str, Any], name: str, why: str) -> None:
-    """Mark derived array ``name`` stale in ``attrs`` (a mutable copy of the group attributes)."""
+def _note_stale(attrs: dict[str, Any], name: str, why: str) -> bool:
+    """Mark derived array ``name`` stale in ``attrs`` (a mutable copy of the group attributes);
+    True when this changed anything."""
     meta = _derived_meta(attrs, name)
-    if meta:
+    if meta and not meta.get("stale"):
         meta["stale"] = why
+        return True
+    return False
 
 
 def stale_reason(ds, name: str) -> str:
@@ -643,6 +686,11 @@ def stale_reason(ds, name: str) -> str:
     if not meta.get("stale"):
         return ""
     post_meta = ds.attrs.get("postprocess") or {}
+    if name == "codes":
+        return (
+            f"codes are stale ({meta['stale']}); rebuild them with `aerial-search postprocess --store STORE "
+            f"--codes {meta.get('kind', 'binary')} --bits {meta.get('bits')}`"
+        )
     method = post_meta.get("method", "l2")
     dims = f" --dims {post_meta['dims']}" if method == "pca" and post_meta.get("dims") else ""
     return (
@@ -681,16 +729,19 @@ def copy_compacted(src: Path | str, dst: Path | str, live: Sequence[str], block:
     write_rows(dst, np.arange(len(status)), rows)
     d = _group(dst, "r+")
     derived = [n for n in DERIVED_TILE_VARS if n in g and not _derived_meta(attrs, n).get("stale")]
-    for name in ("post_mean", "post_projection", *derived):
+    small = ("post_mean", "post_projection", *(CODE_VARS if "codes" in derived else ()))
+    for name in (*small, *derived):
         if name in g:
             a = g[name]
             d.create_array(name, shape=a.shape, chunks=a.chunks, dtype=a.dtype,
                            dimension_names=a.metadata.dimension_names)  # fmt: skip
-    if "fingerprint_dba" in g and "fingerprint_dba" not in derived:
+    dropped = [n for n in DERIVED_TILE_VARS if n in g and n not in derived]
+    if dropped:  # a stale derived array is not carried over: rerun postprocess
         meta = dict(attrs.get("postprocess") or {})
-        meta.pop("dba", None)  # a stale DBA is not carried over: rerun postprocess --dba
+        for name in dropped:
+            meta.pop(_DERIVED_META[name], None)
         d.attrs["postprocess"] = meta
-    for name in ("post_mean", "post_projection"):
+    for name in small:
         if name in g:
             d[name][...] = g[name][...]
     kept = np.flatnonzero(count > 0)

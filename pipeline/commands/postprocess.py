@@ -1,5 +1,5 @@
-"""``aerial-search postprocess --store S --method M [--dba N]``: fit a post-processing into a
-store (search applies it) and build the derived arrays that depend on it."""
+"""``aerial-search postprocess --store S [--method M] [--dba N] [--codes binary [--bits B]]``: fit a
+post-processing into a store (search applies it) and build the derived arrays that depend on it."""
 
 from __future__ import annotations
 
@@ -11,23 +11,38 @@ from pipeline.config import Config
 def add_parser(sub) -> None:
     p = sub.add_parser("postprocess", help="fit a fingerprint post-processing into a store (applied by search)")
     p.add_argument("--store", required=True)
-    p.add_argument("--method", required=True, choices=["none", "l2", "hellinger", "pca"])
+    p.add_argument("--method", choices=["none", "l2", "hellinger", "pca"],
+                   help="post-processing to fit (refits drop derived arrays); omit to keep the store's own")  # fmt: skip
     p.add_argument("--dims", type=int, default=128, help="pca: output dimensions")
     p.add_argument("--sample", type=int, default=200_000, help="pca: fit on at most this many tiles")
     p.add_argument("--dba", type=int, default=0, help="also write database-side augmentation with this many neighbours")
     p.add_argument("--alpha", type=float, default=1.0, help="DBA weight exponent")
+    p.add_argument("--codes", choices=["binary"],
+                   help="also write compressed codes of the search space (search --codes scans them)")  # fmt: skip
+    p.add_argument("--bits", type=int, default=None, help="binary codes: bits per tile (default min(512, dims))")
+    p.add_argument("--codes-sample", type=int, default=100_000, help="codes: fit on at most this many tiles")
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.derived import augment_store, fit_store
+    from pipeline.derived import augment_store, encode_store, fit_store
+    from pipeline.errors import ConfigError
 
-    t = fit_store(args.store, args.method, args.dims, args.sample)
-    dims = "" if t.dims is None else f" ({t.dims} dims)"
-    print(f"{args.store}: post-processing {t.method}{dims} saved; search applies it")
+    if args.method is None and not (args.dba or args.codes):
+        raise ConfigError("nothing to do: pass --method (a post-processing), --dba N and/or --codes binary")
+    if args.method is not None:
+        t = fit_store(args.store, args.method, args.dims, args.sample)
+        dims = "" if t.dims is None else f" ({t.dims} dims)"
+        print(f"{args.store}: post-processing {t.method}{dims} saved; search applies it")
     if args.dba:
         n = augment_store(args.store, args.dba, args.alpha)
         print(
             f"{args.store}: fingerprint_dba written for {n} tiles ({args.dba} neighbours); "
             f"adding images marks it stale until this command is run again"
+        )
+    if args.codes:
+        info = encode_store(args.store, args.codes, args.bits, args.codes_sample)
+        print(
+            f"{args.store}: {info['bits']}-bit {info['kind']} codes written for {info['tiles']} tiles "
+            f"({info['bits'] // 8} bytes each, fitted on {info['fitted_on_tiles']}); search --codes scans them"
         )
     return 0

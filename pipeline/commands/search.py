@@ -51,6 +51,11 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--split-every", type=int, default=8, help="fan-in of the reduction tree")
     g.add_argument("--raw", action="store_true", help="ignore the store's post-processing (raw fingerprints)")
+    g.add_argument("--codes", action="store_true",
+                   help="scan the store's binary codes (postprocess --codes binary), then re-rank exactly")  # fmt: skip
+    g.add_argument(
+        "--rerank", type=int, help="--codes: candidates per query re-ranked exactly (default max(10 k, 100))"
+    )
     g.add_argument("--qe", type=int, default=0, help="alpha query expansion with this many top results (0: off)")
     g.add_argument("--alpha", type=float, default=3.0, help="query expansion weight exponent")
     g.add_argument("--weights", dest="query_weights", help="local copy of the store's weights file (checked by sha256)")
@@ -74,6 +79,9 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     with runtime(cfg.cluster) as rt:
         index = SearchIndex.open(args.store, rt, split_every=args.split_every)
         index.use_post = not args.raw
+        index.codes, index.rerank = args.codes, args.rerank
+        if args.rerank is not None and not args.codes:
+            raise SearchError("--rerank applies to --codes searches only")
         filters = filters_of(args, index)
         if pos or neg:
             from pipeline.examples import answer, example_set

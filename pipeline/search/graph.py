@@ -25,31 +25,43 @@ from dask.highlevelgraph import HighLevelGraph
 from pipeline.errors import SearchError
 from pipeline.geo import local_metres
 from pipeline.search import kernels
-from pipeline.search.kernels import BLOCK_VARS, Exclusions, Filters, Scorer
+from pipeline.search.kernels import BLOCK_VARS, CODE_BLOCK_VARS, Exclusions, Filters, Scorer
 
 
 def store_blocks(
-    ds: Any, with_norms: bool = False, rows: int | None = None, transform: Any = None, use_dba: bool = False
+    ds: Any,
+    with_norms: bool = False,
+    rows: int | None = None,
+    transform: Any = None,
+    use_dba: bool = False,
+    codes: str = "",
 ) -> list[Delayed]:
     """One delayed block dict per ``rows`` tiles (default: per Zarr chunk), lazy.
 
     ``transform`` post-processes the raw fingerprints in each block; with ``use_dba`` the blocks
-    hold the store's ``fingerprint_dba`` instead, which is already post-processed.
+    hold the store's ``fingerprint_dba`` instead, which is already post-processed. ``codes``:
+    ``"only"``: the blocks hold the store's ``codes`` instead of fingerprints (a codes scan reads
+    nothing else); ``"also"``: both (a persisted index that scans codes and re-ranks from memory).
     """
-    arrays = [ds[name].data for name in BLOCK_VARS]
-    if use_dba:
+    names = CODE_BLOCK_VARS if codes == "only" else (*BLOCK_VARS, "codes") if codes == "also" else BLOCK_VARS
+    arrays = [ds[name].data for name in names]
+    if use_dba and codes != "only":
         arrays[0] = ds["fingerprint_dba"].data
         transform = None
+    if codes == "only":
+        transform = None
     arrays[0] = arrays[0].rechunk({1: -1})
+    if codes == "also":
+        arrays[-1] = arrays[-1].rechunk({1: -1})
     # Small per-tile arrays are stored in larger chunks (store.META_CHUNK_FACTOR): slice them
     # to the fingerprint chunks so that each is read once and shared by the tasks that need it.
     rows = rows or arrays[0].chunks[0]
     arrays = [a.rechunk({0: rows}) for a in arrays]
     per_var = [a.to_delayed().ravel() for a in arrays]
-    name = "store-block-" + tokenize([a.name for a in arrays], with_norms, transform)
+    name = "store-block-" + tokenize([a.name for a in arrays], with_norms, transform, names)
     make = dask.delayed(kernels.make_block, pure=True)
     return [
-        make(*parts, with_norms=with_norms, transform=transform, dask_key_name=(name, i))
+        make(*parts, with_norms=with_norms, transform=transform, names=names, dask_key_name=(name, i))
         for i, parts in enumerate(zip(*per_var))
     ]
 
@@ -90,6 +102,36 @@ def topk_graph(
     final = (name, "final")
     dsk[final] = (kernels.finalize, level[0]) if level else (kernels.empty_results, len(scorer))
     return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=list(blocks)), layer=name)
+
+
+def rerank_graph(
+    blocks: Sequence[Delayed],
+    candidates: dict[int, tuple[np.ndarray, np.ndarray]],
+    scorer: Scorer,
+    k: int,
+    split_every: int = 8,
+) -> Delayed:
+    """The exact second pass of a codes search: one :func:`~pipeline.search.kernels.rerank_block`
+    task per block that holds candidates (``candidates[i] = (rows, member)``), reduced like
+    :func:`topk_graph`. Blocks without candidates are not in the graph, so they are not read."""
+    name = f"rerank-{uuid.uuid4().hex}"
+    dsk: dict[Any, Any] = {}
+    level = []
+    for i, (rows, member) in sorted(candidates.items()):
+        dsk[(name, 0, i)] = (kernels.rerank_block, blocks[i].key, rows, member, scorer, k)
+        level.append((name, 0, i))
+    depth = 0
+    while len(level) > 1:
+        depth += 1
+        nxt = []
+        for s in range(0, len(level), split_every):
+            dsk[(name, depth, s)] = (kernels.merge_topk, list(level[s : s + split_every]), k)
+            nxt.append((name, depth, s))
+        level = nxt
+    final = (name, "final")
+    dsk[final] = (kernels.finalize, level[0]) if level else (kernels.empty_results, len(scorer))
+    used = [blocks[i] for i in sorted(candidates)]
+    return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=used), layer=name)
 
 
 def threshold_graph(

@@ -21,7 +21,7 @@ from typing import Any
 import dask
 import numpy as np
 
-from pipeline import geo, grid, post, resources, store
+from pipeline import codes, geo, grid, post, resources, store
 from pipeline.errors import SearchError
 from pipeline.search import graph, kernels
 from pipeline.search.kernels import (
@@ -52,7 +52,11 @@ class SearchIndex:
     split_every: int = 8
     use_post: bool = True  # apply the store's post-processing (False: raw fingerprints)
     use_dba: bool = True  # use the store's fingerprint_dba (with use_post) while it is current
+    codes: bool = False  # scan the store's binary codes, then re-rank candidates exactly
+    rerank: int | None = None  # candidates per query with codes (default max(10 k, 100))
+    last_scan: dict[str, Any] = field(default_factory=dict, repr=False)  # bytes the last codes search read
     _blocks: list | None = field(default=None, repr=False)
+    _block_rows: int = 0
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -122,6 +126,27 @@ class SearchIndex:
                 f"models or preprocessing are not comparable: query with tiles or images fingerprinted by the store's model"
             )
 
+    def check_codes(self) -> dict[str, Any]:
+        """The store's codes record, refused unless the codes are current for this index."""
+        meta = (self.provenance.get("postprocess") or {}).get("codes")
+        if "codes" not in self.ds or not meta:
+            raise SearchError(
+                f"store {self.path} has no codes; write them with `aerial-search postprocess --store {self.path} "
+                f"--codes binary`, or search without --codes"
+            )
+        stale = store.stale_reason(self.ds, "codes")
+        if stale:
+            raise SearchError(f"{stale}; or search without --codes")
+        if not self.use_post:
+            raise SearchError("--codes encode the store's post-processed space; drop --raw (or --codes)")
+        wanted = "fingerprint_dba" if self.uses_dba else "fingerprint"
+        if meta.get("on") != wanted:
+            raise SearchError(
+                f"the codes encode {meta.get('on')} but search uses {wanted}; rebuild them with "
+                f"`aerial-search postprocess --store {self.path} --codes binary --bits {meta.get('bits')}`"
+            )
+        return meta
+
     # ---- blocks and computation -----------------------------------------------------------
 
     def blocks(self) -> list:
@@ -129,6 +154,18 @@ class SearchIndex:
             return self._blocks
         dba = self.uses_dba
         return graph.store_blocks(self.ds, transform=None if dba else self.transform, use_dba=dba)
+
+    def code_blocks(self) -> list:
+        """Blocks for the codes pass: the persisted ones (which hold codes too), otherwise lazy
+        blocks that read only the codes and the per-tile metadata."""
+        if self._blocks is not None:
+            return self._blocks
+        return graph.store_blocks(self.ds, codes="only")
+
+    @property
+    def block_rows(self) -> int:
+        """Rows per block of :meth:`blocks` (the last may be shorter)."""
+        return self._block_rows or int(self.ds["fingerprint"].data.chunksize[0]) or 1
 
     @property
     def in_memory(self) -> bool:
@@ -154,9 +191,10 @@ class SearchIndex:
             block_rows = chunk if client is not None else min(max(chunk, -(-n // threads)), 1 << 20)
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
-        blocks = graph.store_blocks(
-            self.ds, with_norms=True, rows=block_rows, transform=None if dba else self.transform, use_dba=dba
-        )
+        with_codes = "also" if self.codes and self.check_codes() else ""
+        blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows,
+                                    transform=None if dba else self.transform, use_dba=dba, codes=with_codes)  # fmt: skip
+        self._block_rows = block_rows
         if client is not None:
             self._blocks = client.persist(blocks)
         else:
@@ -172,9 +210,82 @@ class SearchIndex:
 
     def topk(self, scorer: Scorer, k: int, filters: Filters, exclude: Exclusions) -> list[np.ndarray]:
         """The engine: sorted RESULT_DTYPE arrays, the ``k`` best tiles per scorer column."""
+        if self.codes:
+            return self._topk_codes(scorer, k, filters, exclude)
         return self._compute(
             graph.topk_graph(self.blocks(), scorer, k, filters, exclude, self.half_m, self.split_every, self.usable)
         )[0]
+
+    def _topk_codes(self, scorer: Scorer, k: int, filters: Filters, exclude: Exclusions) -> list[np.ndarray]:
+        """Codes first, then exact: the ``R`` tiles per column nearest in Hamming distance
+        (filters and exclusions applied there), then their exact scores from the float
+        fingerprints (in memory when persisted, else only the store chunks holding candidates)
+        and the best ``k``. Records what was read in :attr:`last_scan`."""
+        if not isinstance(scorer, L2Scorer):
+            raise SearchError(
+                "--codes answers single queries and centroid example sets (distances to one point); "
+                "search --score nearest and classifiers without --codes"
+            )
+        meta = self.check_codes()
+        mean, projection = self._once("codes_encoder", lambda: store.read_codes_encoder(self.ds))
+        qcodes = codes.BinaryCodes(mean, projection).encode(scorer.queries)
+        r = self.rerank if self.rerank is not None else max(10 * k, 100)
+        if r < k:
+            raise SearchError(f"--rerank {r} is smaller than k = {k}: re-ranking needs at least k candidates")
+        first = self._compute(
+            graph.topk_graph(
+                self.code_blocks(),
+                kernels.HammingScorer(qcodes),
+                r,
+                filters,
+                exclude,
+                self.half_m,
+                self.split_every,
+                self.usable,
+            )  # fmt: skip
+        )[0]
+        slots = [self.slots_of(c["uid"]) for c in first]
+        per = self.block_rows
+        candidates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        allslots = np.unique(np.concatenate(slots)) if slots else np.zeros(0, np.int64)
+        for b in np.unique(allslots // per):
+            rows = allslots[allslots // per == b]
+            member = np.stack([np.isin(rows, s) for s in slots], axis=1)
+            candidates[int(b)] = (rows - b * per, member)
+        blocks = self.blocks()
+        out = self._compute(graph.rerank_graph(blocks, candidates, scorer, k, self.split_every))[0]
+        n, dim = self.ds.sizes["tile"], self.ds.sizes["feature"]
+        if self.in_memory:  # the candidates' rows of the index in memory
+            rerank_bytes = len(allslots) * self._space_dims() * 4
+        else:  # whole store chunks: every chunk holding a candidate is read and decoded
+            arr = self.ds["fingerprint_dba" if self.uses_dba else "fingerprint"]
+            rows_read = sum(min(per, n - b * per) for b in candidates)
+            rerank_bytes = rows_read * arr.shape[1] * np.dtype(arr.dtype).itemsize
+        code_bytes = n * int(meta["bits"]) // 8
+        self.last_scan = {
+            "codes": f"{meta['kind']} {meta['bits']} bits",
+            "candidates_per_query": r,
+            "codes_bytes": code_bytes,
+            "rerank_bytes": int(rerank_bytes),
+            "rerank_from": "memory" if self.in_memory else f"{len(candidates)} store chunk(s)",
+            "bytes_scanned": int(code_bytes + rerank_bytes),
+            "float32_bytes": int(n * dim * 4),
+        }
+        return out
+
+    def _space_dims(self) -> int:
+        """Dimensions of the space search scores in (after a PCA, fewer than the store's)."""
+        if self.uses_dba:
+            return int(self.ds["fingerprint_dba"].shape[1])
+        return self.transform.dims or self.ds.sizes["feature"]
+
+    def slots_of(self, uids: np.ndarray) -> np.ndarray:
+        """Slots (int64) of tile uids of this store, vectorized grid math (uids from results)."""
+        image, row, col = grid.unpack_uid(np.asarray(uids, dtype=np.uint64))
+        table = self.image_table
+        chunk_px = int(self.provenance["layout"]["chunk_px"])
+        off = grid.slots_in_images(row, col, table["height"][image], table["width"][image], chunk_px)
+        return (table["tile_start"][image] + off).astype(np.int64)
 
     # ---- search ---------------------------------------------------------------------------
 
@@ -258,6 +369,11 @@ class SearchIndex:
             raise SearchError("choose one: -k for the k best tiles, or a threshold (--max-distance / --min-score)")
         filters = filters or Filters()
         totals: Sequence[int | None]
+        if max_score is not None and self.codes:
+            raise SearchError(
+                "threshold mode (--max-distance / --min-score) needs exact scores of every tile: search with -k "
+                "when using --codes, or drop --codes"
+            )
         if max_score is not None:
             if limit <= 0:
                 raise SearchError(f"--limit must be a positive number of results, got {limit}")
@@ -281,6 +397,8 @@ class SearchIndex:
             raw = self._topk_diverse(scorer, exclude, k, filters) if diverse else self.topk(scorer, k, filters, exclude)
             totals = [None] * len(raw)
         labels = labels or [{} for _ in raw]
+        if self.codes:
+            labels = [{**lab, "scan": dict(self.last_scan)} for lab in labels]
         table = self.geometry
         return [
             Result.from_topk(

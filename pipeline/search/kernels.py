@@ -27,12 +27,13 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from pipeline import grid
+from pipeline import codes, grid
 from pipeline.errors import SearchError
 from pipeline.geo import local_metres
 
 RESULT_DTYPE = np.dtype([("score", "f8"), ("uid", "u8"), ("lon", "f8"), ("lat", "f8")])
 BLOCK_VARS = ("fingerprint", "valid", "uid", "lon", "lat")  # what a block is read from
+CODE_BLOCK_VARS = ("codes", "valid", "uid", "lon", "lat")  # what a codes scan reads instead
 
 Block = dict[str, np.ndarray]
 
@@ -360,6 +361,60 @@ class LinearScorer:
         return -float(np.log(p / (1 - p)))
 
 
+@dataclass(frozen=True)
+class HammingScorer:
+    """The Hamming distance between each query's binary code ``codes`` uint8 ``(m, B)`` and the
+    block's ``codes`` (:mod:`pipeline.codes`): the first, approximate pass of ``search --codes``,
+    whose candidates are then re-ranked exactly (:func:`rerank_block`)."""
+
+    codes: np.ndarray
+    name: ClassVar[str] = "hamming"
+    higher_is_better: ClassVar[bool] = False
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def scores(self, block: Block) -> np.ndarray:
+        if "code_words" in block:
+            return codes.hamming_words(block["code_words"], self.codes).astype(np.float32)
+        return codes.hamming(block["codes"], self.codes).astype(np.float32)
+
+    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
+        c = codes.rows_of_words(block["code_words"], rows) if "code_words" in block else block["codes"][rows]
+        return codes.hamming(c, self.codes[j : j + 1])[:, 0].astype(np.float64)
+
+    def candidates(self, scores: np.ndarray, k: int) -> list[np.ndarray]:
+        """Per column, rows that hold its ``k`` best (masked rows are +inf): a counting
+        selection over the small integer distances, then the exact selection on those."""
+        out = []
+        for j in range(scores.shape[1]):
+            col = scores[:, j]
+            ok = np.flatnonzero(np.isfinite(col))
+            out.append(ok[codes.smallest(col[ok].astype(np.int64), k)])
+        return out
+
+    def report(self, score: np.ndarray) -> np.ndarray:
+        return np.asarray(score, dtype=np.float64)
+
+    def internal(self, value: float) -> float:
+        return float(value)
+
+
+def rerank_block(block: Block, rows: np.ndarray, member: np.ndarray, scorer: Scorer, k: int) -> list[np.ndarray]:
+    """The second pass of ``search --codes`` on one block: exact scores (``scorer.exact``) of
+    the candidate ``rows`` of the block, ``member`` bool ``(len(rows), m)`` saying which query
+    column each is a candidate of, and each column's partial top-k (unsorted RESULT_DTYPE)."""
+    uid, lon, lat = block["uid"], block["lon"], block["lat"]
+    out = []
+    for j in range(member.shape[1]):
+        r = rows[member[:, j]]
+        res = np.empty(len(r), dtype=RESULT_DTYPE)
+        res["score"] = scorer.exact(block, r, j) if len(r) else np.zeros(0)
+        res["uid"], res["lon"], res["lat"] = uid[r], lon[r], lat[r]
+        out.append(res[select(res["score"], res["uid"], k)])
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Per-chunk map
 
@@ -433,8 +488,13 @@ def chunk_topk(
     scores = scorer.scores(block)
     mask_scores(scores, block, filters, exclude, half_m, usable)
     uid, lon, lat = block["uid"], block["lon"], block["lat"]
+    pre = getattr(scorer, "candidates", None)  # a scorer with a faster preselection (integer scores)
+    if pre is not None:
+        cols = [c[select(scores[c, j], uid[c], k)] for j, c in enumerate(pre(scores, k))]
+    else:
+        cols = select_columns(scores, uid, k)
     out = []
-    for j, sel in enumerate(select_columns(scores, uid, k)):
+    for j, sel in enumerate(cols):
         res = np.empty(len(sel), dtype=RESULT_DTYPE)
         res["score"] = scorer.exact(block, sel, j)
         res["uid"], res["lon"], res["lat"] = uid[sel], lon[sel], lat[sel]
@@ -585,14 +645,19 @@ def masked_sqnorm(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(valid, np.einsum("ij,ij->i", x, x), np.float32(np.inf))
 
 
-def make_block(*arrays: np.ndarray, with_norms: bool, transform: Any = None) -> Block:
-    """A block from the :data:`BLOCK_VARS` arrays of one chunk. ``transform`` (a
-    :class:`pipeline.post.Transform`) post-processes the raw fingerprints; ``with_norms``
-    precomputes what a persisted index reuses for every query."""
-    block = dict(zip(BLOCK_VARS, arrays))
-    if transform is not None and transform.method != "none":
+def make_block(
+    *arrays: np.ndarray, with_norms: bool, transform: Any = None, names: Sequence[str] = BLOCK_VARS
+) -> Block:
+    """A block from the arrays ``names`` (default :data:`BLOCK_VARS`) of one chunk.
+    ``transform`` (a :class:`pipeline.post.Transform`) post-processes the raw fingerprints;
+    ``with_norms`` precomputes what a persisted index reuses for every query."""
+    block = dict(zip(names, arrays))
+    if "fingerprint" in block and transform is not None and transform.method != "none":
         block["fingerprint"] = transform.apply(block["fingerprint"])
     if with_norms:
-        block["sqnorm"] = masked_sqnorm(block["fingerprint"], block["valid"])
+        if "fingerprint" in block:
+            block["sqnorm"] = masked_sqnorm(block["fingerprint"], block["valid"])
+        if "codes" in block and block["codes"].shape[1] % 8 == 0:
+            block["code_words"] = codes.words(block.pop("codes"))  # held in the scan's layout only
         block["image"], block["row"], block["col"] = grid.unpack_uid(block["uid"])
     return block

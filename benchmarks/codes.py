@@ -1,0 +1,218 @@
+"""Binary codes + exact re-ranking (`search --codes`) against exact search, and a 100M-code scan.
+
+1. **Real stores**: `$AERIAL_SEARCH_DATA/aerial` and UC Merced (2,100 images) ingested as stores
+   with the shared ImageNet SqueezeNet 1.1 (no post-processing), `postprocess --codes binary`
+   (512 bits); 100 query tiles (seed 0), recall@10 of `search --codes` (default R =
+   max(10 k, 100) = 100) against exact search on the same persisted index, and the bytes one
+   query reads (codes + the R candidates' float32 rows) against the float32 fingerprints.
+2. **Synthetic 1M** (benchmarks/search.py's store: ReLU of i.i.d. Gaussians, 512-d): the same
+   recall and bytes, and the time per query of the two, median of 3 rounds of 10 queries.
+3. **100M codes** (random 64-byte codes held in memory, blocks of 2^20): the codes-only scan of
+   the engine (`HammingScorer` through `chunk_topk` / `merge_topk`, one thread per core) against
+   faiss `IndexBinaryFlat` with the same threads, in its own process (one 6.4 GB copy resident
+   at a time); time per query (median of 3) and bytes per tile. No recall at 100M.
+
+    python benchmarks/codes.py                  # all three; writes benchmarks/codes.json
+    python benchmarks/codes.py --skip-100m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+BLOCK = 1 << 20
+
+
+def recall_and_bytes(path: str, queries: int = 100, k: int = 10, timing: bool = False) -> dict:
+    from pipeline.search import SearchIndex
+
+    exact = SearchIndex.open(path).persist()
+    coded = SearchIndex.open(path)
+    coded.codes = True
+    coded.persist()
+    ds = exact.ds
+    valid = ds["valid"].values
+    picks = np.random.default_rng(0).choice(ds["uid"].values[valid], min(queries, int(valid.sum())), replace=False)
+    q, labels = exact.queries_from_uids([int(u) for u in picks])
+    want = exact.search(q, k, labels=labels)
+    got = coded.search(q, k, labels=labels)
+    recall = float(np.mean([len(set(a.uid) & set(b.uid)) / k for a, b in zip(want, got)]))
+    qs1, lab1 = exact.queries_from_uids([int(picks[0])])  # the bytes of one query alone
+    scan = coded.search(qs1, k, labels=lab1)[0].query["scan"]
+    out = {
+        "tiles": int(valid.sum()),
+        "queries": len(picks),
+        "recall_at_10": recall,
+        "bytes_per_query_codes": scan["bytes_scanned"],
+        "bytes_per_query_float32": scan["float32_bytes"],
+        "fewer_bytes": scan["float32_bytes"] / scan["bytes_scanned"],
+        "candidates": scan["candidates_per_query"],
+    }
+    if timing:  # how recall grows with R where the default is not enough
+        out["recall_by_r"] = {}
+        for r in (1000, 10000):
+            coded.rerank = r
+            got = coded.search(q, k, labels=labels)
+            out["recall_by_r"][r] = float(np.mean([len(set(a.uid) & set(b.uid)) / k for a, b in zip(want, got)]))
+        coded.rerank = None
+        te, tc = [], []
+        for r in range(3):
+            sel = picks[r * 10 : (r + 1) * 10]
+            for u in sel:
+                qq, ll = exact.queries_from_uids([int(u)])
+                t0 = time.perf_counter()
+                exact.search(qq, k, labels=ll)
+                te.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                coded.search(qq, k, labels=ll)
+                tc.append(time.perf_counter() - t0)
+        out["exact_ms"] = statistics.median(te) * 1e3
+        out["codes_ms"] = statistics.median(tc) * 1e3
+        out["speedup"] = out["exact_ms"] / out["codes_ms"]
+    return out
+
+
+def real_store(work: Path, name: str, sources: list[str], weights: Path) -> str:
+    from pipeline.config import Config
+    from pipeline.derived import encode_store
+    from pipeline.ingest import ingest
+
+    path = work / f"{name}.zarr"
+    cfg = Config().override(**{"model.arch": "squeezenet1_1", "model.weights": str(weights), "cluster.progress": False})
+    ingest(sources, path, cfg, overwrite=True)
+    encode_store(str(path))
+    return str(path)
+
+
+def random_codes(n: int, seed: int = 0):
+    """The same 100M codes in every process: block b from seed (seed, b)."""
+    for b in range(0, n, BLOCK):
+        yield np.random.default_rng([seed, b]).integers(0, 256, (min(BLOCK, n - b), 64), dtype=np.uint8)
+
+
+def engine_scan(n: int, threads: int, rounds: int) -> list[float]:
+    from pipeline.codes import words
+    from pipeline.search import kernels
+
+    uid = np.arange(BLOCK, dtype=np.uint64)
+    nan = np.full(BLOCK, np.nan)
+    valid = np.ones(BLOCK, bool)
+    dicts = [
+        {
+            "code_words": words(c),
+            "valid": valid[: len(c)],
+            "uid": uid[: len(c)],
+            "lon": nan[: len(c)],
+            "lat": nan[: len(c)],
+        }
+        for c in random_codes(n)
+    ]  # fmt: skip (as an index holds them)
+    half = np.full(1, np.nan)
+    none = kernels.Exclusions.none()
+    times = []
+    with ThreadPoolExecutor(threads) as pool:
+        for r in range(rounds):
+            q = np.random.default_rng(100 + r).integers(0, 256, (1, 64), dtype=np.uint8)
+            scorer = kernels.HammingScorer(q)
+            t0 = time.perf_counter()
+            parts = list(pool.map(lambda b: kernels.chunk_topk(b, scorer, 100, kernels.Filters(), none, half), dicts))
+            kernels.finalize(kernels.merge_topk(parts, 100))
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def faiss_scan(n: int, threads: int, rounds: int) -> list[float]:
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    index = faiss.IndexBinaryFlat(512)
+    for c in random_codes(n):
+        index.add(c)
+    times = []
+    for r in range(rounds):
+        q = np.random.default_rng(100 + r).integers(0, 256, (1, 64), dtype=np.uint8)
+        t0 = time.perf_counter()
+        index.search(q, 100)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1_000_000, help="synthetic store tiles")
+    ap.add_argument("--codes-n", type=int, default=100_000_000, help="codes in the codes-only scan")
+    ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--skip-synthetic", action="store_true")
+    ap.add_argument("--skip-100m", action="store_true")
+    ap.add_argument("--workdir", default="/tmp/aerial-search-bench")
+    ap.add_argument("--scan-only", choices=["engine", "faiss"], help=argparse.SUPPRESS)  # child process
+    ap.add_argument("--out", default=str(Path(__file__).with_name("codes.json")))
+    args = ap.parse_args()
+    threads = os.cpu_count() or 1
+    if args.scan_only:
+        fn = engine_scan if args.scan_only == "engine" else faiss_scan
+        print(json.dumps(fn(args.codes_n, threads, 3)))
+        return
+
+    res: dict = {"machine": f"{threads} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+                 "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    data = os.environ.get("AERIAL_SEARCH_DATA")
+    if not args.skip_real:
+        if not data:
+            raise SystemExit("set AERIAL_SEARCH_DATA (or pass --skip-real)")
+        weights = Path(data).parent / "weights" / "squeezenet1_1-imagenet.pth"
+        with tempfile.TemporaryDirectory(prefix="aerial-codes-") as tmp:
+            ucm = sorted(str(p) for p in Path(data, "ucmerced").glob("*/*") if p.is_file())
+            for name, sources in (("aerial", [str(Path(data, "aerial"))]), ("ucmerced", ucm)):
+                r = recall_and_bytes(real_store(Path(tmp), name, sources, weights))
+                res[name] = r
+                print(f"{name}: {r['tiles']} tiles, recall@10 {r['recall_at_10']:.3f} (R={r['candidates']}), "
+                      f"{r['fewer_bytes']:.1f}x fewer bytes per query", flush=True)  # fmt: skip
+    if not args.skip_synthetic:
+        from search import synthetic_store
+
+        from pipeline.derived import encode_store
+        from pipeline.store import open_store
+
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        path = synthetic_store(work / f"synth-{args.n}-float32.zarr", args.n, "float32")
+        meta = (open_store(path).attrs.get("postprocess") or {}).get("codes")
+        if not meta or meta.get("stale"):
+            t0 = time.perf_counter()
+            encode_store(str(path))
+            res["synthetic_encode_s"] = time.perf_counter() - t0
+        r = recall_and_bytes(str(path), timing=True)
+        res["synthetic"] = r
+        print(f"synthetic {args.n:,}: recall@10 {r['recall_at_10']:.3f} (R={r['candidates']}), "
+              f"{r['fewer_bytes']:.1f}x fewer bytes, exact {r['exact_ms']:.0f} ms vs codes {r['codes_ms']:.0f} ms "
+              f"per query ({r['speedup']:.2f}x); recall by R {r['recall_by_r']}", flush=True)  # fmt: skip
+    if not args.skip_100m:
+        scans = {}
+        for who in ("engine", "faiss"):
+            out = subprocess.run([sys.executable, __file__, "--scan-only", who, "--codes-n", str(args.codes_n)],
+                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
+            scans[who] = json.loads(out.strip().splitlines()[-1])
+        med = {w: statistics.median(t) for w, t in scans.items()}
+        res["codes_100m"] = {"codes": args.codes_n, "bytes_per_tile": 64, "threads": threads, "runs_s": scans,
+                             "median_s": med, "engine_over_faiss": med["engine"] / med["faiss"]}  # fmt: skip
+        print(f"{args.codes_n:,} codes, {threads} threads: engine {med['engine']:.2f} s, faiss IndexBinaryFlat "
+              f"{med['faiss']:.2f} s per query ({med['engine'] / med['faiss']:.2f}x), 64 bytes per tile")  # fmt: skip
+    Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
