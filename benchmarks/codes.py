@@ -5,8 +5,10 @@
    (512 bits); 100 query tiles (seed 0), recall@10 of `search --codes` (default R =
    max(10 k, 100) = 100) against exact search on the same persisted index, and the bytes one
    query reads (codes + the R candidates' float32 rows) against the float32 fingerprints.
-2. **Synthetic 1M** (benchmarks/search.py's store: ReLU of i.i.d. Gaussians, 512-d): the same
-   recall and bytes, and the time per query of the two, median of 3 rounds of 10 queries.
+2. **Synthetic 1M**, two kinds (benchmarks/search.py's stores, 512-d): ReLU'd i.i.d. Gaussians
+   (no neighbourhood structure: the worst case), and points on a 16-dimensional manifold
+   (``latent=16``, like CNN features); the same recall and bytes, recall at R = 1,000 and
+   10,000, and the time per query of exact and codes, median of 3 rounds of 10 queries.
 3. **100M codes** (random 64-byte codes held in memory, blocks of 2^20): the codes-only scan of
    the engine (`HammingScorer` through `chunk_topk` / `merge_topk`, one thread per core) against
    faiss `IndexBinaryFlat` with the same threads, in its own process (one 6.4 GB copy resident
@@ -157,6 +159,8 @@ def main() -> None:
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--skip-100m", action="store_true")
+    ap.add_argument("--only-manifold", action="store_true", help="synthetic: the 16-d manifold store only")
+    ap.add_argument("--merge", help="update this JSON (an earlier run's) instead of starting afresh")
     ap.add_argument("--workdir", default="/tmp/aerial-search-bench")
     ap.add_argument("--scan-only", choices=["engine", "faiss"], help=argparse.SUPPRESS)  # child process
     ap.add_argument("--out", default=str(Path(__file__).with_name("codes.json")))
@@ -167,7 +171,8 @@ def main() -> None:
         print(json.dumps(fn(args.codes_n, threads, 3)))
         return
 
-    res: dict = {"machine": f"{threads} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+    res: dict = json.loads(Path(args.merge).read_text()) if args.merge else {}
+    res |= {"machine": f"{threads} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
                  "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     data = os.environ.get("AERIAL_SEARCH_DATA")
     if not args.skip_real:
@@ -189,17 +194,21 @@ def main() -> None:
 
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)
-        path = synthetic_store(work / f"synth-{args.n}-float32.zarr", args.n, "float32")
-        meta = (open_store(path).attrs.get("postprocess") or {}).get("codes")
-        if not meta or meta.get("stale"):
-            t0 = time.perf_counter()
-            encode_store(str(path))
-            res["synthetic_encode_s"] = time.perf_counter() - t0
-        r = recall_and_bytes(str(path), timing=True)
-        res["synthetic"] = r
-        print(f"synthetic {args.n:,}: recall@10 {r['recall_at_10']:.3f} (R={r['candidates']}), "
-              f"{r['fewer_bytes']:.1f}x fewer bytes, exact {r['exact_ms']:.0f} ms vs codes {r['codes_ms']:.0f} ms "
-              f"per query ({r['speedup']:.2f}x); recall by R {r['recall_by_r']}", flush=True)  # fmt: skip
+        for kind, latent in (("synthetic", 0), ("synthetic_manifold16", 16)):
+            if args.only_manifold and not latent:
+                continue
+            name = f"synth-{args.n}-float32.zarr" if not latent else f"synth-{args.n}-float32-latent{latent}.zarr"
+            path = synthetic_store(work / name, args.n, "float32", latent=latent)
+            meta = (open_store(path).attrs.get("postprocess") or {}).get("codes")
+            if not meta or meta.get("stale"):
+                t0 = time.perf_counter()
+                encode_store(str(path))
+                res[f"{kind}_encode_s"] = time.perf_counter() - t0
+            r = recall_and_bytes(str(path), timing=True)
+            res[kind] = r
+            print(f"{kind} {args.n:,}: recall@10 {r['recall_at_10']:.3f} (R={r['candidates']}), "
+                  f"{r['fewer_bytes']:.1f}x fewer bytes, exact {r['exact_ms']:.0f} ms vs codes {r['codes_ms']:.0f} ms "
+                  f"per query ({r['speedup']:.2f}x); recall by R {r['recall_by_r']}", flush=True)  # fmt: skip
     if not args.skip_100m:
         scans = {}
         for who in ("engine", "faiss"):

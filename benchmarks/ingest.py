@@ -9,8 +9,8 @@
 2. End to end: ``ingest`` of a synthetic GeoTIFF (read, windows, nodata filter, model, Zarr
    write) on the threaded scheduler with the same thread layouts. Ratio = e2e / best bare.
 3. Peak RSS of a fresh process ingesting a synthetic 20,000 x 20,000 GeoTIFF with the real
-   reader, tiler and store writer, and a stand-in model (per-window band means; ResNet-18 on
-   24,025 windows would take ~13 minutes on 2 cores). Measured with ``ru_maxrss``.
+   reader, tiler and store writer, and the stand-in model (``--model standin``: band means, not
+   a CNN; ResNet-18 on 24,025 windows would take ~13 minutes on 2 cores). ``ru_maxrss``.
 """
 
 from __future__ import annotations
@@ -90,18 +90,9 @@ def end_to_end(tif: Path, workdir: Path, batch: int, dask_threads: int, torch_th
 
 
 def rss_child(tif: str, store: str) -> None:
-    """Runs in a fresh process: ingest with a stand-in model, print peak RSS as JSON."""
-    from pipeline import tiles
-
-    def standin(rgb: np.ndarray, ij: np.ndarray, spec: ModelSpec) -> np.ndarray:
-        # 512-d: the 3 band means of each window, padded; costs ~nothing next to a CNN.
-        out = np.zeros((len(ij), spec.dim), np.float32)
-        for k, (i, j) in enumerate(ij):
-            out[k, :3] = rgb[:, i * 128 : i * 128 + 256, j * 128 : j * 128 + 256].mean(axis=(1, 2))
-        return out
-
-    tiles.embed_chunk = standin  # the graph calls tiles.fingerprint_chunk -> tiles.embed_chunk
-    cfg = Config().override(**{"model.weights": "random", "cluster.progress": False})
+    """Runs in a fresh process: ingest with the stand-in model (``--model standin``: band means of
+    a 16 px subsample, not a CNN), print peak RSS as JSON."""
+    cfg = Config().override(**{"model.arch": "standin", "model.weights": "random", "cluster.progress": False})
     t0 = time.perf_counter()
     report = ingest([tif], store, cfg, overwrite=True)
     print(json.dumps({

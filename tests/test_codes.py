@@ -153,3 +153,29 @@ def test_codes_follow_the_store_growth_and_are_marked_stale(coded, tmp_path, cap
     assert main(["search", "--store", str(path), "--uid", uid, "--codes"]) == 0
     meta = open_store(path).attrs["postprocess"]["codes"]
     assert "stale" not in meta and meta["fitted_on_tiles"] == 50
+
+
+def test_a_persisted_index_on_a_cluster_answers_like_the_local_one_with_and_without_codes(coded):
+    from distributed import Client, LocalCluster, futures_of, wait
+
+    from pipeline.cluster import runtime
+    from pipeline.config import ClusterConfig
+
+    _, path = coded
+    s = _load(path)
+    uids = [int(s["uid"][q]) for q in np.flatnonzero(s["valid"])[[2, 11]]]
+    local = SearchIndex.open(str(path))
+    queries, labels = local.queries_from_uids(uids)
+    want = local.search(queries, 6, labels=labels)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster) as client, runtime(ClusterConfig(progress=False), client=client) as rt:
+            for codes in (False, True):
+                index = SearchIndex.open(str(path), rt)
+                index.codes, index.rerank = codes, len(s["uid"])
+                index.persist(block_rows=16)
+                wait(futures_of(index._blocks))
+                held = client.who_has(futures_of(index._blocks))
+                assert held and all(held.values())  # every block lives in a worker's memory
+                for w, got in zip(want, index.search(queries, 6, labels=labels)):
+                    np.testing.assert_array_equal(got.uid, w.uid)
+                    np.testing.assert_allclose(got.distance, w.distance, rtol=1e-9)

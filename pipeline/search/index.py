@@ -175,8 +175,8 @@ class SearchIndex:
     def persist(self, block_rows: int | None = None) -> SearchIndex:
         """Load every chunk once (with precomputed norms) and keep it in memory or cluster memory.
 
-        ``block_rows``: rows per in-memory block. Default: the store's chunks on a cluster (spread
-        over the workers); locally, one block per dask thread, at most 2**20 rows.
+        ``block_rows``: rows per in-memory block. Default: one block per dask thread (on a
+        cluster, per worker thread, the blocks spread over the workers), at most 2**20 rows.
         """
         import uuid
 
@@ -184,11 +184,17 @@ class SearchIndex:
         chunk = int(self.ds["fingerprint"].data.chunksize[0]) or 1
         n = self.ds.sizes["tile"]
         if block_rows is None:
-            # Locally, one block per dask thread (BLAS threads inside each block do the rest):
-            # measured at 1M x 512 on 2 cores, 2 blocks ran at 1.1x NumPy's single matrix-vector
-            # product, 8 blocks at 1.6x. Capped so per-query temporaries stay bounded.
-            threads = getattr(self.runtime, "dask_threads", 0) or resources.cpu_count()
-            block_rows = chunk if client is not None else min(max(chunk, -(-n // threads)), 1 << 20)
+            # One block per dask thread (BLAS threads inside each block do the rest): measured
+            # at 1M x 512 on 2 cores, 2 blocks ran at 1.1x NumPy's single matrix-vector product,
+            # 8 blocks at 1.6x. On a cluster, every worker thread's share, so that a query costs
+            # a few tasks per thread rather than one per store chunk (benchmarks/sharded.py:
+            # 122 chunk-sized blocks of 1M tiles cost ~3x the scan in scheduling). Capped so
+            # per-query temporaries stay bounded.
+            if client is not None:
+                threads = sum(client.nthreads().values()) or 1
+            else:
+                threads = getattr(self.runtime, "dask_threads", 0) or resources.cpu_count()
+            block_rows = min(max(chunk, -(-n // threads)), 1 << 20)
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
         with_codes = "also" if self.codes and self.check_codes() else ""
