@@ -131,7 +131,7 @@ def test_searches_during_an_ingest_see_only_completely_done_images(images, tmp_p
     path = tmp_path / "live.zarr"
     cfg = _cfg(**{"store.batch_tiles": 1, "store.chunk_tiles": 4, "model.arch": "standin"})
     ingest([first], path, cfg)
-    cfg = cfg.override(**{"model.standin_rate": 25.0})  # a slow device: the reader sees many states
+    cfg = cfg.override(**{"model.standin_rate": 15.0})  # a slow device: the reader sees many states
     for k in range(1, 9):
         write_tif(src / f"a{k}.tif", textured(512, 384 + 128 * (k % 3), seed=90 + k))
     q = open_store(path)["fingerprint"].values[4].astype(np.float64)
@@ -141,6 +141,8 @@ def test_searches_during_an_ingest_see_only_completely_done_images(images, tmp_p
         from pipeline.search import Queries, SearchIndex
         from pipeline.store import open_store
         q = np.load({str(tmp_path / "q.npy")!r})
+        SearchIndex.open({str(path)!r}).search(Queries.from_fingerprints(q[None].astype(np.float32)), 6)  # warm
+        print("ready", flush=True)
         stop = time.time() + 60
         while time.time() < stop:
             before = open_store({str(path)!r})["status"].values.astype(object).tolist()
@@ -153,6 +155,7 @@ def test_searches_during_an_ingest_see_only_completely_done_images(images, tmp_p
                 break
     """)
     proc = subprocess.Popen([sys.executable, "-c", reader], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"  # imports done: the reader searches from the first commit
     ingest([src], path, cfg)
     out, err = proc.communicate(timeout=120)
     answers = [json.loads(line) for line in out.splitlines()]
