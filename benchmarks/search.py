@@ -36,13 +36,17 @@ DIM = 512
 IMAGE_SIDE = 10_240  # px: 79 x 79 windows per synthetic image
 
 
-def synthetic_store(path: Path, n: int, dtype: str, chunk_tiles: int = 8192, seed: int = 0, latent: int = 0) -> Path:
+def synthetic_store(
+    path: Path, n: int, dtype: str, chunk_tiles: int = 8192, seed: int = 0, latent: int = 0, cluster: int = 0
+) -> Path:
     """A store with ``n`` synthetic tiles laid out like an ingest of 10,240 px images.
 
     Fingerprints: ReLU'd i.i.d. Gaussians (``latent`` 0: no neighbourhood structure at all, the
     worst case for any approximate search), or, with ``latent`` d, ReLU(z W + 0.1 e) with z
     ~ N(0, I_d), a fixed W (d x 512) and noise e: points on a d-dimensional manifold, as CNN
-    features of imagery are (their intrinsic dimension is tens, not 512)."""
+    features of imagery are (their intrinsic dimension is tens, not 512). With ``cluster`` c:
+    consecutive groups of c tiles around shared centres (ReLU(centre + 0.3 e)), so that each
+    tile's c - 1 nearest tiles are its group (a k-NN graph known without a brute force)."""
     import dask.array as da
     import xarray as xr
 
@@ -59,7 +63,13 @@ def synthetic_store(path: Path, n: int, dtype: str, chunk_tiles: int = 8192, see
     lon = -100.0 + image * 0.01 + col * 1e-6
     lat = 40.0 + row * 1e-6
     rs = da.random.RandomState(seed)
-    if latent:
+    if cluster:
+        groups = -(-n // cluster)
+        centres = rs.standard_normal((groups, DIM), chunks=(max(1, chunk_tiles // cluster), DIM)).astype(np.float32)
+        rep = da.repeat(centres, cluster, axis=0)[:n].rechunk((chunk_tiles, DIM))
+        noise = rs.standard_normal((n, DIM), chunks=(chunk_tiles, DIM)).astype(np.float32)
+        fp = da.maximum(rep + 0.3 * noise, 0).astype(dtype)
+    elif latent:
         w = np.random.default_rng(seed).standard_normal((latent, DIM)).astype(np.float32) / np.sqrt(latent)
         z = rs.standard_normal((n, latent), chunks=(chunk_tiles, latent)).astype(np.float32)
         noise = rs.standard_normal((n, DIM), chunks=(chunk_tiles, DIM)).astype(np.float32)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import codes, post, store
-from pipeline.search import SearchIndex
+from pipeline.search import Filters, L2Scorer, Queries, SearchIndex
 
 
 def fit_store(path: str, method: str, dims: int = 128, sample: int = 200_000, seed: int = 0) -> post.Transform:
@@ -88,4 +88,47 @@ def encode_store(
 
     info = {"kind": kind, "bits": bits, "fitted_on_tiles": int(len(fit_rows)), "on": source, "tiles": int(len(valid))}
     store.write_codes(path, n, enc.mean, enc.projection, info, rows())
+    return info
+
+
+def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None) -> dict:
+    """The k-NN graph as derived arrays: every valid tile's ``k`` nearest valid tiles (overlapping
+    ones excluded, as in search) by Euclidean distance after the store's post-processing (not
+    DBA), with their cosine similarity, found by the search engine itself in batches of
+    ``batch`` queries (many queries per pass over the store; memory bounded by the batch).
+    Written by :func:`pipeline.store.write_knn`; returns the ``postprocess.knn`` record, with the
+    time it took."""
+    import time
+
+    if k < 1:
+        raise ValueError(f"--knn needs at least 1 neighbour, got {k}")
+    t0 = time.perf_counter()
+    index = SearchIndex.open(path, runtime)
+    index.use_dba = False
+    ds = index.ds
+    n = ds.sizes["tile"]
+    valid = np.flatnonzero(ds["valid"].values)
+    if runtime is None:
+        index.persist()
+    x = index.transform.apply(np.asarray(ds["fingerprint"].values, dtype=np.float32))
+    norms = np.linalg.norm(x, axis=1)
+    z = int(ds["fingerprint"].data.chunksize[0]) or n
+    out_uid = np.zeros((n, k), np.uint64)
+    out_sim = np.full((n, k), np.nan, np.float32)
+    image, row, col = (ds[v].values.astype(np.int64) for v in ("image", "row", "col"))
+    lon, lat = ds["lon"].values, ds["lat"].values
+    half = index.half_m
+    for s in range(0, len(valid), batch):
+        rows = valid[s : s + batch]  # queries straight from memory: no store reads, no result tables
+        queries = Queries(x[rows], image[rows], row[rows], col[rows], lon[rows], lat[rows], half[image[rows]])
+        found = index.topk(L2Scorer(queries.fingerprints), k, Filters(), queries.exclusions())
+        for r, res in zip(rows, found):
+            nb = index.slots_of(res["uid"])
+            m = len(nb)
+            out_uid[r, :m] = res["uid"]
+            den = norms[nb] * norms[r]
+            out_sim[r, :m] = np.divide(x[nb] @ x[r], den, out=np.zeros(m, np.float32), where=den > 0)
+    seconds = time.perf_counter() - t0
+    info = {"k": int(k), "tiles": int(len(valid)), "seconds": round(seconds, 3)}
+    store.write_knn(path, n, k, info, ((a, out_uid[a : a + z], out_sim[a : a + z]) for a in range(0, n, z)))
     return info

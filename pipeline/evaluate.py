@@ -90,6 +90,9 @@ class Options:
     qe: int = 0  # query expansion depth (0 = off)
     dba: int = 0  # database-side augmentation depth (0 = off)
     alpha: float = 3.0
+    diffusion: int = 0  # k of the mutual k-NN graph for diffusion re-ranking (0 = off)
+    diffusion_alpha: float = 0.9
+    seeds: int = 1000  # diffusion: each query's exact top-R, re-ranked (the rest follow in exact order)
 
     def label(self) -> str:
         s = self.post + (f"{self.dims}" if self.post == "pca" else "")
@@ -97,7 +100,8 @@ class Options:
             s += f"+DBA{self.dba}"
         if self.qe:
             s += f"+aQE{self.qe}"
-        return s + (f" (alpha {self.alpha:g})" if (self.qe or self.dba) else "")
+        s += f" (alpha {self.alpha:g})" if (self.qe or self.dba) else ""
+        return s + (f"+diffusion{self.diffusion} (alpha {self.diffusion_alpha:g})" if self.diffusion else "")
 
 
 def run_options(raw: np.ndarray, opts: Options, fit_rows: np.ndarray | None = None) -> np.ndarray:
@@ -111,7 +115,29 @@ def run_options(raw: np.ndarray, opts: Options, fit_rows: np.ndarray | None = No
     if opts.qe:
         order = rank_all(x)
         q = post.expand_queries(x, x[order[:, : opts.qe]], opts.alpha)
-    return rank_all(x, q)
+    order = rank_all(x, q)
+    if opts.diffusion:
+        order = diffuse_rankings(x, q, order, rank_all(x)[:, : opts.diffusion], opts)
+    return order
+
+
+def diffuse_rankings(x: np.ndarray, q: np.ndarray, order: np.ndarray, graph: np.ndarray, opts: Options) -> np.ndarray:
+    """Each query's exact top-``opts.seeds`` re-ranked by diffusion on the mutual k-NN graph
+    ``graph`` (row indices of each item's nearest items, from the engine), exactly as ``search
+    --diffusion`` does (:mod:`pipeline.diffusion`); the rest of each ranking keeps its order."""
+    from pipeline import diffusion
+
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sims = np.einsum("ij,ikj->ik", xn, xn[graph])  # cosine of each item to its graph neighbours
+    ids = np.arange(len(x), dtype=np.uint64)
+    out = order.copy()
+    r = min(opts.seeds, order.shape[1])
+    for i in range(len(order)):
+        seeds = order[i, :r]
+        a = diffusion.subgraph(ids[seeds], ids[graph[seeds]], sims[seeds], graph.shape[1])
+        f = diffusion.diffuse(a, diffusion.initial(q[i], x[seeds], graph.shape[1]), opts.diffusion_alpha)
+        out[i, :r] = seeds[np.lexsort((seeds, -f))]
+    return out
 
 
 def fingerprint_images(paths: list[str], spec: ModelSpec) -> np.ndarray:
@@ -246,6 +272,8 @@ def evaluate(
         depths = [(0, 0), (0, 10), (10, 0), (5, 5), (10, 10)]  # (dba, qe)
         settings = [Options(p, dba=d, qe=q, alpha=a) for p in ("l2", "hellinger") for d, q in depths
                     for a in (1.0, 3.0) if (d or q or a == 3.0)]  # fmt: skip
+        settings += [Options(p, diffusion=k, diffusion_alpha=a) for p in ("l2", "hellinger") for k in (20, 30, 50)
+                     for a in (0.85, 0.9, 0.95)]  # fmt: skip
         best, trials = tune(raw, labels, settings)
         report["tuning"] = {"grid": trials, "chosen": best.label()}
         options = [*options, best]
@@ -303,8 +331,9 @@ def _pictures(out: Path, paths, labels, classes, order, ap, per_class, title: st
     sheet(tiles, labs, columns=6, highlight_first=False).save(out / "best_worst.png")
 
 
-def parse_options(text: str) -> Options:
-    """``post[:dims][+dbaN][+qeN][@alpha]``, e.g. ``l2``, ``pca:128``, ``hellinger+dba10+qe10@3``.
+def parse_options(text: str, diffusion_alpha: float = 0.9) -> Options:
+    """``post[:dims][+dbaN][+qeN][+diffusionN][@alpha]``, e.g. ``l2``, ``pca:128``,
+    ``hellinger+dba10+qe10@3``, ``hellinger+diffusion30`` (its alpha: ``diffusion_alpha``).
 
     Unknown tokens are errors that list the valid ones (a typo never runs as something else)."""
     original, alpha = text, 3.0
@@ -320,17 +349,17 @@ def parse_options(text: str) -> Options:
         raise PostprocessError(
             f"--options {original!r}: unknown post-processing {name!r}; choose one of {', '.join(post.METHODS)}"
         )
-    kw: dict[str, Any] = {"post": name, "alpha": alpha}
+    kw: dict[str, Any] = {"post": name, "alpha": alpha, "diffusion_alpha": diffusion_alpha}
     if dims:
         if not dims.isdigit():
             raise PostprocessError(f"--options {original!r}: pca dimensions must be an integer, like pca:128")
         kw["dims"] = int(dims)
     for p in parts[1:]:
-        m = re.fullmatch(r"(dba|qe)(\d+)", p)
-        if not m:
+        m = re.fullmatch(r"(dba|qe|diffusion)(\d+)", p)
+        if not m or int(m.group(2)) < 1:
             raise PostprocessError(
                 f"--options {original!r}: unknown token {p!r}; valid tokens after the post-processing are "
-                f"dbaN and qeN (e.g. hellinger+dba10+qe10@1)"
+                f"dbaN, qeN and diffusionN with N >= 1 (e.g. hellinger+dba10+qe10@1, hellinger+diffusion30)"
             )
         kw[m.group(1)] = int(m.group(2))
     return Options(**kw)

@@ -29,6 +29,8 @@ only copy of anything)::
     codes            (tile, code_byte)        uint8    binary codes of the search space (ITQ)
     codes_mean       (post_feature,)          float32  codes: centre of the fitting set
     codes_projection (post_feature, code_bit) float32  codes: PCA + ITQ rotation, sign -> bit
+    knn_uid          (tile, neighbour)        uint64   each valid tile's K nearest tiles (postprocess --knn)
+    knn_sim          (tile, neighbour)        float32  their cosine similarity; NaN where none (and for invalid tiles)
 
 Group attributes: ``schema_version`` (:data:`SCHEMA_VERSION`), ``software``, ``created``,
 ``model`` (arch, dim, head, weights_id, weights_sha256, pretrained), ``preprocessing`` (tile,
@@ -37,7 +39,8 @@ stride, crop, mean, std, input_scale, bands, scale, black_level, max_nodata_frac
 (every setting of the ingest that made it), ``last_ingest`` (finished, failed files) and
 ``postprocess`` (method, dims, fitted_on_tiles, created; ``dba``: depth, alpha, tiles and
 ``stale``, the reason it no longer covers the store, when it does not; ``codes``: kind, bits,
-fitted_on_tiles, on (``fingerprint`` or ``fingerprint_dba``), created and ``stale``).
+fitted_on_tiles, on (``fingerprint`` or ``fingerprint_dba``), created and ``stale``; ``knn``: k,
+tiles, seconds, created and ``stale``).
 
 Slots: images in image-id order (sorted paths), each image's grid chunks row-major, each chunk's
 windows row-major. Every window of the paper's grid has a slot, kept or not, so a window's slot
@@ -87,8 +90,9 @@ TILE_VARS = ("fingerprint", "valid", "uid", "image", "row", "col", "x", "y", "lo
 IMG_STR_VARS = ("image_path", "crs", "status", "error", "sha256")
 IMG_INT_VARS = ("width", "height", "size", "tile_start", "tile_count")
 IMG_VARS = (*IMG_STR_VARS, *IMG_INT_VARS, "mtime", "transform")
-DERIVED_TILE_VARS = ("fingerprint_dba", "codes")  # per-tile arrays computed from the others
-_DERIVED_META = {"fingerprint_dba": "dba", "codes": "codes"}  # their entry in attrs["postprocess"]
+DERIVED_TILE_VARS = ("fingerprint_dba", "codes", "knn_uid", "knn_sim")  # per-tile arrays computed from the others
+# their entry in attrs["postprocess"]
+_DERIVED_META = {"fingerprint_dba": "dba", "codes": "codes", "knn_uid": "knn", "knn_sim": "knn"}
 IMG_CHUNK = 4096
 
 __all__ = ["StoreError", "open_store", "summarize"]
@@ -655,6 +659,31 @@ def write_codes(
     consolidate(path)
 
 
+def write_knn(path: str | Path, n_tiles: int, k: int, info: dict, rows: Any) -> None:
+    """Write the k-NN graph ``knn_uid`` (tile, neighbour) uint64 and ``knn_sim`` float32 (NaN:
+    no neighbour), chunked like ``fingerprint``, from ``rows`` (an iterable of ``(start, uids,
+    sims)``), then ``postprocess.knn`` (``info`` + created) last, replacing an earlier graph:
+    an interrupted build leaves no graph, never half of one."""
+    g = _group(path, "r+")
+    meta = dict(g.attrs.get("postprocess") or {"method": "none", "dims": None})
+    if meta.pop("knn", None) is not None:
+        g.attrs["postprocess"] = meta
+    for name in ("knn_uid", "knn_sim"):
+        if name in g:
+            del g[name]
+    chunks = (g["fingerprint"].chunks[0], k)
+    dims = ("tile", "neighbour")
+    u = g.create_array("knn_uid", shape=(n_tiles, k), chunks=chunks, dtype="uint64", dimension_names=dims)
+    sim = g.create_array("knn_sim", shape=(n_tiles, k), chunks=chunks, dtype="float32", dimension_names=dims,
+                         fill_value=np.nan)  # fmt: skip
+    for start, uids, sims in rows:
+        u[start : start + len(uids)] = uids
+        sim[start : start + len(sims)] = sims
+    meta["knn"] = {**info, "created": _now()}
+    g.attrs["postprocess"] = meta
+    consolidate(path)
+
+
 def read_codes_encoder(ds) -> tuple[np.ndarray, np.ndarray]:
     """``(mean, projection)`` of a store's codes."""
     return ds["codes_mean"].values.astype(np.float32), ds["codes_projection"].values.astype(np.float32)
@@ -686,6 +715,11 @@ def stale_reason(ds, name: str) -> str:
     if not meta.get("stale"):
         return ""
     post_meta = ds.attrs.get("postprocess") or {}
+    if name in ("knn_uid", "knn_sim"):
+        return (
+            f"the k-NN graph is stale ({meta['stale']}); rebuild it with `aerial-search postprocess --store STORE "
+            f"--knn {meta.get('k')}`"
+        )
     if name == "codes":
         return (
             f"codes are stale ({meta['stale']}); rebuild them with `aerial-search postprocess --store STORE "

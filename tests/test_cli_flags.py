@@ -275,7 +275,9 @@ def test_evaluate_tune_picks_on_one_half(tmp_path):
     assert main(["evaluate", str(tmp_path / "set"), "--weights", "random", "--model", "resnet18", "--options", "l2",
                  "--tune", "--out", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "metrics.json").read_text())
-    assert len(report["tuning"]["grid"]) == 18 and report["tuning"]["chosen"] == report["runs"][-1]["options"]
+    grid = [t["options"] for t in report["tuning"]["grid"]]  # 18 post/DBA/QE settings + 18 diffusion ones
+    assert len(grid) == 36 and sum("diffusion" in g for g in grid) == 18
+    assert report["tuning"]["chosen"] == report["runs"][-1]["options"]
     best = max(report["tuning"]["grid"], key=lambda t: t["mAP_tuning_half"])
     assert report["tuning"]["chosen"] == best["options"]
 

@@ -17,9 +17,11 @@ def add_parser(sub) -> None:
     p.add_argument("dataset", help="folder with one subfolder of images per class (UC Merced layout)")
     p.add_argument("--out", default="evaluation", help="folder for metrics.json and the pictures")
     p.add_argument("--options", nargs="+", default=list(DEFAULT_OPTIONS), metavar="OPTIONS",
-                   help="post-processing runs: none, l2, hellinger, pca:DIMS, with +dbaN, +qeN, @ALPHA "
+                   help="post-processing runs: none, l2, hellinger, pca:DIMS, with +dbaN, +qeN, +diffusionN, @ALPHA "
                         f"(default: {' '.join(DEFAULT_OPTIONS)})")  # fmt: skip
-    p.add_argument("--tune", action="store_true", help="also pick post/QE/DBA settings on half the queries")
+    p.add_argument("--tune", action="store_true",
+                   help="also pick post/QE/DBA/diffusion settings on half the queries")  # fmt: skip
+    p.add_argument("--diffusion-alpha", type=float, default=0.9, help="alpha of +diffusionN options (default 0.9)")
     p.add_argument("--n-examples", type=int, default=0, metavar="N",
                    help="also compare example sets of N positives + N negatives (centroid, nearest, classifier) "
                         "with single-example queries")  # fmt: skip
@@ -30,7 +32,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline import evaluate
     from pipeline.embed import ModelSpec, describe_weights
 
-    options = [evaluate.parse_options(text) for text in args.options]  # parsed here: defaults included
+    options = [evaluate.parse_options(text, args.diffusion_alpha) for text in args.options]  # defaults included
     spec = ModelSpec.from_config(
         cfg.model, describe_weights(cfg.model.arch, cfg.model.weights, cfg.model.seed)["weights_sha256"]
     )

@@ -21,14 +21,16 @@ def add_parser(sub) -> None:
                    help="also write compressed codes of the search space (search --codes scans them)")  # fmt: skip
     p.add_argument("--bits", type=int, default=None, help="binary codes: bits per tile (default min(512, dims))")
     p.add_argument("--codes-sample", type=int, default=100_000, help="codes: fit on at most this many tiles")
+    p.add_argument("--knn", type=int, default=0,
+                   help="also write the k-NN graph (knn_uid / knn_sim) with this many neighbours (search --diffusion)")  # fmt: skip
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.derived import augment_store, encode_store, fit_store
+    from pipeline.derived import augment_store, build_knn, encode_store, fit_store
     from pipeline.errors import ConfigError
 
-    if args.method is None and not (args.dba or args.codes):
-        raise ConfigError("nothing to do: pass --method (a post-processing), --dba N and/or --codes binary")
+    if args.method is None and not (args.dba or args.codes or args.knn):
+        raise ConfigError("nothing to do: pass --method (a post-processing), --dba N, --codes binary and/or --knn K")
     if args.method is not None:
         t = fit_store(args.store, args.method, args.dims, args.sample)
         dims = "" if t.dims is None else f" ({t.dims} dims)"
@@ -44,5 +46,14 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print(
             f"{args.store}: {info['bits']}-bit {info['kind']} codes written for {info['tiles']} tiles "
             f"({info['bits'] // 8} bytes each, fitted on {info['fitted_on_tiles']}); search --codes scans them"
+        )
+    if args.knn:
+        info = build_knn(args.store, args.knn)
+        n, sec = info["tiles"], info["seconds"]
+        per_million = sec * (1e6 / max(n, 1)) ** 2  # every tile searches every tile: n^2
+        print(
+            f"{args.store}: k-NN graph written ({args.knn} neighbours of {n} tiles) in {sec:.1f} s, {n / sec:.0f} tiles/s; "
+            f"the graph costs n^2 distance evaluations: a million tiles would take about {per_million / 3600:.1f} h "
+            f"on this machine (search --diffusion uses it; adding images marks it stale)"
         )
     return 0

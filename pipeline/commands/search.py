@@ -57,7 +57,11 @@ def add_parser(sub) -> None:
         "--rerank", type=int, help="--codes: candidates per query re-ranked exactly (default max(10 k, 100))"
     )
     g.add_argument("--qe", type=int, default=0, help="alpha query expansion with this many top results (0: off)")
-    g.add_argument("--alpha", type=float, default=3.0, help="query expansion weight exponent")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="query expansion weight exponent (default 3); with --diffusion, its alpha (default 0.9)")  # fmt: skip
+    g.add_argument("--diffusion", action="store_true",
+                   help="re-rank each query's exact top 1,000 by diffusion on the store's k-NN graph (postprocess --knn)")  # fmt: skip
+    g.add_argument("--diffusion-k", type=int, help="--diffusion: neighbours per tile used (default: all stored)")
     g.add_argument("--weights", dest="query_weights", help="local copy of the store's weights file (checked by sha256)")
     g.add_argument("--device", dest="model.device", help="auto | cpu | cuda for --image queries")
     add_common(p)
@@ -76,12 +80,16 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
             "--positive/--negative/--examples make one query of several examples and --uid/--uids-file/--image/"
             "--lonlat make one query each: use one kind per search"
         )
+    if args.diffusion and (pos or neg):
+        raise SearchError("--diffusion re-ranks single queries (--uid, --image, --lonlat); not example sets")
     with runtime(cfg.cluster) as rt:
         index = SearchIndex.open(args.store, rt, split_every=args.split_every)
         index.use_post = not args.raw
         index.codes, index.rerank = args.codes, args.rerank
         if args.rerank is not None and not args.codes:
             raise SearchError("--rerank applies to --codes searches only")
+        if args.diffusion_k is not None and not args.diffusion:
+            raise SearchError("--diffusion-k applies to --diffusion searches only")
         filters = filters_of(args, index)
         if pos or neg:
             from pipeline.examples import answer, example_set
@@ -92,9 +100,17 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
             pixels = [example_pixels(index, pos[0])] if args.sheet else []
         else:
             queries, labels, pixels = resolve_queries(index, args, cfg.model.device, pixels=bool(args.sheet))
-            expand = (args.qe, args.alpha) if args.qe else None
-            results = index.search(queries, k, filters, diverse=args.diverse, labels=labels, expand=expand,
-                                   max_distance=threshold, limit=args.limit)  # fmt: skip
+            if args.diffusion:
+                if threshold is not None or args.diverse or args.qe or args.codes:
+                    raise SearchError("--diffusion ranks the k best by diffusion score: use it with -k, without "
+                                      "--max-distance, --diverse, --qe or --codes")  # fmt: skip
+                results = index.search_diffusion(queries, k, filters, labels=labels,
+                                                 alpha=0.9 if args.alpha is None else args.alpha,
+                                                 graph_k=args.diffusion_k)  # fmt: skip
+            else:
+                expand = (args.qe, 3.0 if args.alpha is None else args.alpha) if args.qe else None
+                results = index.search(queries, k, filters, diverse=args.diverse, labels=labels, expand=expand,
+                                       max_distance=threshold, limit=args.limit)  # fmt: skip
         write_outputs(results, args, index, pixels)
     return 0
 

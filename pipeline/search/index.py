@@ -319,6 +319,60 @@ class SearchIndex:
         max_score = None if max_distance is None else float(max_distance) ** 2
         return self.run(L2Scorer(queries.fingerprints), exclude, k, max_score, limit, filters, diverse, labels)
 
+    def search_diffusion(
+        self,
+        queries: Queries,
+        k: int = 10,
+        filters: Filters | None = None,
+        labels: Sequence[dict] | None = None,
+        alpha: float = 0.9,
+        graph_k: int | None = None,
+        seeds: int = 1000,
+    ) -> list[Result]:
+        """Diffusion re-ranking (:mod:`pipeline.diffusion`): each query's exact top-``seeds``
+        tiles (all of them in smaller stores; filters and exclusions as in :meth:`search`),
+        ranked by ``(I - alpha S)^-1 y`` on the stored k-NN graph among them (its first
+        ``graph_k`` neighbours per tile, default all stored). Results report ``score`` (higher is
+        better) and the exact ``distance``."""
+        from pipeline import diffusion
+
+        meta = self.check_knn()
+        graph_k = graph_k or int(meta["k"])
+        if k <= 0 or seeds < k:
+            raise SearchError(f"diffusion needs 0 < k <= its seeds ({seeds}), got k = {k}")
+        knn_uid, knn_sim = self._once("knn", lambda: (self.ds["knn_uid"].values, self.ds["knn_sim"].values))
+        first = self.search(queries, seeds, filters, labels=labels)
+        q = self._transformed(queries).fingerprints
+        out = []
+        for j, res in enumerate(first):
+            slots = self.slots_of(res.uid)
+            a = diffusion.subgraph(np.asarray(res.uid, np.uint64), knn_uid[slots], knn_sim[slots], graph_k)
+            near = self.transform.apply(self.fingerprints_at(slots[:graph_k]))  # y is 0 beyond them
+            y = np.zeros(len(slots))
+            y[: len(near)] = diffusion.initial(q[j], near, graph_k)
+            f = diffusion.diffuse(a, y, alpha)
+            order = np.lexsort((res.uid, -f))[:k]
+            raw = np.empty(len(order), dtype=kernels.RESULT_DTYPE)
+            raw["score"], raw["uid"], raw["lon"], raw["lat"] = f[order], res.uid[order], res.lon[order], res.lat[order]
+            r = Result.from_topk(raw, {**res.query, "diffusion": {"alpha": alpha, "k": graph_k, "seeds": len(slots)}},
+                                 f[order], self.image_paths, "score", None, self.geometry, True)  # fmt: skip
+            r.extra = {"distance": np.asarray(res.distance)[order]}
+            out.append(r)
+        return out
+
+    def check_knn(self) -> dict[str, Any]:
+        """The store's k-NN graph record, refused unless the graph is current."""
+        meta = (self.provenance.get("postprocess") or {}).get("knn")
+        if "knn_uid" not in self.ds or not meta:
+            raise SearchError(
+                f"store {self.path} has no k-NN graph; build it with `aerial-search postprocess --store {self.path} "
+                f"--knn 30`, or search without --diffusion"
+            )
+        stale = store.stale_reason(self.ds, "knn_uid")
+        if stale:
+            raise SearchError(f"{stale}; or search without --diffusion")
+        return meta
+
     def search_examples(
         self,
         sets: Sequence[ExampleSet],

@@ -46,6 +46,7 @@ class Result:
     total: int | None = None
     transform: np.ndarray | None = None  # (n, 6) affine a, b, c, d, e, f of each result's image
     crs: list[str] | None = None
+    extra: dict[str, np.ndarray] | None = None  # more per-result values (diffusion: "distance" beside "score")
 
     @classmethod
     def from_topk(
@@ -90,6 +91,7 @@ class Result:
                 "rank": i + 1,
                 "uid": str(int(self.uid[i])),
                 self.value_name: float(self.distance[i]),
+                **{name: float(v[i]) for name, v in (self.extra or {}).items()},
                 "image_path": self.image_path[i],
                 "row": int(self.row[i]),
                 "col": int(self.col[i]),
