@@ -86,10 +86,17 @@ def topk_graph(
     if split_every < 2:
         raise SearchError(f"split_every must be >= 2 (the fan-in of the top-k tree), got {split_every}")
     name = f"topk-{uuid.uuid4().hex}"
+    leaves = {i: (kernels.chunk_topk, b.key, scorer, k, filters, exclude, half_m, usable) for i, b in enumerate(blocks)}
+    return _topk_tree(name, leaves, k, len(scorer), split_every, list(blocks))
+
+
+def _topk_tree(name: str, leaves: dict[int, tuple], k: int, m: int, split_every: int, deps: list) -> Delayed:
+    """``leaves`` (one partial top-k task each) merged ``split_every`` at a time by
+    :func:`~pipeline.search.kernels.merge_topk` until one remains, then finalized."""
     dsk: dict[Any, Any] = {}
     level = []
-    for i, b in enumerate(blocks):
-        dsk[(name, 0, i)] = (kernels.chunk_topk, b.key, scorer, k, filters, exclude, half_m, usable)
+    for i, task in sorted(leaves.items()):
+        dsk[(name, 0, i)] = task
         level.append((name, 0, i))
     depth = 0
     while len(level) > 1:
@@ -100,8 +107,8 @@ def topk_graph(
             nxt.append((name, depth, s))
         level = nxt
     final = (name, "final")
-    dsk[final] = (kernels.finalize, level[0]) if level else (kernels.empty_results, len(scorer))
-    return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=list(blocks)), layer=name)
+    dsk[final] = (kernels.finalize, level[0]) if level else (kernels.empty_results, m)
+    return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=deps), layer=name)
 
 
 def rerank_graph(
@@ -115,23 +122,10 @@ def rerank_graph(
     task per block that holds candidates (``candidates[i] = (rows, member)``), reduced like
     :func:`topk_graph`. Blocks without candidates are not in the graph, so they are not read."""
     name = f"rerank-{uuid.uuid4().hex}"
-    dsk: dict[Any, Any] = {}
-    level = []
-    for i, (rows, member) in sorted(candidates.items()):
-        dsk[(name, 0, i)] = (kernels.rerank_block, blocks[i].key, rows, member, scorer, k)
-        level.append((name, 0, i))
-    depth = 0
-    while len(level) > 1:
-        depth += 1
-        nxt = []
-        for s in range(0, len(level), split_every):
-            dsk[(name, depth, s)] = (kernels.merge_topk, list(level[s : s + split_every]), k)
-            nxt.append((name, depth, s))
-        level = nxt
-    final = (name, "final")
-    dsk[final] = (kernels.finalize, level[0]) if level else (kernels.empty_results, len(scorer))
-    used = [blocks[i] for i in sorted(candidates)]
-    return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=used), layer=name)
+    leaves = {
+        i: (kernels.rerank_block, blocks[i].key, rows, member, scorer, k) for i, (rows, member) in candidates.items()
+    }
+    return _topk_tree(name, leaves, k, len(scorer), split_every, [blocks[i] for i in sorted(candidates)])
 
 
 def threshold_graph(
