@@ -93,6 +93,16 @@ def topk_graph(
 def _topk_tree(name: str, leaves: dict[int, tuple], k: int, m: int, split_every: int, deps: list) -> Delayed:
     """``leaves`` (one partial top-k task each) merged ``split_every`` at a time by
     :func:`~pipeline.search.kernels.merge_topk` until one remains, then finalized."""
+    merge = (kernels.merge_topk, k)
+    return _tree(name, leaves, merge, kernels.finalize, (kernels.empty_results, m), split_every, deps)
+
+
+def _tree(
+    name: str, leaves: dict[int, tuple], merge: tuple, finalize: Any, empty: tuple, split_every: int, deps: list
+) -> Delayed:
+    """The reduction tree: ``leaves`` (task tuples), combined ``split_every`` at a time by
+    ``merge[0](parts, *merge[1:])`` until one remains, then ``finalize(it)`` (``empty`` as the
+    task when there is no leaf)."""
     dsk: dict[Any, Any] = {}
     level = []
     for i, task in sorted(leaves.items()):
@@ -103,11 +113,11 @@ def _topk_tree(name: str, leaves: dict[int, tuple], k: int, m: int, split_every:
         depth += 1
         nxt = []
         for s in range(0, len(level), split_every):
-            dsk[(name, depth, s)] = (kernels.merge_topk, list(level[s : s + split_every]), k)
+            dsk[(name, depth, s)] = (merge[0], list(level[s : s + split_every]), *merge[1:])
             nxt.append((name, depth, s))
         level = nxt
     final = (name, "final")
-    dsk[final] = (kernels.finalize, level[0]) if level else (kernels.empty_results, m)
+    dsk[final] = (finalize, level[0]) if level else empty
     return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=deps), layer=name)
 
 
@@ -145,22 +155,10 @@ def threshold_graph(
     if split_every < 2:
         raise SearchError(f"split_every must be >= 2 (the fan-in of the reduction tree), got {split_every}")
     name = f"threshold-{uuid.uuid4().hex}"
-    dsk: dict[Any, Any] = {}
-    level = []
-    for i, b in enumerate(blocks):
-        dsk[(name, 0, i)] = (kernels.chunk_threshold, b.key, scorer, max_score, limit, filters, exclude, half_m, usable)
-        level.append((name, 0, i))
-    depth = 0
-    while len(level) > 1:
-        depth += 1
-        nxt = []
-        for s in range(0, len(level), split_every):
-            dsk[(name, depth, s)] = (kernels.merge_threshold, list(level[s : s + split_every]), limit)
-            nxt.append((name, depth, s))
-        level = nxt
-    final = (name, "final")
-    dsk[final] = (kernels.finalize_threshold, level[0]) if level else (kernels.empty_threshold, len(scorer))
-    return Delayed(final, HighLevelGraph.from_collections(name, dsk, dependencies=list(blocks)), layer=name)
+    leaves = {i: (kernels.chunk_threshold, b.key, scorer, max_score, limit, filters, exclude, half_m, usable)
+              for i, b in enumerate(blocks)}  # fmt: skip
+    return _tree(name, leaves, (kernels.merge_threshold, limit), kernels.finalize_threshold,
+                 (kernels.empty_threshold, len(scorer)), split_every, list(blocks))  # fmt: skip
 
 
 def nearest_centre_graph(ds: Any, lon: float, lat: float, usable: np.ndarray | None) -> tuple[Any, Any]:

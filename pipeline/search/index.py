@@ -128,15 +128,7 @@ class SearchIndex:
 
     def check_codes(self) -> dict[str, Any]:
         """The store's codes record, refused unless the codes are current for this index."""
-        meta = (self.provenance.get("postprocess") or {}).get("codes")
-        if "codes" not in self.ds or not meta:
-            raise SearchError(
-                f"store {self.path} has no codes; write them with `aerial-search postprocess --store {self.path} "
-                f"--codes binary`, or search without --codes"
-            )
-        stale = store.stale_reason(self.ds, "codes")
-        if stale:
-            raise SearchError(f"{stale}; or search without --codes")
+        meta = self._current_derived("codes", "codes", "codes", "--codes binary", "--codes")
         if not self.use_post:
             raise SearchError("--codes encode the store's post-processed space; drop --raw (or --codes)")
         wanted = "fingerprint_dba" if self.uses_dba else "fingerprint"
@@ -362,15 +354,20 @@ class SearchIndex:
 
     def check_knn(self) -> dict[str, Any]:
         """The store's k-NN graph record, refused unless the graph is current."""
-        meta = (self.provenance.get("postprocess") or {}).get("knn")
-        if "knn_uid" not in self.ds or not meta:
+        return self._current_derived("knn", "knn_uid", "k-NN graph", "--knn 30", "--diffusion")
+
+    def _current_derived(self, key: str, array: str, what: str, build: str, flag: str) -> dict[str, Any]:
+        """``postprocess.<key>`` of a derived array a search option needs, refused (naming the
+        command that builds it) when the store lacks it or it is stale."""
+        meta = (self.provenance.get("postprocess") or {}).get(key)
+        if array not in self.ds or not meta:
             raise SearchError(
-                f"store {self.path} has no k-NN graph; build it with `aerial-search postprocess --store {self.path} "
-                f"--knn 30`, or search without --diffusion"
+                f"store {self.path} has no {what}; build it with `aerial-search postprocess --store {self.path} "
+                f"{build}`, or search without {flag}"
             )
-        stale = store.stale_reason(self.ds, "knn_uid")
+        stale = store.stale_reason(self.ds, array)
         if stale:
-            raise SearchError(f"{stale}; or search without --diffusion")
+            raise SearchError(f"{stale}; or search without {flag}")
         return meta
 
     def search_examples(
