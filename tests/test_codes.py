@@ -179,3 +179,15 @@ def test_a_persisted_index_on_a_cluster_answers_like_the_local_one_with_and_with
                 for w, got in zip(want, index.search(queries, 6, labels=labels)):
                     np.testing.assert_array_equal(got.uid, w.uid)
                     np.testing.assert_allclose(got.distance, w.distance, rtol=1e-9)
+
+
+def test_codes_asked_for_after_persist_read_the_codes_from_the_store(coded):
+    _, path = coded
+    s = _load(path)
+    index = SearchIndex.open(str(path)).persist(block_rows=16)  # persisted without codes
+    queries, labels = index.queries_from_uids([int(s["uid"][np.flatnonzero(s["valid"])[7]])])
+    want = index.search(queries, 5, labels=labels)
+    index.codes, index.rerank = True, len(s["uid"])
+    [got] = index.search(queries, 5, labels=labels)
+    np.testing.assert_array_equal(got.uid, want[0].uid)
+    assert got.query["scan"]["rerank_from"] == "memory"

@@ -56,6 +56,7 @@ class SearchIndex:
     rerank: int | None = None  # candidates per query with codes (default max(10 k, 100))
     last_scan: dict[str, Any] = field(default_factory=dict, repr=False)  # bytes the last codes search read
     _blocks: list | None = field(default=None, repr=False)
+    _blocks_hold_codes: bool = False
     _block_rows: int = 0
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -150,9 +151,9 @@ class SearchIndex:
     def code_blocks(self) -> list:
         """Blocks for the codes pass: the persisted ones (which hold codes too), otherwise lazy
         blocks that read only the codes and the per-tile metadata."""
-        if self._blocks is not None:
+        if self._blocks is not None and self._blocks_hold_codes:
             return self._blocks
-        return graph.store_blocks(self.ds, codes="only")
+        return graph.store_blocks(self.ds, codes="only")  # (also when persisted before codes were asked for)
 
     @property
     def block_rows(self) -> int:
@@ -193,6 +194,7 @@ class SearchIndex:
         blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows,
                                     transform=None if dba else self.transform, use_dba=dba, codes=with_codes)  # fmt: skip
         self._block_rows = block_rows
+        self._blocks_hold_codes = bool(with_codes)
         if client is not None:
             self._blocks = client.persist(blocks)
         else:
