@@ -11,6 +11,11 @@
    modes; for 100 query tiles (seed 0) the top-10 of each store, each queried with its own
    fingerprint of the tile; the mean top-10 overlap and the mean cosine between the two modes'
    fingerprints of the same window.
+3. **Stability of exact mode itself** (the yardstick for 2.): the same 100 queries against exact
+   fingerprints of every window moved by ``s`` px (1, 4, 8, 16, 32; boundless reads, zeros past
+   the image), computed with torchvision directly (checked equal to the exact store at 0 px),
+   top-10 by a NumPy brute force with the store's overlap exclusion (checked to reproduce 2.):
+   how much top-10 overlap survives a change that no user would notice.
 
     python benchmarks/dense.py                   # writes benchmarks/dense.json
     python benchmarks/dense.py --rounds 1 --copies 1
@@ -69,7 +74,7 @@ def ingest_seconds(sources: Path, store: Path, *extra: str) -> float:
     return time.perf_counter() - t0
 
 
-def agreement(work: Path, weights: Path, queries: int = 100, k: int = 10) -> dict:
+def agreement(work: Path, weights: Path, queries: int = 100, k: int = 10) -> tuple[dict, dict]:
     from pipeline.config import Config
     from pipeline.derived import fit_store
     from pipeline.ingest import ingest
@@ -85,7 +90,7 @@ def agreement(work: Path, weights: Path, queries: int = 100, k: int = 10) -> dic
         for p in stores.values():
             fit_store(str(p), method)
         out[method] = _agreement(stores, queries, k)
-    return out
+    return out, stores
 
 
 def _agreement(stores: dict, queries: int, k: int) -> dict:
@@ -109,6 +114,70 @@ def _agreement(stores: dict, queries: int, k: int) -> dict:
     overlap = [len(a & b) / k for a, b in zip(tops["exact"], tops["dense"])]
     return {"tiles": int(valid.sum()), "queries": len(picks), "k": k, "top10_overlap_mean": float(np.mean(overlap)),
             "top10_overlap_min": float(np.min(overlap)), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}  # fmt: skip
+
+
+def stability(stores: dict, weights: Path, shifts=(1, 4, 8, 16, 32), queries: int = 100, k: int = 10) -> dict:
+    import rasterio
+    import torch
+    import torchvision
+    import xarray as xr
+    from rasterio.windows import Window
+
+    ds = {m: xr.open_zarr(str(p)) for m, p in stores.items()}
+    valid = ds["exact"]["valid"].values & ds["dense"]["valid"].values
+    fe, fd = (ds[m]["fingerprint"].values[valid].astype(np.float64) for m in ("exact", "dense"))
+    img, row, col, uid = (ds["exact"][v].values[valid] for v in ("image", "row", "col", "uid"))
+    paths = ds["exact"]["image_path"].values
+    picks = np.random.default_rng(0).choice(uid, min(queries, len(uid)), replace=False)  # as _agreement
+    qi = np.array([int(np.flatnonzero(uid == u)[0]) for u in picks])
+    overlapping = (
+        (img[qi, None] == img[None])
+        & (np.abs(row[qi, None] - row[None]) < 256)
+        & (np.abs(col[qi, None] - col[None]) < 256)
+    )
+
+    def top(f: np.ndarray) -> np.ndarray:
+        d = ((f[qi, None, :] - f[None]) ** 2).sum(-1)
+        d[overlapping] = np.inf  # search never returns the query's own or overlapping windows
+        return np.argsort(d, axis=1)[:, :k]
+
+    def overlap(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(top(a), top(b))]))
+
+    def cosine(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.mean((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+    net = torchvision.models.squeezenet1_1()
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    net.eval()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+
+    def exact_at(shift: int) -> np.ndarray:
+        out = np.empty((len(uid), 512))
+        readers = {i: rasterio.open(paths[i]) for i in np.unique(img)}
+        for s in range(0, len(uid), 64):
+            t = range(s, min(s + 64, len(uid)))
+            px = np.stack([readers[img[j]].read((1, 2, 3), window=Window(int(col[j]) + shift, int(row[j]) + shift, 256, 256),
+                                                boundless=True, fill_value=0) for j in t])  # fmt: skip
+            with torch.inference_mode():
+                x = (torch.from_numpy(px).float() / 255 - mean) / std
+                out[s : s + len(t)] = net.features(x).mean((2, 3)).double().numpy()
+        for r in readers.values():
+            r.close()
+        return out
+
+    same = exact_at(0)
+    res = {
+        "check_exact_store_cosine_at_0px": cosine(fe, same),
+        "check_dense_vs_exact_overlap": overlap(fe, fd),
+        "shifts": [],
+    }
+    for shift in shifts:
+        moved = exact_at(shift)
+        res["shifts"].append({"px": shift, "top10_overlap_mean": overlap(fe, moved), "cosine_mean": cosine(fe, moved)})
+        print(f"exact vs exact moved by {shift} px: top-10 overlap {res['shifts'][-1]['top10_overlap_mean']:.3f}, "
+              f"cosine {res['shifts'][-1]['cosine_mean']:.3f}", flush=True)  # fmt: skip
+    return res
 
 
 def main() -> None:
@@ -140,13 +209,14 @@ def main() -> None:
             print(f"\n{windows} windows, ResNet-18, whole process: exact {med['exact']:.1f} s "
                   f"({windows / med['exact']:.0f} w/s), dense {med['dense']:.1f} s ({windows / med['dense']:.0f} w/s): "
                   f"dense {med['exact'] / med['dense']:.2f}x faster (target >= 2.5)")  # fmt: skip
-        by_method = agreement(work, weights)
+        by_method, stores = agreement(work, weights)
         res["agreement"] = by_method["none"]
         res["agreement_by_postprocess"] = by_method
         for method, a in by_method.items():
             print(f"SqueezeNet, post-processing {method}, {a['tiles']} aerial tiles, {a['queries']} queries: top-10 "
                   f"overlap dense/exact {a['top10_overlap_mean']:.3f} (target >= 0.8; min {a['top10_overlap_min']:.1f}), "
                   f"fingerprint cosine mean {a['cosine_mean']:.3f} (min {a['cosine_min']:.3f})")  # fmt: skip
+        res["exact_stability"] = stability(stores, weights)
     Path(args.out).write_text(json.dumps(res, indent=2))
 
 
