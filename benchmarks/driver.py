@@ -20,6 +20,12 @@ Prints and writes benchmarks/driver.json:
    total time against (work / workers), work being every task's compute time from the
    cluster's task stream (reads, the simulated device, writes), pipelined (2 and 3 batches in
    flight) and with the old barrier between batches (1 in flight).
+5. ``--floor``: the decode floor. Every file of each archive read bare (rasterio open + read of
+   all bands; the large GeoTIFF in 2,048 px windows, one open each), one thread per core, no
+   pipeline, no store; and UC Merced's JPEGs decoded by Pillow as well. Windows/s of these bare
+   reads bound what any driver can reach; compared with this tree's whole ingest of the large
+   GeoTIFF in the same run (median of ``--repeat``). ``--floor-only`` runs this part alone and
+   merges it into the JSON.
 """
 
 from __future__ import annotations
@@ -86,6 +92,70 @@ def small_archive(root: Path, n: int) -> list[str]:
                            crs="EPSG:32617", transform=t, compress="deflate") as dst:  # fmt: skip
             dst.write(px)
     return [str(p) for p in paths]
+
+
+FLOOR_CHILD = r"""
+import json, os, sys, time
+os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")  # as ingest reads
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np, rasterio
+from rasterio.windows import Window
+paths, how = json.load(open(sys.argv[1])), sys.argv[2]
+def bare(task):
+    path, win = task
+    if how == "pillow":
+        from PIL import Image
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB")).size
+    with rasterio.open(path) as ds:
+        return ds.read(window=win).size
+tasks = []
+for p in paths:
+    with rasterio.open(p) as ds:
+        w, h = ds.width, ds.height
+    if w * h > 4096 * 4096:
+        tasks += [(p, Window(c, r, min(2048, w - c), min(2048, h - r))) for r in range(0, h, 2048) for c in range(0, w, 2048)]
+    else:
+        tasks.append((p, None))
+t0 = time.perf_counter()
+with ThreadPoolExecutor(os.cpu_count()) as pool:
+    values = sum(pool.map(bare, tasks, chunksize=16))
+print(json.dumps({"seconds": time.perf_counter() - t0, "values": int(values), "tasks": len(tasks)}))
+"""
+
+
+def decode_floor(archives: dict, windows: dict, work: Path, repeat: int) -> dict:
+    """Bare reads of every archive (fresh processes, median of ``repeat``) against this tree's
+    whole ingest of the large GeoTIFF, measured in the same run."""
+    out: dict = {"large_ingest_runs_s": []}
+    large_name = next(iter(archives))
+    for _ in range(repeat):
+        out["large_ingest_runs_s"].append(
+            run_child(ROOT, archives[large_name], work / "floor-large.zarr", False)["seconds"]
+        )
+    out["large_ingest_windows_per_s"] = windows[large_name] / statistics.median(out["large_ingest_runs_s"])
+    rows = []
+    for name, paths in archives.items():
+        listing = work / "floor.paths.json"
+        listing.write_text(json.dumps(paths))
+        hows = ["rasterio", "pillow"] if name == "ucmerced" else ["rasterio"]  # JPEGs: also a faster decoder
+        for how in hows:
+            runs = []
+            for _ in range(repeat):
+                res = subprocess.run(
+                    [sys.executable, "-c", FLOOR_CHILD, str(listing), how], capture_output=True, text=True
+                )
+                if res.returncode:
+                    raise RuntimeError(res.stderr[-3000:])
+                runs.append(json.loads(res.stdout.strip().splitlines()[-1])["seconds"])
+            sec = statistics.median(runs)
+            row = {"archive": name, "reader": how, "files": len(paths), "windows": windows[name], "runs_s": runs,
+                   "seconds": sec, "windows_per_s": windows[name] / sec,
+                   "over_large_ingest": windows[name] / sec / out["large_ingest_windows_per_s"]}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out["rows"] = rows
+    return out
 
 
 def run_child(tree: Path, paths: list[str], store: Path, old: bool) -> dict:
@@ -244,6 +314,8 @@ def main() -> None:
     ap.add_argument("--skip-compare", action="store_true")
     ap.add_argument("--rate", type=float, default=50.0, help="simulated device tiles/s per worker")
     ap.add_argument("--batches", type=int, default=16, help="one-image batches in the simulated-device runs")
+    ap.add_argument("--floor", action="store_true", help="also measure the decode floor (bare reads)")
+    ap.add_argument("--floor-only", action="store_true", help="only the decode floor, merged into --out")
     ap.add_argument("--out", default=str(Path(__file__).with_name("driver.json")))
     args = ap.parse_args()
     import os
@@ -259,6 +331,13 @@ def main() -> None:
     if data and Path(data, "ucmerced").is_dir():
         archives["ucmerced"] = sorted(str(p) for p in Path(data, "ucmerced").glob("*/*") if p.is_file())
     archives[f"{args.small_files} chips"] = small_archive(work / "chips", args.small_files)
+    if args.floor_only:
+        out = json.loads(Path(args.out).read_text())
+        windows = {r["archive"]: r["windows"] for r in out["windows_per_s"]}
+        out["decode_floor"] = decode_floor(archives, windows, work, args.repeat) | {"date": time.strftime("%Y-%m-%d")}
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print_floor(out["decode_floor"])
+        return
     out: dict = {"machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     trees = {"after": (ROOT, False)}
     if not args.skip_compare:
@@ -272,8 +351,20 @@ def main() -> None:
     out["planning_latency"] = planning_with_latency(archives[f"{args.small_files} chips"])
     print(json.dumps(out["planning_latency"]), flush=True)
     out["simulated_device"] = simulated_device(work, args.rate, args.batches)
+    if args.floor:
+        windows = {r["archive"]: r["windows"] for r in out["windows_per_s"]}
+        out["decode_floor"] = decode_floor(archives, windows, work, args.repeat)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print_table(out)
+    if args.floor:
+        print_floor(out["decode_floor"])
+
+
+def print_floor(floor: dict) -> None:
+    print(f"\nthis tree's ingest of the large GeoTIFF: {floor['large_ingest_windows_per_s']:.0f} windows/s")
+    for r in floor["rows"]:
+        print(f"bare {r['reader']} reads, {r['archive']}: {r['windows_per_s']:.0f} windows/s = "
+              f"{r['over_large_ingest']:.2f}x the large GeoTIFF's ingest (no driver, no model, no store)")  # fmt: skip
 
 
 def print_table(out: dict) -> None:
