@@ -9,6 +9,11 @@
    (no neighbourhood structure: the worst case), and points on a 16-dimensional manifold
    (``latent=16``, like CNN features); the same recall and bytes, recall at R = 1,000 and
    10,000, and the time per query of exact and codes, median of 3 rounds of 10 queries.
+   With ``--kinds pq`` (or both, the default), the same rows for 64-byte product-quantization
+   codes (`postprocess --codes pq --m 64`), keyed ``<store>_pq``; on the synthetic manifold
+   store also faiss ``IndexPQ`` (the same 64 x 8-bit quantizer kind, trained on the same sample
+   size, the same threads): its scan time for the R = 100 candidates of one query and its own
+   recall@10 without re-ranking, beside ours.
 3. **100M codes** (random 64-byte codes held in memory, blocks of 2^20): the codes-only scan of
    the engine (`HammingScorer` through `chunk_topk` / `merge_topk`, one thread per core) against
    faiss `IndexBinaryFlat` with the same threads, in its own process (one 6.4 GB copy resident
@@ -89,14 +94,62 @@ def recall_and_bytes(path: str, queries: int = 100, k: int = 10, timing: bool = 
 
 def real_store(work: Path, name: str, sources: list[str], weights: Path) -> str:
     from pipeline.config import Config
-    from pipeline.derived import encode_store
     from pipeline.ingest import ingest
 
     path = work / f"{name}.zarr"
     cfg = Config().override(**{"model.arch": "squeezenet1_1", "model.weights": str(weights), "cluster.progress": False})
     ingest(sources, path, cfg, overwrite=True)
-    encode_store(str(path))
     return str(path)
+
+
+def encode(path: str, kind: str) -> float:
+    """Seconds to fit and write ``kind`` codes with the command's defaults (replacing others)."""
+    from pipeline.derived import encode_store
+
+    t0 = time.perf_counter()
+    encode_store(path, kind)
+    return time.perf_counter() - t0
+
+
+def faiss_pq(path: str, threads: int, queries: int = 100, k: int = 10, r: int = 100, sample: int = 100_000) -> dict:
+    """faiss IndexPQ (m = 64, 8 bits) on the store's fingerprints: training on ``sample`` rows as
+    ``postprocess`` fits on, the scan time of one query for ``r`` candidates (median of 3 rounds
+    of 10 queries) and faiss's own recall@10 (its approximate distances, no re-ranking)."""
+    import faiss
+
+    from pipeline.search import SearchIndex
+
+    faiss.omp_set_num_threads(threads)
+    exact = SearchIndex.open(path).persist()
+    ds = exact.ds
+    valid = ds["valid"].values
+    x = np.ascontiguousarray(exact.transform.apply(ds["fingerprint"].values[valid]), dtype=np.float32)
+    uids = ds["uid"].values[valid]
+    index = faiss.IndexPQ(x.shape[1], 64, 8)
+    rng = np.random.default_rng(0)
+    index.train(x[np.sort(rng.choice(len(x), min(sample, len(x)), replace=False))])
+    index.add(x)
+    picks = np.random.default_rng(0).choice(uids, min(queries, len(uids)), replace=False)
+    q, labels = exact.queries_from_uids([int(u) for u in picks])
+    want = exact.search(q, k, labels=labels)
+    qx = np.ascontiguousarray(exact.transform.apply(q.fingerprints), dtype=np.float32)
+    _, got = index.search(qx, k + 50)
+    from pipeline.grid import unpack_uid
+
+    recalls = []
+    for w, g, u in zip(want, got, picks):  # search's own exclusion: the query's tile and those overlapping it
+        img, row, col = unpack_uid(uids[g[g >= 0]])
+        qi, qr, qc = unpack_uid(np.array([u], dtype=np.uint64))
+        keep = ~((img == qi[0]) & (np.abs(row - qr[0]) < 256) & (np.abs(col - qc[0]) < 256))
+        recalls.append(len(set(w.uid) & set(uids[g[g >= 0]][keep][:k])) / k)
+    recall = float(np.mean(recalls))
+    times = []
+    for i in range(30):
+        t0 = time.perf_counter()
+        index.search(qx[i : i + 1], r)
+        times.append(time.perf_counter() - t0)
+    rounds = [statistics.median(times[a : a + 10]) for a in (0, 10, 20)]
+    return {"scan_ms": statistics.median(rounds) * 1e3, "recall_at_10_no_rerank": recall, "threads": threads}
 
 
 def random_codes(n: int, seed: int = 0):
@@ -160,6 +213,7 @@ def main() -> None:
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--skip-100m", action="store_true")
     ap.add_argument("--only-manifold", action="store_true", help="synthetic: the 16-d manifold store only")
+    ap.add_argument("--kinds", nargs="+", choices=["binary", "pq"], default=["binary", "pq"], help="codes to measure")
     ap.add_argument("--merge", help="update this JSON (an earlier run's) instead of starting afresh")
     ap.add_argument("--workdir", default="/tmp/aerial-search-bench")
     ap.add_argument("--scan-only", choices=["engine", "faiss"], help=argparse.SUPPRESS)  # child process
@@ -182,14 +236,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="aerial-codes-") as tmp:
             ucm = sorted(str(p) for p in Path(data, "ucmerced").glob("*/*") if p.is_file())
             for name, sources in (("aerial", [str(Path(data, "aerial"))]), ("ucmerced", ucm)):
-                r = recall_and_bytes(real_store(Path(tmp), name, sources, weights))
-                res[name] = r
-                print(f"{name}: {r['tiles']} tiles, recall@10 {r['recall_at_10']:.3f} (R={r['candidates']}), "
-                      f"{r['fewer_bytes']:.1f}x fewer bytes per query", flush=True)  # fmt: skip
+                path = real_store(Path(tmp), name, sources, weights)
+                for kind in args.kinds:
+                    key = name if kind == "binary" else f"{name}_pq"
+                    encoded = encode(path, kind)
+                    r = res[key] = recall_and_bytes(path) | {"encode_s": encoded}
+                    print(f"{name} {kind}: {r['tiles']} tiles, recall@10 {r['recall_at_10']:.3f} (R={r['candidates']}), "
+                          f"{r['fewer_bytes']:.1f}x fewer bytes per query", flush=True)  # fmt: skip
     if not args.skip_synthetic:
         from search import synthetic_store
 
-        from pipeline.derived import encode_store
         from pipeline.store import open_store
 
         work = Path(args.workdir)
@@ -199,16 +255,22 @@ def main() -> None:
                 continue
             name = f"synth-{args.n}-float32.zarr" if not latent else f"synth-{args.n}-float32-latent{latent}.zarr"
             path = synthetic_store(work / name, args.n, "float32", latent=latent)
-            meta = (open_store(path).attrs.get("postprocess") or {}).get("codes")
-            if not meta or meta.get("stale"):
-                t0 = time.perf_counter()
-                encode_store(str(path))
-                res[f"{kind}_encode_s"] = time.perf_counter() - t0
-            r = recall_and_bytes(str(path), timing=True)
-            res[kind] = r
-            print(f"{kind} {args.n:,}: recall@10 {r['recall_at_10']:.3f} (R={r['candidates']}), "
-                  f"{r['fewer_bytes']:.1f}x fewer bytes, exact {r['exact_ms']:.0f} ms vs codes {r['codes_ms']:.0f} ms "
-                  f"per query ({r['speedup']:.2f}x); recall by R {r['recall_by_r']}", flush=True)  # fmt: skip
+            for codes in args.kinds:
+                if codes == "pq" and not latent:
+                    continue  # pq on the manifold store (and the real ones) only
+                key = kind if codes == "binary" else f"{kind}_pq"
+                meta = (open_store(path).attrs.get("postprocess") or {}).get("codes")
+                if not meta or meta.get("stale") or meta.get("kind", "binary") != codes:
+                    res[f"{key}_encode_s"] = encode(str(path), codes)
+                r = recall_and_bytes(str(path), timing=True)
+                res[key] = r
+                print(f"{key} {args.n:,}: recall@10 {r['recall_at_10']:.3f} (R={r['candidates']}), "
+                      f"{r['fewer_bytes']:.1f}x fewer bytes, exact {r['exact_ms']:.0f} ms vs codes {r['codes_ms']:.0f} ms "
+                      f"per query ({r['speedup']:.2f}x); recall by R {r['recall_by_r']}", flush=True)  # fmt: skip
+                if codes == "pq":
+                    f = res[f"{key}_faiss"] = faiss_pq(str(path), threads)
+                    print(f"faiss IndexPQ (64 x 8 bits, {threads} threads): scan for R=100 {f['scan_ms']:.0f} ms per "
+                          f"query, its recall@10 without re-ranking {f['recall_at_10_no_rerank']:.3f}", flush=True)  # fmt: skip
     if not args.skip_100m:
         scans = {}
         for who in ("engine", "faiss"):

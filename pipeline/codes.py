@@ -1,9 +1,11 @@
-"""Compressed codes (NumPy only): binary codes from a learned rotation, scanned by Hamming distance.
+"""Compressed codes (NumPy only): binary codes from a learned rotation, scanned by Hamming
+distance, and product-quantization codes, scanned by table look-ups.
 
-``aerial-search postprocess --codes binary --bits B`` fits :class:`BinaryCodes` on a sample of a
-store's search-space fingerprints (after its post-processing, or its DBA array) and writes every
-tile's code into the store; ``search --codes`` scans those codes instead of the float
-fingerprints and re-ranks the best candidates exactly (:mod:`pipeline.search.index`).
+``aerial-search postprocess --codes binary --bits B`` fits :class:`BinaryCodes` (``--codes pq
+--m M``: :class:`PQCodes`) on a sample of a store's search-space fingerprints (after its
+post-processing, or its DBA array) and writes every tile's code into the store; ``search
+--codes`` scans those codes instead of the float fingerprints and re-ranks the best candidates
+exactly (:mod:`pipeline.search.index`).
 
 The rotation is ITQ (Gong & Lazebnik, "Iterative Quantization", CVPR 2011): centre, project on
 the top ``B`` principal axes, then rotate so that ``sign`` loses as little as possible
@@ -21,7 +23,8 @@ import numpy as np
 
 from pipeline.errors import SearchError
 
-KINDS = ("binary",)
+KINDS = ("binary", "pq")
+CENTROIDS = 256  # per product-quantization subspace: one byte per subspace
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,142 @@ class BinaryCodes:
         """uint8 codes ``(n, bits / 8)`` of the rows of ``x``."""
         y = (np.asarray(x, dtype=np.float32) - self.mean) @ self.projection
         return np.packbits(y > 0, axis=1, bitorder="little")
+
+    def arrays(self) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+        """The store arrays that hold this encoder, with their dimension names."""
+        return {"codes_mean": (self.mean, ("post_feature",)),
+                "codes_projection": (self.projection, ("post_feature", "code_bit"))}  # fmt: skip
+
+    def rebuild(self) -> str:
+        return f"--codes binary --bits {self.bits}"
+
+
+@dataclass(frozen=True)
+class PQCodes:
+    """A fitted product quantizer (Jegou, Douze & Schmid, "Product quantization for nearest
+    neighbor search", TPAMI 2011): ``centroids`` float32 ``(m, 256, dim / m)``.
+
+    The search space is cut into ``m`` consecutive subspaces of ``dim / m`` dimensions; each has
+    256 centroids (k-means on a sample). A code is ``m`` bytes, byte ``s`` the index of the
+    centroid nearest to the row's subspace ``s``. A query is compared with every code without
+    decoding it (asymmetric distance): its table ``T[s, c] = |q_s - centroids[s, c]|^2`` is built
+    once, and a tile's approximate squared distance is ``sum_s T[s, code[s]]``, exactly the
+    squared distance between the query and the code's reconstruction.
+    """
+
+    centroids: np.ndarray
+
+    @property
+    def m(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def bits(self) -> int:
+        return 8 * self.m
+
+    @property
+    def nbytes(self) -> int:
+        return self.m
+
+    @classmethod
+    def fit(cls, x: np.ndarray, m: int, iterations: int = 20, seed: int = 0, train_rows: int = 65_536) -> PQCodes:
+        """k-means (``iterations`` Lloyd steps from random rows, empty centroids re-seeded at
+        random rows) in each of ``m`` subspaces, on at most ``train_rows`` rows of ``x`` (faiss
+        trains on 256 rows per centroid by default, i.e. 65,536)."""
+        x = np.asarray(x, dtype=np.float32)
+        n, dim = x.shape
+        if m <= 0 or dim % m:
+            divisors = [d for d in range(1, min(dim, 128) + 1) if dim % d == 0]
+            raise SearchError(
+                f"--m {m} does not divide the {dim} dimensions of the search space into equal subspaces; "
+                f"use one of {', '.join(map(str, divisors[-6:]))}"
+            )
+        if n < 2:
+            raise SearchError(f"fitting codes needs at least 2 valid tiles, the store has {n}")
+        rng = np.random.default_rng(seed)
+        rows = x if n <= train_rows else x[np.sort(rng.choice(n, train_rows, replace=False))]
+        sub = dim // m
+        centroids = np.empty((m, CENTROIDS, sub), dtype=np.float32)
+        for s in range(m):
+            xs = np.ascontiguousarray(rows[:, s * sub : (s + 1) * sub])
+            c = xs[rng.choice(len(xs), CENTROIDS, replace=len(xs) < CENTROIDS)].copy()
+            for _ in range(iterations):
+                nearest = _nearest(xs, c)
+                counts = np.bincount(nearest, minlength=CENTROIDS)
+                sums = np.stack([np.bincount(nearest, weights=xs[:, t], minlength=CENTROIDS) for t in range(sub)], 1)
+                filled = counts > 0
+                c[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+                c[~filled] = xs[rng.choice(len(xs), int((~filled).sum()))]
+            centroids[s] = c
+        return cls(centroids)
+
+    def encode(self, x: np.ndarray, batch: int = 65_536) -> np.ndarray:
+        """uint8 codes ``(n, m)`` of the rows of ``x``: the nearest centroid in each subspace."""
+        x = np.asarray(x, dtype=np.float32)
+        sub = self.centroids.shape[2]
+        out = np.empty((len(x), self.m), dtype=np.uint8)
+        for a in range(0, len(x), batch):
+            for s in range(self.m):
+                out[a : a + batch, s] = _nearest(x[a : a + batch, s * sub : (s + 1) * sub], self.centroids[s])
+        return out
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """float32 ``(n, dim)``: each code's reconstruction (its centroids side by side)."""
+        return self.centroids[np.arange(self.m), np.asarray(codes, dtype=np.intp)].reshape(len(codes), -1)
+
+    def tables(self, queries: np.ndarray) -> np.ndarray:
+        """float32 ``(q, m, 256)``: each query's squared distances to every centroid."""
+        q = np.asarray(queries, dtype=np.float32).reshape(len(queries), self.m, 1, -1)
+        return ((q - self.centroids[None]) ** 2).sum(axis=3, dtype=np.float32)
+
+    def arrays(self) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+        return {"codes_centroids": (self.centroids, ("code_byte", "centroid", "sub_feature"))}
+
+    def rebuild(self) -> str:
+        return f"--codes pq --m {self.m}"
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index (uint8-sized) of the nearest of ``centroids`` ``(c, d)`` to each row of ``x``."""
+    d = x @ centroids.T
+    d *= -2.0
+    d += np.einsum("ij,ij->i", centroids, centroids)[None, :]
+    return np.argmin(d, axis=1)
+
+
+def encoder(kind: str, arrays: dict[str, np.ndarray]) -> BinaryCodes | PQCodes:
+    """The encoder of ``kind`` from its store arrays (:meth:`BinaryCodes.arrays`, :meth:`PQCodes.arrays`)."""
+    if kind == "pq":
+        return PQCodes(np.asarray(arrays["codes_centroids"], dtype=np.float32))
+    return BinaryCodes(*(np.asarray(arrays[k], dtype=np.float32) for k in ("codes_mean", "codes_projection")))
+
+
+def rebuild_args(meta: dict) -> str:
+    """The ``postprocess`` arguments that rebuild the codes a ``postprocess.codes`` record describes."""
+    if meta.get("kind") == "pq":
+        return f"--codes pq --m {meta.get('m')}"
+    return f"--codes binary --bits {meta.get('bits')}"
+
+
+def columns(codes: np.ndarray) -> np.ndarray:
+    """uint8 PQ codes ``(n, m)`` subspace-major ``(m, n)``: the scan reads one contiguous row of
+    codes per subspace and table."""
+    return np.ascontiguousarray(np.asarray(codes).T)
+
+
+def adc(by_column: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """Approximate squared distances ``(n, q)`` float32 between codes given as :func:`columns`
+    ``(m, n)`` and the queries whose :meth:`PQCodes.tables` are ``tables`` ``(q, m, 256)``."""
+    m, n = by_column.shape
+    out = np.empty((n, len(tables)), dtype=np.float32)
+    acc = np.empty(n, dtype=np.float32)
+    idx = by_column.astype(np.intp) if n <= 1 << 16 else None  # small blocks: convert once
+    for j, t in enumerate(tables):
+        np.take(t[0], by_column[0] if idx is None else idx[0], out=acc)
+        for s in range(1, m):
+            acc += t[s].take(by_column[s] if idx is None else idx[s])
+        out[:, j] = acc
+    return out
 
 
 def words(codes: np.ndarray) -> np.ndarray:

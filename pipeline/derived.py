@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import codes, post, store
+from pipeline.errors import SearchError
 from pipeline.search import Filters, L2Scorer, Queries, SearchIndex
 
 
@@ -56,14 +57,19 @@ def augment_store(path: str, depth: int, alpha: float = 1.0, batch: int = 256, r
 
 
 def encode_store(
-    path: str, kind: str = "binary", bits: int | None = None, sample: int = 100_000, seed: int = 0
-) -> dict:  # noqa: E501
+    path: str, kind: str = "binary", bits: int | None = None, sample: int = 100_000, seed: int = 0, m: int | None = None
+) -> dict:  # fmt: skip
     """Fit ``kind`` codes on a sample of the store's search space (its post-processed
     fingerprints, or its current ``fingerprint_dba``) and write every tile's code
-    (:func:`pipeline.store.write_codes`). ``bits``: default ``min(512, dims)``. Returns the
-    ``postprocess.codes`` record."""
+    (:func:`pipeline.store.write_codes`). ``bits`` (binary): default ``min(512, dims)``; ``m``
+    (pq, bytes per tile): default 64, or the largest divisor of the dimensions up to 64.
+    Returns the ``postprocess.codes`` record."""
     if kind not in codes.KINDS:
         raise ValueError(f"unknown codes kind {kind!r}; choose one of {codes.KINDS}")
+    if kind == "pq" and bits is not None:
+        raise SearchError("--bits sets binary codes' length; pq codes take --m (bytes per tile)")
+    if kind == "binary" and m is not None:
+        raise SearchError("--m sets pq codes' bytes per tile; binary codes take --bits")
     index = SearchIndex.open(path)
     ds = index.ds
     source = "fingerprint_dba" if index.uses_dba else "fingerprint"
@@ -77,8 +83,13 @@ def encode_store(
     if len(valid) > sample:
         fit_rows = np.sort(np.random.default_rng(seed).choice(valid, sample, replace=False))
     x = space(fit_rows)
-    bits = bits or min(512, x.shape[1] // 64 * 64 or 64)
-    enc = codes.BinaryCodes.fit(x, bits, seed=seed)
+    enc: codes.BinaryCodes | codes.PQCodes
+    if kind == "pq":
+        m = m or max(d for d in range(1, 65) if x.shape[1] % d == 0)
+        enc = codes.PQCodes.fit(x, m, seed=seed)
+    else:
+        bits = bits or min(512, x.shape[1] // 64 * 64 or 64)
+        enc = codes.BinaryCodes.fit(x, bits, seed=seed)
     n = ds.sizes["tile"]
     z = int(ds["fingerprint"].data.chunksize[0]) or n
 
@@ -86,8 +97,16 @@ def encode_store(
         for a in range(0, n, z):
             yield a, enc.encode(space(slice(a, min(n, a + z))))
 
-    info = {"kind": kind, "bits": bits, "fitted_on_tiles": int(len(fit_rows)), "on": source, "tiles": int(len(valid))}
-    store.write_codes(path, n, enc.mean, enc.projection, info, rows())
+    info = {
+        "kind": kind,
+        "bits": enc.bits,
+        "fitted_on_tiles": int(len(fit_rows)),
+        "on": source,
+        "tiles": int(len(valid)),
+    }
+    if kind == "pq":
+        info["m"] = enc.m
+    store.write_codes(path, n, enc.nbytes, enc.arrays(), info, rows())
     return info
 
 

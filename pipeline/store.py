@@ -78,7 +78,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import grid, post
+from pipeline import codes, grid, post
 from pipeline.embed import MEAN, STD
 from pipeline.errors import StoreError
 from pipeline.version import __version__
@@ -626,17 +626,19 @@ def write_dba(path: str | Path, values: np.ndarray, depth: int, alpha: float, ti
     consolidate(path)
 
 
-CODE_VARS = ("codes_mean", "codes_projection")  # the fitted encoder of ``codes``
+CODE_VARS = ("codes_mean", "codes_projection", "codes_centroids")  # the fitted encoder of ``codes``
 
 
 def write_codes(
-    path: str | Path, n_tiles: int, mean: np.ndarray, projection: np.ndarray, info: dict, rows: Any
-) -> None:
-    """Write ``codes`` (tile, code_byte) uint8, chunked like ``fingerprint``, from ``rows`` (an
-    iterable of ``(start, uint8 codes)``, one Zarr chunk each), its encoder (``codes_mean``,
-    ``codes_projection``) and, last, ``postprocess.codes`` (``info`` + created), replacing
-    earlier codes. Until that last write the store has no usable codes: an interrupted run
-    leaves them absent, never half-written."""
+    path: str | Path, n_tiles: int, nbytes: int, encoder: dict[str, tuple[np.ndarray, tuple[str, ...]]], info: dict,
+    rows: Any,
+) -> None:  # fmt: skip
+    """Write ``codes`` (tile, code_byte) uint8 of ``nbytes`` bytes per tile, chunked like
+    ``fingerprint``, from ``rows`` (an iterable of ``(start, uint8 codes)``, one Zarr chunk
+    each), its encoder (``encoder``: array name -> (array, dimension names), e.g. binary codes'
+    ``codes_mean`` and ``codes_projection``, PQ codes' ``codes_centroids``) and, last,
+    ``postprocess.codes`` (``info`` + created), replacing earlier codes. Until that last write
+    the store has no usable codes: an interrupted run leaves them absent, never half-written."""
     g = _group(path, "r+")
     meta = dict(g.attrs.get("postprocess") or {"method": "none", "dims": None})
     if meta.pop("codes", None) is not None:
@@ -644,16 +646,13 @@ def write_codes(
     for name in ("codes", *CODE_VARS):
         if name in g:
             del g[name]
-    nbytes = projection.shape[1] // 8
     arr = g.create_array("codes", shape=(n_tiles, nbytes), chunks=(g["fingerprint"].chunks[0], nbytes),
                          dtype="uint8", dimension_names=("tile", "code_byte"))  # fmt: skip
     for start, block in rows:
         arr[start : start + len(block)] = block
-    m = g.create_array("codes_mean", shape=mean.shape, dtype="float32", dimension_names=("post_feature",))
-    m[:] = mean
-    p = g.create_array("codes_projection", shape=projection.shape, dtype="float32",
-                       dimension_names=("post_feature", "code_bit"))  # fmt: skip
-    p[:] = projection
+    for name, (values, dims) in encoder.items():
+        a = g.create_array(name, shape=values.shape, dtype="float32", dimension_names=dims)
+        a[:] = values
     meta["codes"] = {**info, "created": _now()}
     g.attrs["postprocess"] = meta
     consolidate(path)
@@ -684,9 +683,9 @@ def write_knn(path: str | Path, n_tiles: int, k: int, info: dict, rows: Any) -> 
     consolidate(path)
 
 
-def read_codes_encoder(ds) -> tuple[np.ndarray, np.ndarray]:
-    """``(mean, projection)`` of a store's codes."""
-    return ds["codes_mean"].values.astype(np.float32), ds["codes_projection"].values.astype(np.float32)
+def read_codes_encoder(ds) -> dict[str, np.ndarray]:
+    """The arrays of a store's codes encoder (:data:`CODE_VARS` that it has), float32."""
+    return {name: ds[name].values.astype(np.float32) for name in CODE_VARS if name in ds}
 
 
 def _has_derived(ds, name: str) -> bool:
@@ -723,7 +722,7 @@ def stale_reason(ds, name: str) -> str:
     if name == "codes":
         return (
             f"codes are stale ({meta['stale']}); rebuild them with `aerial-search postprocess --store STORE "
-            f"--codes {meta.get('kind', 'binary')} --bits {meta.get('bits')}`"
+            f"{codes.rebuild_args(meta)}`"
         )
     method = post_meta.get("method", "l2")
     dims = f" --dims {post_meta['dims']}" if method == "pca" and post_meta.get("dims") else ""

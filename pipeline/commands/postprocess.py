@@ -1,4 +1,4 @@
-"""``aerial-search postprocess --store S [--method M] [--dba N] [--codes binary [--bits B]]``: fit a
+"""``aerial-search postprocess --store S [--method M] [--dba N] [--codes binary [--bits B] | pq [--m M]]``: fit a
 post-processing into a store (search applies it) and build the derived arrays that depend on it."""
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ def add_parser(sub) -> None:
     p.add_argument("--sample", type=int, default=200_000, help="pca: fit on at most this many tiles")
     p.add_argument("--dba", type=int, default=0, help="also write database-side augmentation with this many neighbours")
     p.add_argument("--alpha", type=float, default=1.0, help="DBA weight exponent")
-    p.add_argument("--codes", choices=["binary"],
-                   help="also write compressed codes of the search space (search --codes scans them)")  # fmt: skip
+    p.add_argument("--codes", choices=["binary", "pq"],
+                   help="also write compressed codes of the search space (search --codes scans them): binary "
+                        "(ITQ rotation, Hamming scan) or pq (product quantization, table look-ups)")  # fmt: skip
     p.add_argument("--bits", type=int, default=None, help="binary codes: bits per tile (default min(512, dims))")
+    p.add_argument("--m", type=int, default=None,
+                   help="pq codes: subspaces = bytes per tile, dividing the dimensions (default 64)")  # fmt: skip
     p.add_argument("--codes-sample", type=int, default=100_000, help="codes: fit on at most this many tiles")
     p.add_argument("--knn", type=int, default=0,
                    help="also write the k-NN graph (knn_uid / knn_sim) with this many neighbours (search --diffusion)")  # fmt: skip
@@ -29,8 +32,10 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.derived import augment_store, build_knn, encode_store, fit_store
     from pipeline.errors import ConfigError
 
+    if (args.bits is not None or args.m is not None) and not args.codes:
+        raise ConfigError("--bits and --m describe codes: add --codes binary (with --bits) or --codes pq (with --m)")
     if args.method is None and not (args.dba or args.codes or args.knn):
-        raise ConfigError("nothing to do: pass --method (a post-processing), --dba N, --codes binary and/or --knn K")
+        raise ConfigError("nothing to do: pass --method (a post-processing), --dba N, --codes binary|pq and/or --knn K")
     if args.method is not None:
         t = fit_store(args.store, args.method, args.dims, args.sample)
         dims = "" if t.dims is None else f" ({t.dims} dims)"
@@ -42,9 +47,10 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
             f"adding images marks it stale until this command is run again"
         )
     if args.codes:
-        info = encode_store(args.store, args.codes, args.bits, args.codes_sample)
+        info = encode_store(args.store, args.codes, args.bits, args.codes_sample, m=args.m)
+        size = f"{info['m']}-byte pq" if args.codes == "pq" else f"{info['bits']}-bit {info['kind']}"
         print(
-            f"{args.store}: {info['bits']}-bit {info['kind']} codes written for {info['tiles']} tiles "
+            f"{args.store}: {size} codes written for {info['tiles']} tiles "
             f"({info['bits'] // 8} bytes each, fitted on {info['fitted_on_tiles']}); search --codes scans them"
         )
     if args.knn:

@@ -35,6 +35,7 @@ def store_blocks(
     transform: Any = None,
     use_dba: bool = False,
     codes: str = "",
+    code_kind: str = "binary",
 ) -> list[Delayed]:
     """One delayed block dict per ``rows`` tiles (default: per Zarr chunk), lazy.
 
@@ -42,6 +43,7 @@ def store_blocks(
     hold the store's ``fingerprint_dba`` instead, which is already post-processed. ``codes``:
     ``"only"``: the blocks hold the store's ``codes`` instead of fingerprints (a codes scan reads
     nothing else); ``"also"``: both (a persisted index that scans codes and re-ranks from memory).
+    ``code_kind``: the store's codes kind (the layout a persisted block keeps them in).
     """
     names = CODE_BLOCK_VARS if codes == "only" else (*BLOCK_VARS, "codes") if codes == "also" else BLOCK_VARS
     arrays = [ds[name].data for name in names]
@@ -58,10 +60,17 @@ def store_blocks(
     rows = rows or arrays[0].chunks[0]
     arrays = [a.rechunk({0: rows}) for a in arrays]
     per_var = [a.to_delayed().ravel() for a in arrays]
-    name = "store-block-" + tokenize([a.name for a in arrays], with_norms, transform, names)
+    name = "store-block-" + tokenize([a.name for a in arrays], with_norms, transform, names, code_kind)
     make = dask.delayed(kernels.make_block, pure=True)
     return [
-        make(*parts, with_norms=with_norms, transform=transform, names=names, dask_key_name=(name, i))
+        make(
+            *parts,
+            with_norms=with_norms,
+            transform=transform,
+            names=names,
+            code_kind=code_kind,
+            dask_key_name=(name, i),
+        )  # fmt: skip
         for i, parts in enumerate(zip(*per_var))
     ]
 

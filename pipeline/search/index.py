@@ -129,14 +129,14 @@ class SearchIndex:
 
     def check_codes(self) -> dict[str, Any]:
         """The store's codes record, refused unless the codes are current for this index."""
-        meta = self._current_derived("codes", "codes", "codes", "--codes binary", "--codes")
+        meta = self._current_derived("codes", "codes", "codes", "--codes binary (or --codes pq)", "--codes")
         if not self.use_post:
             raise SearchError("--codes encode the store's post-processed space; drop --raw (or --codes)")
         wanted = "fingerprint_dba" if self.uses_dba else "fingerprint"
         if meta.get("on") != wanted:
             raise SearchError(
                 f"the codes encode {meta.get('on')} but search uses {wanted}; rebuild them with "
-                f"`aerial-search postprocess --store {self.path} --codes binary --bits {meta.get('bits')}`"
+                f"`aerial-search postprocess --store {self.path} {codes.rebuild_args(meta)}`"
             )
         return meta
 
@@ -153,7 +153,10 @@ class SearchIndex:
         blocks that read only the codes and the per-tile metadata."""
         if self._blocks is not None and self._blocks_hold_codes:
             return self._blocks
-        return graph.store_blocks(self.ds, codes="only")  # (also when persisted before codes were asked for)
+        kind = self.check_codes().get("kind", "binary")
+        return graph.store_blocks(
+            self.ds, codes="only", code_kind=kind
+        )  # (also when persisted before codes were asked for)
 
     @property
     def block_rows(self) -> int:
@@ -191,8 +194,9 @@ class SearchIndex:
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
         with_codes = "also" if self.codes and self.check_codes() else ""
-        blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows,
-                                    transform=None if dba else self.transform, use_dba=dba, codes=with_codes)  # fmt: skip
+        kind = self.check_codes().get("kind", "binary") if with_codes else "binary"
+        blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows, transform=None if dba else self.transform,
+                                    use_dba=dba, codes=with_codes, code_kind=kind)  # fmt: skip
         self._block_rows = block_rows
         self._blocks_hold_codes = bool(with_codes)
         if client is not None:
@@ -227,15 +231,16 @@ class SearchIndex:
                 "search --score nearest and classifiers without --codes"
             )
         meta = self.check_codes()
-        mean, projection = self._once("codes_encoder", lambda: store.read_codes_encoder(self.ds))
-        qcodes = codes.BinaryCodes(mean, projection).encode(scorer.queries)
+        encoder = self._once(
+            "codes_encoder", lambda: codes.encoder(meta.get("kind", "binary"), store.read_codes_encoder(self.ds))
+        )
         r = self.rerank if self.rerank is not None else max(10 * k, 100)
         if r < k:
             raise SearchError(f"--rerank {r} is smaller than k = {k}: re-ranking needs at least k candidates")
         first = self._compute(
             graph.topk_graph(
                 self.code_blocks(),
-                kernels.HammingScorer(qcodes),
+                kernels.code_scorer(encoder, scorer.queries),
                 r,
                 filters,
                 exclude,
@@ -263,7 +268,7 @@ class SearchIndex:
             rerank_bytes = rows_read * arr.shape[1] * np.dtype(arr.dtype).itemsize
         code_bytes = n * int(meta["bits"]) // 8
         self.last_scan = {
-            "codes": f"{meta['kind']} {meta['bits']} bits",
+            "codes": f"{meta['kind']} {meta['bits']} bits" + (f" (m = {meta['m']})" if meta.get("m") else ""),
             "candidates_per_query": r,
             "codes_bytes": code_bytes,
             "rerank_bytes": int(rerank_bytes),

@@ -330,6 +330,42 @@ class NearestScorer:
 
 
 @dataclass(frozen=True)
+class PQScorer:
+    """The asymmetric product-quantization distance between each query (its look-up table,
+    ``tables`` float32 ``(m, subspaces, 256)``, :meth:`pipeline.codes.PQCodes.tables`) and the
+    block's PQ ``codes``: the first, approximate pass of ``search --codes`` with ``pq`` codes."""
+
+    tables: np.ndarray
+    name: ClassVar[str] = "distance"
+    higher_is_better: ClassVar[bool] = False
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    def scores(self, block: Block) -> np.ndarray:
+        cols = block["code_cols"] if "code_cols" in block else codes.columns(block["codes"])
+        return codes.adc(cols, self.tables)
+
+    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
+        c = block["code_cols"][:, rows] if "code_cols" in block else codes.columns(block["codes"][rows])
+        return codes.adc(c, self.tables[j : j + 1])[:, 0].astype(np.float64)
+
+    def report(self, score: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.maximum(score, 0.0))
+
+    def internal(self, value: float) -> float:
+        return float(value) ** 2
+
+
+def code_scorer(encoder: Any, queries: np.ndarray) -> HammingScorer | PQScorer:
+    """The first-pass scorer of ``search --codes`` for a store's codes ``encoder``
+    (:func:`pipeline.codes.encoder`) and float32 ``queries`` in its search space."""
+    if isinstance(encoder, codes.PQCodes):
+        return PQScorer(encoder.tables(queries))
+    return HammingScorer(encoder.encode(queries))
+
+
+@dataclass(frozen=True)
 class LinearScorer:
     """A linear classifier ``p = sigmoid(x . coef + intercept)`` on (post-processed) fingerprints,
     one column per model: ``coef`` (m, dim) float32, ``intercept`` (m,). The score is the negated
@@ -646,18 +682,25 @@ def masked_sqnorm(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def make_block(
-    *arrays: np.ndarray, with_norms: bool, transform: Any = None, names: Sequence[str] = BLOCK_VARS
+    *arrays: np.ndarray,
+    with_norms: bool,
+    transform: Any = None,
+    names: Sequence[str] = BLOCK_VARS,
+    code_kind: str = "binary",
 ) -> Block:
     """A block from the arrays ``names`` (default :data:`BLOCK_VARS`) of one chunk.
     ``transform`` (a :class:`pipeline.post.Transform`) post-processes the raw fingerprints;
-    ``with_norms`` precomputes what a persisted index reuses for every query."""
+    ``with_norms`` precomputes what a persisted index reuses for every query, the ``codes``
+    included, in the layout their scan reads (``code_kind`` binary: 64-bit words; pq: columns)."""
     block = dict(zip(names, arrays))
     if "fingerprint" in block and transform is not None and transform.method != "none":
         block["fingerprint"] = transform.apply(block["fingerprint"])
     if with_norms:
         if "fingerprint" in block:
             block["sqnorm"] = masked_sqnorm(block["fingerprint"], block["valid"])
-        if "codes" in block and block["codes"].shape[1] % 8 == 0:
-            block["code_words"] = codes.words(block.pop("codes"))  # held in the scan's layout only
+        if "codes" in block and code_kind == "pq":
+            block["code_cols"] = codes.columns(block.pop("codes"))  # held in the scan's layout only
+        elif "codes" in block and block["codes"].shape[1] % 8 == 0:
+            block["code_words"] = codes.words(block.pop("codes"))
         block["image"], block["row"], block["col"] = grid.unpack_uid(block["uid"])
     return block
