@@ -20,7 +20,9 @@ Prints and writes benchmarks/driver.json:
    total time against (work / workers), work being every task's compute time from the
    cluster's task stream (reads, the simulated device, writes), pipelined (2 and 3 batches in
    flight) and with the old barrier between batches (1 in flight).
-5. ``--floor``: the decode floor. Every file of each archive read bare (rasterio open + read of
+5. ``--decoders-only``: UC Merced's whole ingest with ``read.decoder`` auto (Pillow decodes the
+   JPEGs) against gdal, fresh processes, interleaved, median of ``--repeat``; merged into the JSON.
+6. ``--floor``: the decode floor. Every file of each archive read bare (rasterio open + read of
    all bands; the large GeoTIFF in 2,048 px windows, one open each), one thread per core, no
    pipeline, no store; and UC Merced's JPEGs decoded by Pillow as well. Windows/s of these bare
    reads bound what any driver can reach; compared with this tree's whole ingest of the large
@@ -64,7 +66,7 @@ if {old!r}:
     tiles.embed_chunk = standin
     cfg = Config().override(**{{"model.weights": "random", "cluster.progress": False}})
 else:
-    cfg = Config().override(**{{"model.arch": "standin", "cluster.progress": False}})
+    cfg = Config().override(**{{"model.arch": "standin", "cluster.progress": False, **{extra!r}}})
 t0 = time.perf_counter()
 report = ingest(paths, {store!r}, cfg, overwrite=True)
 print(json.dumps({{"seconds": time.perf_counter() - t0, "windows": report.windows, "tiles": report.tiles}}))
@@ -158,10 +160,27 @@ def decode_floor(archives: dict, windows: dict, work: Path, repeat: int) -> dict
     return out
 
 
-def run_child(tree: Path, paths: list[str], store: Path, old: bool) -> dict:
+def decoders(paths: list[str], work: Path, repeat: int) -> dict:
+    """This tree's whole ingest of ``paths`` (UC Merced) with ``read.decoder`` auto (Pillow
+    decodes the JPEGs) and gdal, fresh processes, interleaved, median of ``repeat``."""
+    runs: dict[str, list[float]] = {"auto": [], "gdal": []}
+    windows = 0
+    for _ in range(repeat):
+        for d in runs:
+            res = run_child(ROOT, paths, work / f"decoder-{d}.zarr", False, {"read.decoder": d})
+            runs[d].append(res["seconds"])
+            windows = res["windows"]
+    med = {d: statistics.median(r) for d, r in runs.items()}
+    out = {"windows": windows, "runs_s": runs, "median_s": med, "windows_per_s": {d: windows / s for d, s in med.items()},
+           "gdal_over_auto": med["gdal"] / med["auto"], "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def run_child(tree: Path, paths: list[str], store: Path, old: bool, extra: dict | None = None) -> dict:
     listing = store.with_suffix(".paths.json")
     listing.write_text(json.dumps(paths))
-    code = CHILD.format(tree=str(tree), paths=str(listing), store=str(store), old=old)
+    code = CHILD.format(tree=str(tree), paths=str(listing), store=str(store), old=old, extra=extra or {})
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
@@ -316,6 +335,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=16, help="one-image batches in the simulated-device runs")
     ap.add_argument("--floor", action="store_true", help="also measure the decode floor (bare reads)")
     ap.add_argument("--floor-only", action="store_true", help="only the decode floor, merged into --out")
+    ap.add_argument("--decoders-only", action="store_true",
+                    help="only UC Merced's ingest with read.decoder auto against gdal, merged into --out")  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).with_name("driver.json")))
     args = ap.parse_args()
     import os
@@ -331,6 +352,11 @@ def main() -> None:
     if data and Path(data, "ucmerced").is_dir():
         archives["ucmerced"] = sorted(str(p) for p in Path(data, "ucmerced").glob("*/*") if p.is_file())
     archives[f"{args.small_files} chips"] = small_archive(work / "chips", args.small_files)
+    if args.decoders_only:
+        out = json.loads(Path(args.out).read_text())
+        out["decoders_ucmerced"] = decoders(archives["ucmerced"], work, args.repeat)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        return
     if args.floor_only:
         out = json.loads(Path(args.out).read_text())
         windows = {r["archive"]: r["windows"] for r in out["windows_per_s"]}

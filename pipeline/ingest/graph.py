@@ -75,7 +75,7 @@ def units_of(run: Sequence[ImagePlan], cfg: Any) -> list[Unit]:
         group, g_windows, g_pixels = [], 0, 0
 
     for p in run:
-        reader = raster.RasterReader(p.info.path, t.bands, t.scale, p.info.masked)
+        reader = raster.RasterReader(p.info.path, t.bands, t.scale, p.info.masked, cfg.read.decoder)
         if p.single_chunk:
             sy, sx = p.spans_y[0], p.spans_x[0]
             if group and (g_windows + p.tile_count > max_windows or g_pixels >= max_pixels):

@@ -1,0 +1,117 @@
+"""`read.decoder`: Pillow decodes local plain-RGB JPEG/PNG pixels (auto), GDAL everything else;
+checked against rasterio's own reads, through ingest and the CLI, with corrupt files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+from torchvision.io import decode_jpeg, read_file
+
+from pipeline.cli import main
+from pipeline.errors import RasterError
+from pipeline.ingest import ingest
+from pipeline.raster import RasterReader
+from pipeline.store import open_store
+from tests.conftest import textured
+
+
+def _save(path, px: np.ndarray, cmyk: bool = False, **kw):
+    im = Image.fromarray(np.ascontiguousarray(px.transpose(1, 2, 0)))
+    (im.convert("CMYK") if cmyk else im).save(path, **kw)
+    return path
+
+
+def _gdal(path, rows, cols) -> np.ndarray:
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as ds:
+        return ds.read((1, 2, 3), window=Window(cols[0], rows[0], cols[1] - cols[0], rows[1] - rows[0]))
+
+
+@pytest.fixture()
+def images(tmp_path):
+    px = textured(300, 420, seed=11)
+    return {
+        "png": _save(tmp_path / "a.png", px),
+        "jpeg": _save(tmp_path / "b.jpg", px, quality=90),  # 4:2:0 chroma, Pillow's default
+        "jpeg444": _save(tmp_path / "d.jpg", px, quality=90, subsampling=0),
+        "cmyk": _save(tmp_path / "c.jpg", px, quality=90, cmyk=True),
+    }
+
+
+def test_pillow_reads_equal_gdal_reads_and_gdal_decoder_never_calls_pillow(images, monkeypatch):
+    windows = [((0, 300), (0, 420)), ((44, 300), (128, 384))]
+    want = {k: [_gdal(p, r, c) for r, c in windows] for k, p in images.items()}
+    real_open = rasterio.open
+
+    def no_gdal_for_rgb(path, *a, **kw):  # auto must not decode plain RGB JPEG/PNG with GDAL
+        if not str(path).endswith("c.jpg"):  # (the CMYK one)
+            raise AssertionError(f"GDAL opened {path}")
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(rasterio, "open", no_gdal_for_rgb)
+    for k, p in images.items():
+        reader = RasterReader(str(p))
+        assert reader.uses_pillow
+        for (r, c), w in zip(windows, want[k]):
+            got = reader.read(r, c)
+            assert got.shape == (4, r[1] - r[0], c[1] - c[0]) and (got[3] == 255).all()
+            if k in ("png", "cmyk"):  # lossless; CMYK is not plain RGB, so GDAL decodes it: identical
+                np.testing.assert_array_equal(got[:3], w)
+            elif k == "jpeg444":  # no chroma subsampling: GDAL's libjpeg and Pillow's at most 1 level apart
+                diff = np.abs(got[:3].astype(int) - w)
+                assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+            else:  # 4:2:0: libjpeg-turbo's fancy chroma upsampling, as torchvision's decoder does it
+                whole = decode_jpeg(read_file(str(p))).numpy()
+                np.testing.assert_array_equal(got[:3], whole[:, r[0] : r[1], c[0] : c[1]])
+    monkeypatch.setattr(rasterio, "open", real_open)
+
+    def no_pillow(*a, **kw):
+        raise AssertionError("Pillow opened a file with read.decoder gdal")
+
+    monkeypatch.setattr(Image, "open", no_pillow)
+    for k, p in images.items():
+        got = RasterReader(str(p), decoder="gdal").read(*windows[1])
+        np.testing.assert_array_equal(got[:3], want[k][1])
+    # not eligible: other bands, a scale, a mask, a URI
+    assert not RasterReader(str(images["png"]), bands=(1, 1, 1)).uses_pillow
+    assert not RasterReader(str(images["png"]), masked=True).uses_pillow
+    assert not RasterReader("s3://bucket/a.jpg").uses_pillow
+
+
+def test_truncated_and_missing_jpegs_fail_with_the_file_named(images, tmp_path, cfg):
+    raw = images["jpeg"].read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(RasterError, match="cut.jpg: reading rows 0:300.*truncated or corrupt: re-copy it"):
+        RasterReader(str(cut)).read((0, 300), (0, 420))
+    with pytest.raises(RasterError, match="gone.jpg: does not exist.*relocate"):
+        RasterReader(str(tmp_path / "gone.jpg")).read((0, 256), (0, 256))
+    report = ingest([images["png"], cut], tmp_path / "s.zarr", cfg)  # the failing file fails alone
+    assert [p for p, _ in report.failed] == [str(cut)] and "truncated or corrupt" in report.failed[0][1]
+    ds = open_store(tmp_path / "s.zarr")
+    status = dict(zip(ds["image_path"].values.astype(object), ds["status"].values.astype(object)))
+    assert status == {str(cut): "failed", str(images["png"].resolve()): "done"}
+
+
+def test_ingest_decoder_setting_through_the_cli(images, tmp_path):
+    gdal_cfg = tmp_path / "gdal.yaml"
+    gdal_cfg.write_text("read:\n  decoder: gdal\ncluster:\n  progress: false\n")
+    stores = {}
+    for name, extra in (("auto", []), ("gdal", ["--config", str(gdal_cfg)])):
+        stores[name] = tmp_path / f"{name}.zarr"
+        assert main(["ingest", str(images["png"]), str(images["jpeg444"]), "--store", str(stores[name]),
+                     "--weights", "random", "--no-progress", *extra]) == 0  # fmt: skip
+    auto, gdal = (open_store(stores[k]) for k in ("auto", "gdal"))
+    assert gdal.attrs["config"]["read"]["decoder"] == "gdal" and auto.attrs["config"]["read"]["decoder"] == "auto"
+    np.testing.assert_array_equal(auto["uid"].values, gdal["uid"].values)
+    np.testing.assert_array_equal(auto["valid"].values, gdal["valid"].values)
+    image = auto["image"].values
+    png = image == 0  # sorted paths: a.png is image 0, d.jpg image 1
+    np.testing.assert_array_equal(auto["fingerprint"].values[png], gdal["fingerprint"].values[png])
+    np.testing.assert_allclose(auto["fingerprint"].values[~png], gdal["fingerprint"].values[~png], atol=1e-3)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("read:\n  decoder: pillow\n")
+    assert main(["ingest", str(images["png"]), "--store", str(tmp_path / "x.zarr"), "--config", str(bad)]) == 2
