@@ -193,6 +193,69 @@ def test_header_reads_overlap_when_storage_is_slow(tmp_path, monkeypatch):
     assert peak[0] == cfg.read.header_threads == 32
 
 
+def test_long_local_header_lists_use_processes_and_fall_back_when_they_cannot_start(tmp_path):
+    """Lists that would take over PROCESS_AFTER_S go to a process per core; a main module that
+    spawned processes cannot re-import (a script piped to ``python -``) breaks the pool, and
+    the headers are then read in the client instead of failing the ingest."""
+    paths = [str(write_tif(tmp_path / "one.tif", textured(256, 256)))]
+    for k in range(39):
+        os.link(paths[0], tmp_path / f"link{k:02d}.tif")
+        paths.append(str(tmp_path / f"link{k:02d}.tif"))
+    script = f"""
+import json
+from concurrent.futures import process
+from pipeline import Config
+from pipeline.cluster import Runtime
+from pipeline.ingest import driver
+driver.PROCESS_AFTER_S, driver.SLOW_HEADER_S = 0.0, 1e9  # every list goes to the processes
+started = []
+real = process.ProcessPoolExecutor.__init__
+def init(self, *a, **k):
+    started.append(1)
+    real(self, *a, **k)
+process.ProcessPoolExecutor.__init__ = init
+headers = driver._read_headers({paths!r}, Config(), Runtime("threads"), remote=False)
+print(json.dumps({{"paths": [h.path for h in headers], "ok": all(h.info is not None for h in headers), "pools": len(started)}}))
+"""
+    res = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"paths": paths, "ok": True, "pools": 1}
+
+
+def test_a_fresh_process_does_not_take_a_local_disk_for_slow_storage(tmp_path):
+    """The first header read of a process pays GDAL's start-up; timing it with the probe made
+    every CLI ingest of local files read headers with 32 threads in one process (2x slower than
+    processes or one thread, as GDAL's opens do not scale with threads)."""
+    paths = [str(write_tif(tmp_path / "one.tif", textured(256, 256)))]
+    for k in range(39):
+        os.link(paths[0], tmp_path / f"link{k:02d}.tif")
+        paths.append(str(tmp_path / f"link{k:02d}.tif"))
+    script = f"""
+import json
+from pipeline import Config
+from pipeline.cluster import Runtime
+from pipeline.ingest import driver, plan
+threads = []
+real = plan.read_headers
+def spy(paths, **kw):
+    threads.append(kw["threads"])
+    return real(paths, **kw)
+plan.read_headers = spy
+headers = driver._read_headers({paths!r}, Config(), Runtime("threads"), remote=False)
+print(json.dumps({{"n": len(headers), "threads": threads}}))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["n"] == 40 and set(out["threads"]) == {1}, out
+
+
 def test_batches_overlap_on_a_local_cluster_with_a_simulated_device(tmp_path):
     """Two workers, each a simulated device: with 2 batches in flight, tasks of different
     batches run at the same time (no barrier); with 1, batches never overlap."""
