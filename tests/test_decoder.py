@@ -115,3 +115,37 @@ def test_ingest_decoder_setting_through_the_cli(images, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("read:\n  decoder: pillow\n")
     assert main(["ingest", str(images["png"]), "--store", str(tmp_path / "x.zarr"), "--config", str(bad)]) == 2
+
+
+def test_pillow_headers_equal_gdal_headers_and_anything_gdal_could_georeference_goes_to_gdal(images, tmp_path):
+    from pipeline.raster import _pillow_header, read_header
+
+    for k in ("png", "jpeg", "jpeg444"):
+        assert _pillow_header(str(images[k])) is not None, k
+        assert read_header(str(images[k])) == read_header(str(images[k]), "gdal"), k
+    assert _pillow_header(str(images["cmyk"])) is None  # not RGB
+    # a world file georeferences the JPEG: GDAL reads it, so does the auto header
+    (tmp_path / "b.jgw").write_text("0.5\n0\n0\n-0.5\n400000.25\n3300000.75\n")
+    assert _pillow_header(str(images["jpeg"])) is None
+    assert read_header(str(images["jpeg"])).transform == (0.5, 0.0, 400000.0, 0.0, -0.5, 3300001.0)
+    (tmp_path / "b.jgw").unlink()
+    # PAM metadata (a nodata value) masks it: GDAL's header
+    (tmp_path / "a.png.aux.xml").write_text(
+        "<PAMDataset><PAMRasterBand band='1'><NoDataValue>0</NoDataValue></PAMRasterBand></PAMDataset>"
+    )
+    assert _pillow_header(str(images["png"])) is None and read_header(str(images["png"])).masked
+    # transparency and bytes after a JPEG's end (where GDAL keeps its masks) also go to GDAL
+    Image.open(images["jpeg444"]).save(tmp_path / "t.png", transparency=(1, 2, 3))
+    assert _pillow_header(str(tmp_path / "t.png")) is None and read_header(str(tmp_path / "t.png")).masked
+    tail = tmp_path / "tail.jpg"
+    tail.write_bytes(images["jpeg444"].read_bytes() + b"\x00" * 8)
+    assert _pillow_header(str(tail)) is None and read_header(str(tail)) == read_header(str(tail), "gdal")
+
+
+def test_ucmerced_headers_are_the_same_through_pillow_and_gdal(data_dir):
+    from pipeline.raster import _pillow_header, read_header
+
+    paths = sorted(str(p) for p in (data_dir / "ucmerced").glob("*/*") if p.is_file())[::10]
+    assert len(paths) >= 200
+    assert all(_pillow_header(p) is not None for p in paths)
+    assert [read_header(p) for p in paths] == [read_header(p, "gdal") for p in paths]

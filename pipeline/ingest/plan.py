@@ -85,13 +85,15 @@ class Header:
 HEADER_LATENCY = "AERIAL_SEARCH_FAILPOINT_HEADER_LATENCY"  # seconds each header read waits first (tests, benchmarks)
 
 
-def read_header(path: str, bands: Sequence[int], scale: Sequence[float] | None, content_hash: bool) -> Header:
+def read_header(
+    path: str, bands: Sequence[int], scale: Sequence[float] | None, content_hash: bool, decoder: str = "auto"
+) -> Header:
     """One source's header, checked against the tiling settings; failures are returned, not raised."""
     delay = float(os.environ.get(HEADER_LATENCY) or 0)
     if delay:  # a simulated slow store (object storage, a network disk), in every process
         time.sleep(delay)
     try:
-        info = raster.read_header(path)
+        info = raster.read_header(path, decoder)
         notes = raster.check_image(info, bands, scale)
     except RasterError as e:
         return Header(path, None, str(e))
@@ -100,14 +102,19 @@ def read_header(path: str, bands: Sequence[int], scale: Sequence[float] | None, 
 
 
 def read_headers(
-    paths: Sequence[str], bands: Sequence[int], scale: Sequence[float] | None, content_hash: bool, threads: int
+    paths: Sequence[str],
+    bands: Sequence[int],
+    scale: Sequence[float] | None,
+    content_hash: bool,
+    threads: int,
+    decoder: str = "auto",
 ) -> list[Header]:
     """Headers of ``paths`` (in order), read by ``threads`` threads at once: GDAL releases the GIL
     while it opens a file, so latency (object storage, network disks) overlaps."""
     if threads <= 1 or len(paths) <= 1:
-        return [read_header(p, bands, scale, content_hash) for p in paths]
+        return [read_header(p, bands, scale, content_hash, decoder) for p in paths]
     with ThreadPoolExecutor(min(threads, len(paths)), thread_name_prefix="aerial-search-header") as pool:
-        return list(pool.map(lambda p: read_header(p, bands, scale, content_hash), paths))
+        return list(pool.map(lambda p: read_header(p, bands, scale, content_hash, decoder), paths))
 
 
 def report_notes(headers: Sequence[Header], shown: int = 5) -> None:
@@ -319,4 +326,5 @@ def tile_meta(run: Sequence[ImagePlan]) -> dict[str, np.ndarray]:
 
 def config_kwargs(cfg: Any) -> dict[str, Any]:
     """The tiling settings header checks need, as keyword arguments of :func:`read_headers`."""
-    return {"bands": cfg.tiling.bands, "scale": cfg.tiling.scale, "content_hash": cfg.store.content_hash}
+    return {"bands": cfg.tiling.bands, "scale": cfg.tiling.scale, "content_hash": cfg.store.content_hash,
+            "decoder": cfg.read.decoder}  # fmt: skip
