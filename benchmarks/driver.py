@@ -20,9 +20,12 @@ Prints and writes benchmarks/driver.json:
    total time against (work / workers), work being every task's compute time from the
    cluster's task stream (reads, the simulated device, writes), pipelined (2 and 3 batches in
    flight) and with the old barrier between batches (1 in flight).
-5. ``--decoders-only``: UC Merced's whole ingest with ``read.decoder`` auto (Pillow decodes the
-   JPEGs) against gdal, fresh processes, interleaved, median of ``--repeat``; merged into the JSON.
-6. ``--floor``: the decode floor. Every file of each archive read bare (rasterio open + read of
+5. ``--now-only``: parts 1 (this tree only) and 2 again, merged into the JSON as ``now``.
+6. ``--decoders-only [--against REV]``: UC Merced's whole ingest with ``read.decoder`` auto
+   (Pillow reads the JPEGs' headers and pixels) against gdal, and against commit REV's defaults
+   when given (a commit with ``--model standin``), fresh processes, interleaved, median of
+   ``--repeat``; merged into the JSON.
+7. ``--floor``: the decode floor. Every file of each archive read bare (rasterio open + read of
    all bands; the large GeoTIFF in 2,048 px windows, one open each), one thread per core, no
    pipeline, no store; and UC Merced's JPEGs decoded by Pillow as well. Windows/s of these bare
    reads bound what any driver can reach; compared with this tree's whole ingest of the large
@@ -160,19 +163,25 @@ def decode_floor(archives: dict, windows: dict, work: Path, repeat: int) -> dict
     return out
 
 
-def decoders(paths: list[str], work: Path, repeat: int) -> dict:
-    """This tree's whole ingest of ``paths`` (UC Merced) with ``read.decoder`` auto (Pillow
-    decodes the JPEGs) and gdal, fresh processes, interleaved, median of ``repeat``."""
-    runs: dict[str, list[float]] = {"auto": [], "gdal": []}
+def decoders(paths: list[str], work: Path, repeat: int, before: Path | None = None) -> dict:
+    """This tree's whole ingest of ``paths`` (UC Merced) with ``read.decoder`` auto (Pillow reads
+    the JPEGs' headers and pixels) and gdal, and the ``before`` tree (a commit with the stand-in
+    model) with its defaults, fresh processes, interleaved, median of ``repeat``."""
+    contenders = {"auto": (ROOT, {"read.decoder": "auto"}), "gdal": (ROOT, {"read.decoder": "gdal"})}
+    if before is not None:
+        contenders["before"] = (before, {})
+    runs: dict[str, list[float]] = {name: [] for name in contenders}
     windows = 0
     for _ in range(repeat):
-        for d in runs:
-            res = run_child(ROOT, paths, work / f"decoder-{d}.zarr", False, {"read.decoder": d})
-            runs[d].append(res["seconds"])
+        for name, (tree, extra) in contenders.items():
+            res = run_child(tree, paths, work / f"decoder-{name}.zarr", False, extra)
+            runs[name].append(res["seconds"])
             windows = res["windows"]
     med = {d: statistics.median(r) for d, r in runs.items()}
     out = {"windows": windows, "runs_s": runs, "median_s": med, "windows_per_s": {d: windows / s for d, s in med.items()},
            "gdal_over_auto": med["gdal"] / med["auto"], "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    if before is not None:
+        out["before_over_auto"] = med["before"] / med["auto"]
     print(json.dumps(out), flush=True)
     return out
 
@@ -335,6 +344,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=16, help="one-image batches in the simulated-device runs")
     ap.add_argument("--floor", action="store_true", help="also measure the decode floor (bare reads)")
     ap.add_argument("--floor-only", action="store_true", help="only the decode floor, merged into --out")
+    ap.add_argument("--now-only", action="store_true",
+                    help="only this tree's windows/s and driver time, merged into --out as 'now'")  # fmt: skip
     ap.add_argument("--decoders-only", action="store_true",
                     help="only UC Merced's ingest with read.decoder auto against gdal, merged into --out")  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).with_name("driver.json")))
@@ -352,9 +363,24 @@ def main() -> None:
     if data and Path(data, "ucmerced").is_dir():
         archives["ucmerced"] = sorted(str(p) for p in Path(data, "ucmerced").glob("*/*") if p.is_file())
     archives[f"{args.small_files} chips"] = small_archive(work / "chips", args.small_files)
+    if args.now_only:  # this tree's whole-ingest rows and driver time, beside the recorded before/after
+        out = json.loads(Path(args.out).read_text())
+        out["now"] = {"date": time.strftime("%Y-%m-%d"),
+                      "windows_per_s": windows_per_second(archives, {"after": (ROOT, False)}, work, args.repeat),
+                      "driver_time": {name: driver_time_per_image(paths) for name, paths in archives.items()}}  # fmt: skip
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(json.dumps(out["now"]["driver_time"], indent=1))
+        return
     if args.decoders_only:
         out = json.loads(Path(args.out).read_text())
-        out["decoders_ucmerced"] = decoders(archives["ucmerced"], work, args.repeat)
+        before = None
+        if args.against != ap.get_default("against"):  # a commit that has the stand-in model
+            before = work / f"tree-{args.against}"
+            if not before.exists():
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.against], check=True
+                )
+        out["decoders_ucmerced"] = decoders(archives["ucmerced"], work, args.repeat, before)
         Path(args.out).write_text(json.dumps(out, indent=2))
         return
     if args.floor_only:
