@@ -28,13 +28,12 @@ __all__ = ["ImageInfo", "RasterError", "RasterReader", "check_image", "expand_so
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
 BLOCKED_DRIVERS = ("GTiff", "COG")  # read by block: probing the last pixel costs one block
-# Local files that ``read.decoder: auto`` decodes with Pillow when they are plain 8-bit RGB: for
+# Local files that ``read.decoder: auto`` reads with Pillow when they are plain 8-bit RGB: for
 # scene-classification sets of small JPEGs, GDAL's open + decode is 2.7x Pillow's (UC Merced,
 # bare reads on 2 cores: 744 against 2,039 windows/s, benchmarks/driver.py --floor-only), and
-# query images of these formats are decoded by Pillow already. Headers (size, georeferencing,
-# world files, masks) are always GDAL's.
+# query images of these formats are decoded by Pillow already. Headers go to GDAL whenever it
+# could georeference or mask the file (:func:`_pillow_header`).
 PILLOW_SUFFIXES = (".jpg", ".jpeg", ".png")
-DECODERS = ("auto", "gdal")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
@@ -137,8 +136,8 @@ def read_header(path: str, decoder: str = "auto") -> ImageInfo:
 
     With ``decoder`` auto, a local plain-RGB JPEG or PNG that GDAL would see as such (no sidecar
     file that could georeference or mask it, no transparency, nothing after a JPEG's end) has
-    its header read by Pillow: the same facts (no CRS, the identity transform, no mask) for
-    about a tenth of GDAL's open."""
+    its header read by Pillow: the same facts (no CRS, the identity transform, no mask) in about
+    half of GDAL's time (0.17 against 0.33 ms on UC Merced)."""
     info = _pillow_header(path) if decoder == "auto" else None
     if info is None:
         info = _gdal_header(path)

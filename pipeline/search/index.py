@@ -148,15 +148,13 @@ class SearchIndex:
         dba = self.uses_dba
         return graph.store_blocks(self.ds, transform=None if dba else self.transform, use_dba=dba)
 
-    def code_blocks(self) -> list:
-        """Blocks for the codes pass: the persisted ones (which hold codes too), otherwise lazy
-        blocks that read only the codes and the per-tile metadata."""
+    def code_blocks(self, kind: str) -> list:
+        """Blocks for the codes pass over the store's ``kind`` codes: the persisted ones (which
+        hold codes too), otherwise lazy blocks that read only the codes and the per-tile metadata
+        (also when the index was persisted before codes were asked for)."""
         if self._blocks is not None and self._blocks_hold_codes:
             return self._blocks
-        kind = self.check_codes().get("kind", "binary")
-        return graph.store_blocks(
-            self.ds, codes="only", code_kind=kind
-        )  # (also when persisted before codes were asked for)
+        return graph.store_blocks(self.ds, codes="only", code_kind=kind)
 
     @property
     def block_rows(self) -> int:
@@ -193,8 +191,8 @@ class SearchIndex:
             block_rows = min(max(chunk, -(-n // threads)), 1 << 20)
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
-        with_codes = "also" if self.codes and self.check_codes() else ""
-        kind = self.check_codes().get("kind", "binary") if with_codes else "binary"
+        meta = self.check_codes() if self.codes else {}
+        with_codes, kind = ("also" if meta else ""), meta.get("kind", "binary")
         blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows, transform=None if dba else self.transform,
                                     use_dba=dba, codes=with_codes, code_kind=kind)  # fmt: skip
         self._block_rows = block_rows
@@ -239,7 +237,7 @@ class SearchIndex:
             raise SearchError(f"--rerank {r} is smaller than k = {k}: re-ranking needs at least k candidates")
         first = self._compute(
             graph.topk_graph(
-                self.code_blocks(),
+                self.code_blocks(meta.get("kind", "binary")),
                 kernels.code_scorer(encoder, scorer.queries),
                 r,
                 filters,
