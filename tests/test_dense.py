@@ -49,6 +49,25 @@ def test_dense_fingerprints_equal_the_mean_of_their_cells_of_a_direct_torchvisio
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_gpu_dense_fingerprints_match_cpu(amp):
+    """Run with -m gpu on a CUDA machine: the same blocks (two of one shape, batched together,
+    and one of another) in dense mode on the CPU in float32 and on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    bb = BACKBONES["resnet18"]
+    blocks = [(textured(640, 512, seed=s), 0, 0, np.array([[0, 0], [3, 2], [1, 1]])) for s in (1, 2)] + [
+        (textured(2 * bb.cell_px + 512, 512, seed=3), 2 * bb.cell_px, 0, np.array([[2, 2], [0, 1]]))
+    ]
+    cpu = embed_dense(blocks, ModelSpec(weights="random", device="cpu", mode="dense"))
+    gpu = embed_dense(blocks, ModelSpec(weights="random", device="cuda", amp=amp, batch_size=8, mode="dense"))
+    tol = 1e-3 if amp == "none" else 0.1
+    for c, g in zip(cpu, gpu, strict=True):
+        assert g.shape == c.shape and g.dtype == np.float32
+        assert np.abs(c - g).max() / np.abs(c).max() < tol
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "squeezenet1_1"])
 def test_a_window_without_surroundings_is_its_exact_fingerprint(arch):
     """The cell mapping of the docstring: a 256 px window alone gives window_cells^2 cells, whose
