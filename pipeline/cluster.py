@@ -324,8 +324,8 @@ def visible_gpus() -> list[str]:
 def io_threads(cfg: ClusterConfig, n_gpus: int, cores: int | None = None) -> int:
     """Threads per GPU worker (``cluster.io_threads``; 0: the cores per GPU, at least 2).
 
-    They read, decode and filter chunks while the device, serialized by a per-device lock
-    (:func:`pipeline.embed.device_lock`), runs one batch at a time: with one thread, reading and
+    They read, decode and filter chunks while the device, fed by its own thread
+    (:func:`pipeline.embed.device_thread`), runs one batch at a time: with one thread, reading and
     inference take turns and a GPU waits for every chunk (``benchmarks/feed.py`` measures how
     many a format needs).
     """

@@ -17,6 +17,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,19 +280,36 @@ def _headless(arch: str, full):
     return nn.Sequential(full.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_DEVICE_THREADS: dict[tuple[int, str], ThreadPoolExecutor] = {}
+_ON_DEVICE_THREAD = threading.local()
 
 
-def device_lock(device: str) -> threading.Lock:
-    """The lock that serializes inference on one device within this process.
+def device_thread(device: str) -> ThreadPoolExecutor:
+    """The one thread of this process that runs inference on ``device``.
 
-    A GPU worker runs several threads (``cluster.io_threads``) that read, decode and filter
-    chunks; they take turns on the device, so only one batch is resident and computing at a
-    time while the others prepare the next. CPU inference is not serialized: there each thread
-    runs the model on its own share of the cores.
+    A GPU worker runs several threads (``cluster.io_threads``) that read, decode, filter and
+    upload chunks; they hand their batches to this thread, so the device computes one batch at
+    a time while the others prepare the next. One thread, not a lock that the reading threads
+    take turns on: torch keeps cuDNN handles and cuDNN's execution-plan and autotuning caches
+    per thread, so every new thread that ran the model paid them again. Measured on an H100 with
+    16 threads (`benchmarks/gpu_profile.py`): the model's own time grew from 1.0 s to 9.6 s for
+    the same 14,400 windows, and end-to-end ingest fell to 950 tiles/s. CPU inference is not
+    serialized: there each thread runs the model on its own share of the cores.
     """
+    key = (os.getpid(), device)  # a forked child has no copy of its parent's thread
     with _CACHE_LOCK:
-        return _DEVICE_LOCKS.setdefault(device, threading.Lock())
+        ex = _DEVICE_THREADS.get(key)
+        if ex is None:
+            ex = _DEVICE_THREADS[key] = ThreadPoolExecutor(1, thread_name_prefix=f"aerial-search-{device}")
+        return ex
+
+
+def _run_on_device(fn: Callable[..., Any], *args: Any) -> Any:
+    import torch
+
+    _ON_DEVICE_THREAD.active = True
+    with torch.inference_mode():  # thread-local: the caller's mode does not cross threads
+        return fn(*args)
 
 
 def StandIn(dim: int, rate: float):  # noqa: N802 (builds a module, like torchvision's constructors)
@@ -299,7 +317,7 @@ def StandIn(dim: int, rate: float):  # noqa: N802 (builds a module, like torchvi
     a 16 px subsample of each window (scaled to [0, 1]) then zeros. It costs next to nothing, so
     the pipeline around the model is what a benchmark measures. With ``rate > 0`` each forward
     also sleeps ``n / rate`` seconds without holding the GIL: a simulated accelerator of
-    ``rate`` tiles/s, which :class:`Runner` serializes like a GPU (:func:`device_lock`)."""
+    ``rate`` tiles/s, which :class:`Runner` runs on one thread like a GPU (:func:`device_thread`)."""
     import time
 
     import torch
@@ -377,8 +395,9 @@ class Runner:
         # Pixels the model looks at: every pixel, or one in 16 per axis for the stand-in (whose
         # windows are then cut from a subsampled view, so cutting them costs nothing either).
         self.step = STANDIN_STEP if BACKBONES[spec.arch].standin else 1
-        # Inference takes turns on a GPU (and on a simulated one); CPU threads each compute.
-        self.lock = device_lock(self.device) if self.on_cuda or spec.standin_rate > 0 else None
+        # Inference on a GPU (and on a simulated one) runs on the device's own thread; CPU
+        # threads each compute.
+        self.device_thread = device_thread(self.device) if self.on_cuda or spec.standin_rate > 0 else None
 
     def upload(self, array: np.ndarray):
         """uint8 host array -> tensor on the device. On CUDA: from pinned memory, on this
@@ -398,29 +417,33 @@ class Runner:
 
     def forward(self, x) -> np.ndarray:
         """uint8 ``(n, 3, H, W)`` on the device -> float32 ``(n, dim)`` on the host."""
-        if self.lock is None:
-            return self._forward(x)
-        with self.lock:
-            return self._forward(x)
+        return self._on_device(self._forward, x)
 
     def features(self, body, x):
         """uint8 ``(n, 3, H, W)`` on the device -> the body's feature map ``(n, dim, H', W')``
-        (float32 or the autocast dtype) on the device; serialized like :meth:`forward`."""
+        (float32 or the autocast dtype) on the device, computed like :meth:`forward`."""
         import torch
 
         x = x.to(dtype=torch.float32, memory_format=self.fmt).sub_(self.shift).mul_(self.inv)
-        if self.lock is not None:
-            self.lock.acquire()
-        try:
-            if self.amp is not None:
-                with torch.autocast("cuda", dtype=self.amp):
-                    return body(x).float()
-            return body(x)
-        finally:
-            if self.lock is not None:
-                if self.on_cuda:
-                    torch.cuda.current_stream(self.device).synchronize()
-                self.lock.release()
+        return self._on_device(self._features, body, x)
+
+    def _on_device(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the device's thread (:func:`device_thread`), or here on the CPU."""
+        if self.device_thread is None or getattr(_ON_DEVICE_THREAD, "active", False):
+            return fn(*args)
+        return self.device_thread.submit(_run_on_device, fn, *args).result()
+
+    def _features(self, body, x):
+        import torch
+
+        if self.amp is not None:
+            with torch.autocast("cuda", dtype=self.amp):
+                y = body(x).float()
+        else:
+            y = body(x)
+        if self.on_cuda:  # computed before the next batch starts: one batch resident at a time
+            torch.cuda.current_stream(self.device).synchronize()
+        return y
 
     def _forward(self, x) -> np.ndarray:
         import torch
@@ -533,8 +556,7 @@ def embed_chunks(
             views = run.upload(rgb).unfold(1, TILE, STRIDE).unfold(2, TILE, STRIDE)  # (3, ny, nx, 256, 256)
             if run.step > 1:
                 views = views[..., :: run.step, :: run.step]
-            rows = torch.as_tensor(ij[:, 0], device=run.device)
-            cols = torch.as_tensor(ij[:, 1], device=run.device)
+            rows, cols = run.upload(ij[:, 0]), run.upload(ij[:, 1])  # a plain copy would wait for the device
             while s < len(ij):
                 if not filled:
                     batch_first = index

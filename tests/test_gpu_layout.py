@@ -1,5 +1,5 @@
-"""The GPU worker layout, shown on a CPU with a simulated device: inference takes turns on the
-device (a per-device lock) while other threads read and decode. Structural checks from the
+"""The GPU worker layout, shown on a CPU with a simulated device: the device's own thread runs
+inference one batch at a time while other threads read and decode. Structural checks from the
 tasks' own timelines; the speed figures live in benchmarks/overlap.py and benchmarks/feed.py."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 from conftest import textured, write_tif
 
@@ -62,8 +63,10 @@ def test_reads_overlap_the_simulated_device_only_with_several_threads(image, tmp
     device = sorted(spans["device"])
     assert all(b[0] >= a[1] for a, b in zip(device, device[1:]))  # the device takes one batch at a time
     assert overlapping(spans["read"], spans["device"]) == (threads > 1)
-    if threads > 1:
-        assert len({t for _, _, t in spans["device"]}) > 1  # several threads took turns on the device
+    # one thread runs the device, whichever thread read the chunk: torch keeps cuDNN's handles and
+    # caches per thread, so threads taking turns on a GPU each paid for their own
+    device_threads = {t for _, _, t in spans["device"]}
+    assert len(device_threads) == 1 and not device_threads & {t for _, _, t in spans["read"]}
 
 
 def test_the_same_fingerprints_whatever_the_layout(image, tmp_path):
@@ -80,3 +83,27 @@ def test_io_threads_default_to_the_cores_per_gpu():
     assert io_threads(ClusterConfig(io_threads=6), 4, cores=64) == 6
     assert io_threads(ClusterConfig(), 4, cores=64) == 16
     assert io_threads(ClusterConfig(), 8, cores=8) == 2  # at least 2: one reads while one computes
+
+
+def test_the_device_thread_returns_errors_to_the_caller_and_keeps_serving(monkeypatch):
+    """A batch that fails on the device thread raises in the thread that handed it over (the
+    fingerprint task fails as it would have before), and the next batch is computed as usual,
+    equal to the same stand-in computed inline on the CPU."""
+    windows = textured(256, 256 * 4, seed=2).reshape(3, 256, 4, 256).transpose(2, 0, 1, 3).copy()
+    want = embed.embed_batch(windows, embed.ModelSpec(arch="standin", device="cpu", batch_size=2))
+    spec = embed.ModelSpec(arch="standin", device="cpu", batch_size=2, standin_rate=100000.0)
+    real = embed.Runner._forward
+    calls: list[str] = []
+
+    def failing_once(self, x):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(self, x)
+
+    monkeypatch.setattr(embed.Runner, "_forward", failing_once)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        embed.embed_batch(windows, spec)
+    got = embed.embed_batch(windows, spec)
+    np.testing.assert_array_equal(got, want)
+    assert len(set(calls)) == 1 and calls[0] != threading.current_thread().name
