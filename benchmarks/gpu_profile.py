@@ -93,8 +93,7 @@ class TakingTurns:
 
     def submit(self, fn, *args):
         """``fn`` is ``embed._run_on_device``: its own ``fn(*args)`` runs here, in the caller's
-        thread, under the lock (``_run_on_device`` itself would mark the caller as the device
-        thread, and its later batches would skip the lock)."""
+        thread, under the lock, as the old ``Runner.forward`` did."""
         from concurrent.futures import Future
 
         import torch

@@ -300,14 +300,20 @@ def device_thread(device: str) -> ThreadPoolExecutor:
     with _CACHE_LOCK:
         ex = _DEVICE_THREADS.get(key)
         if ex is None:
-            ex = _DEVICE_THREADS[key] = ThreadPoolExecutor(1, thread_name_prefix=f"aerial-search-{device}")
+            ex = _DEVICE_THREADS[key] = ThreadPoolExecutor(
+                1, thread_name_prefix=f"aerial-search-{device}", initializer=_mark_device_thread
+            )
         return ex
+
+
+def _mark_device_thread() -> None:
+    """Marks the device thread, which then runs a nested :meth:`Runner.forward` in place."""
+    _ON_DEVICE_THREAD.active = True
 
 
 def _run_on_device(fn: Callable[..., Any], *args: Any) -> Any:
     import torch
 
-    _ON_DEVICE_THREAD.active = True
     with torch.inference_mode():  # thread-local: the caller's mode does not cross threads
         return fn(*args)
 

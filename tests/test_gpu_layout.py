@@ -107,3 +107,18 @@ def test_the_device_thread_returns_errors_to_the_caller_and_keeps_serving(monkey
     got = embed.embed_batch(windows, spec)
     np.testing.assert_array_equal(got, want)
     assert len(set(calls)) == 1 and calls[0] != threading.current_thread().name
+
+
+def test_a_forward_called_on_the_device_thread_runs_in_place():
+    """Code already on the device thread (a model hook, a nested call) computes in place: handing
+    the batch to the same one-thread queue would wait on itself forever."""
+    windows = textured(256, 512, seed=4).reshape(3, 256, 2, 256).transpose(2, 0, 1, 3).copy()
+    want = embed.embed_batch(windows, embed.ModelSpec(arch="standin", device="cpu"))
+    run = embed.Runner(embed.ModelSpec(arch="standin", device="cpu", standin_rate=100000.0))
+
+    def nested():
+        return run.forward(run.upload(windows)), threading.current_thread().name
+
+    got, name = run.device_thread.submit(nested).result(timeout=30)
+    np.testing.assert_array_equal(got, want)
+    assert name.startswith("aerial-search-cpu")
