@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.errors import RasterError
 from pipeline.ingest import ingest
 from pipeline.raster import RasterReader
-from pipeline.store import open_store
+from pipeline.store import open_store, set_attrs
 from tests.conftest import textured
 
 
@@ -149,3 +149,39 @@ def test_ucmerced_headers_are_the_same_through_pillow_and_gdal(data_dir):
     assert len(paths) >= 200
     assert all(_pillow_header(p) is not None for p in paths)
     assert [read_header(p) for p in paths] == [read_header(p, "gdal") for p in paths]
+
+
+def test_a_grown_store_keeps_the_decoder_that_made_it(images, tmp_path, capsys):
+    """A chroma-subsampled JPEG decodes differently through GDAL and Pillow. A store made with
+    read.decoder gdal and grown with the default (auto) reads the new files with GDAL too, with
+    a warning: a copy of a file already in the store gets the very same fingerprints. A store
+    made before the setting existed (no decoder in its record) counts as GDAL-made."""
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes(images["jpeg"].read_bytes())
+    gdal_cfg = tmp_path / "gdal.yaml"
+    gdal_cfg.write_text("read:\n  decoder: gdal\ncluster:\n  progress: false\n")
+    s = tmp_path / "s.zarr"
+    assert main(["ingest", str(images["jpeg"]), "--store", str(s), "--weights", "random", "--no-progress",
+                 "--config", str(gdal_cfg)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["ingest", str(copy), "--store", str(s), "--weights", "random", "--no-progress"]) == 0
+    assert "was read with read.decoder: gdal; this run reads with gdal too" in capsys.readouterr().err
+    ds = open_store(s)
+    assert ds.attrs["config"]["read"]["decoder"] == "gdal"
+    fp, image = ds["fingerprint"].values, ds["image"].values
+    np.testing.assert_array_equal(fp[image == 1], fp[image == 0])
+    auto = tmp_path / "auto.zarr"  # the copy read with Pillow: not the store's fingerprints
+    assert main(["ingest", str(copy), "--store", str(auto), "--weights", "random", "--no-progress"]) == 0
+    assert np.abs(open_store(auto)["fingerprint"].values - fp[image == 0]).max() > 1e-3
+
+    old = tmp_path / "old.zarr"  # as stores were before read.decoder: no decoder recorded
+    assert main(["ingest", str(images["jpeg"]), "--store", str(old), "--weights", "random", "--no-progress",
+                 "--config", str(gdal_cfg)]) == 0  # fmt: skip
+    config = open_store(old).attrs["config"]
+    del config["read"]["decoder"]
+    set_attrs(old, config=config)
+    capsys.readouterr()
+    assert main(["ingest", str(copy), "--store", str(old), "--weights", "random", "--no-progress"]) == 0
+    assert "was read with read.decoder: gdal" in capsys.readouterr().err
+    ds = open_store(old)
+    np.testing.assert_array_equal(ds["fingerprint"].values[ds["image"].values == 1], fp[image == 0])

@@ -150,6 +150,7 @@ def _ingest(
                         f"store {final} holds fingerprints made differently ({diff}); fingerprints of different "
                         f"models, weights or preprocessing never mix in one store: use another --store"
                     )
+                cfg = _store_decoder(cfg, store.read_attrs(work), final)
                 table = store.read_table(work)
             else:
                 table = store.empty_table()
@@ -235,6 +236,22 @@ CLUSTER_HEADERS_FROM = 10_000  # local lists shorter than this are read by the c
 # through the processes), 10,000 GeoTIFF chips (0.8 ms each) quicker there.
 PROCESS_AFTER_S = 2.0
 SLOW_HEADER_S = 0.005  # a header read slower than this is waiting on storage, not on the CPU
+
+
+def _store_decoder(cfg: Config, attrs: dict[str, Any], final: Any) -> Config:
+    """``cfg`` with the ``read.decoder`` that made the store's fingerprints (GDAL for stores
+    older than the setting): a store grown with the other decoder would hold two decodes of the
+    same kind of file (chroma-subsampled JPEGs differ at colour edges), and a file ingested again
+    would not reproduce its own fingerprints."""
+    was = attrs.get("config", {}).get("read", {}).get("decoder", "gdal")
+    if was == cfg.read.decoder:
+        return cfg
+    warnings.warn(
+        f"store {final} was read with read.decoder: {was}; this run reads with {was} too, so that every "
+        f"file in the store is decoded the same way (for read.decoder: {cfg.read.decoder}, use another --store)",
+        stacklevel=4,
+    )
+    return cfg.override(**{"read.decoder": was})
 
 
 def _read_headers(paths: list[str], cfg: Config, rt: Any, remote: bool) -> list[plan.Header]:
