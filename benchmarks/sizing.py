@@ -2,7 +2,7 @@
 
 Every figure is computed from a formula on the inputs below; inputs are either MEASURED (read
 from this folder's JSON results, which benchmarks/RESULTS.md describes) or marked GUESS (no
-measurement exists yet, e.g. anything on a GPU: no GPU has been lent to this project so far).
+measurement exists yet). GPU figures come from one H100 with 16 cores (gpu_layouts.json).
 docs/scaling.md holds this script's output for 1 PB and explains each line.
 
     python benchmarks/sizing.py                         # 1 PB of 8-bit RGB (24 bits per pixel)
@@ -42,10 +42,20 @@ def measured() -> dict[str, tuple[float, str]]:
         f["dense_speedup"] = (dense["speed"]["exact_over_dense"], "MEASURED: dense.json, whole-process ingest, CPU")
     else:
         f["dense_speedup"] = (3.0, "GUESS: FLOP ratio of dense to exact at 2,048 px chunks")
-    f["gpu_tiles_per_s"] = (
-        15_000 * 0.7,
-        "GUESS: issue 12's H100 bf16 target (15,000/s) x its 0.7 end-to-end target; no GPU measured",
-    )
+    gpu = {r["name"]: r for r in load("gpu_layouts.json").get("runs", [])}
+    exact_gpu, dense_gpu = gpu.get("device thread, autotune=False"), gpu.get("device thread, dense")
+    if exact_gpu:
+        f["gpu_tiles_per_s"] = (
+            exact_gpu["tiles_per_s"],
+            "MEASURED: gpu_layouts.json, end-to-end exact ingest on one H100 fed by 16 cores (decode-bound)",
+        )
+    else:
+        f["gpu_tiles_per_s"] = (15_000 * 0.7, "GUESS: an H100 bf16 target (15,000/s) x a 0.7 end-to-end target")
+    if exact_gpu and dense_gpu:
+        f["gpu_dense_speedup"] = (
+            dense_gpu["tiles_per_s"] / exact_gpu["tiles_per_s"],
+            "MEASURED: gpu_layouts.json, dense / exact end to end on the same H100 (both decode-bound)",
+        )
     search = load("search.json")
     rows = [r for r in search.get("rows", []) if r["n"] == 1_000_000 and r["k"] == 10 and r["queries"] == 1]
     if rows:
@@ -122,10 +132,20 @@ def model(
             "windows / measured tiles/s per core",
         )
     gpu_h = windows / v["gpu_tiles_per_s"] / 3600
-    line("ingest, GPU-hours (exact)", f"{gpu_h:.3g}", "windows / GUESSED tiles/s per GPU")
+    guessed = f["gpu_tiles_per_s"][1].startswith("GUESS")
     line(
-        "ingest, GPU-hours (dense)", f"{gpu_h / v['dense_speedup']:.3g}", "exact / dense speed-up (CPU-measured ratio)"
+        "ingest, GPU-hours (exact)", f"{gpu_h:.3g}", f"windows / {'GUESSED' if guessed else 'measured'} tiles/s per GPU"
     )
+    if "gpu_dense_speedup" in v:
+        line("ingest, GPU-hours (dense)", f"{gpu_h / v['gpu_dense_speedup']:.3g}",
+             "exact / dense speed-up measured on the GPU (decode-bound: more cores per GPU would widen it "
+             "towards the CPU's model-bound ratio)")  # fmt: skip
+    else:
+        line(
+            "ingest, GPU-hours (dense)",
+            f"{gpu_h / v['dense_speedup']:.3g}",
+            "exact / dense speed-up (CPU-measured ratio)",
+        )
     for label, key, per_tile in (
         ("float32", "exact_s_per_tile_core", 2048),
         ("float16", "exact16_s_per_tile_core", 1024),
