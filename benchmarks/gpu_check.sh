@@ -10,7 +10,9 @@
 # I/O threads feeding the GPU (reads overlap inference; the GPU takes one batch at a time), with
 # the GPU utilization nvidia-smi samples during each run, then the same ingest with --mode dense
 # (tiles/s against exact, and the cosine between the two modes' fingerprints); then
-# benchmarks/gpu_profile.py (stage timers). About 8-10 minutes.
+# benchmarks/gpu_profile.py --layouts (stage timers, the device thread against the old layout)
+# and benchmarks/driver.py --now-only (small files against a large image with every core).
+# About 9 minutes: run it with a timeout of 600 s; each step writes its report as it goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
@@ -29,7 +31,13 @@ python3 -c "import torch, dask, zarr, rasterio; print('torch', torch.__version__
 # a failing GPU test is reported and the benchmark still runs
 python3 -m pytest -q -m gpu tests/test_embed.py tests/test_dense.py -p no:cacheprovider || tests_rc=$?
 python3 benchmarks/gpu_bench.py --device cuda --out "$REPORT"
-# where the end-to-end time goes (stage timers, the read ceiling, suspects one at a time)
-python3 benchmarks/gpu_profile.py --device cuda --out "$(dirname "$REPORT")/gpu_profile.json"
+# the device thread against threads taking turns, with stage timers (the full profile, with the
+# read ceiling and one suspect at a time: gpu_profile.py without --layouts, ~4 minutes)
+python3 benchmarks/gpu_profile.py --device cuda --layouts --out "$(dirname "$REPORT")/gpu_layouts.json"
+# issue 10 on a many-core machine: whole-ingest windows/s of one large GeoTIFF against 10,000
+# small GeoTIFF chips with every core (stand-in model, CPU only), beside the 2-core figures
+cp benchmarks/driver.json "$(dirname "$REPORT")/driver_many_cores.json"
+python3 benchmarks/driver.py --now-only --repeat 1 --workdir /tmp/aerial-search-driver \
+  --out "$(dirname "$REPORT")/driver_many_cores.json"
 echo "gpu tests exit status: ${tests_rc:-0}"
 exit "${tests_rc:-0}"
