@@ -135,9 +135,10 @@ def _ingest(
                 if not store.is_store(work):
                     raise StoreError(f"{work} exists and is not a fingerprint store; choose another --store path")
                 store.check_version(work)
-                diff = store.signature_diff(store.read_attrs(work), attrs)
+                prior = store.read_attrs(work)  # once: on object storage each read is a request
+                diff = store.signature_diff(prior, attrs)
                 if "mode" in diff or "context_px" in diff:
-                    was = store.read_attrs(work).get("model", {})
+                    was = prior.get("model", {})
                     flags = f"--mode {was.get('mode', 'exact')}"
                     flags += f" --context-px {was['context_px']}" if was.get("context_px") is not None else ""
                     raise StoreError(
@@ -150,7 +151,7 @@ def _ingest(
                         f"store {final} holds fingerprints made differently ({diff}); fingerprints of different "
                         f"models, weights or preprocessing never mix in one store: use another --store"
                     )
-                cfg = _store_decoder(cfg, store.read_attrs(work), final)
+                cfg = _store_decoder(cfg, prior, final)
                 table = store.read_table(work)
             else:
                 table = store.empty_table()
