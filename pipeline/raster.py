@@ -44,10 +44,10 @@ def is_uri(path: str) -> bool:
 def expand_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
     """Resolve SOURCE arguments to a sorted, de-duplicated list of image paths.
 
-    A SOURCE is an image file (any format GDAL reads), a folder (searched recursively for
-    ``*.tif``/``*.tiff``, case-insensitive), a text file (``.txt``/``.lst``/``.list``) with one
-    path or URI per line (``#`` comments allowed), or a URI (``s3://``, ``gs://``, ``https://``)
-    passed to GDAL. Local paths become absolute.
+    A SOURCE is an image file (any format GDAL reads), a folder (searched recursively, see
+    :func:`folder_images`), a text file (``.txt``/``.lst``/``.list``) with one path or URI per
+    line (``#`` comments allowed), or a URI (``s3://``, ``gs://``, ``https://``) passed to GDAL;
+    a URI ending in ``/`` is a prefix, listed like a folder. Local paths become absolute.
     """
     found: list[str] = []
     for src in sources:
@@ -57,10 +57,9 @@ def expand_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
             continue
         p = Path(s).expanduser()
         if p.is_dir():
-            hits = [q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
-            if not hits:
-                warnings.warn(f"folder {p} holds no *.tif/*.tiff files", stacklevel=2)
-            found.extend(str(q.resolve()) for q in hits)
+            kinds = IMAGE_SUFFIXES + PILLOW_SUFFIXES
+            names = [str(q.resolve()) for q in p.rglob("*") if q.suffix.lower() in kinds and q.is_file()]
+            found.extend(_folder_images(names, f"folder {p}"))
         elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
             base = p.resolve().parent
             for line in p.read_text().splitlines():
@@ -79,17 +78,32 @@ def expand_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
 
 
 def _expand_uri(uri: str) -> list[str]:
-    """An object-storage URI: the object itself, or every *.tif/*.tiff under a prefix ending in /."""
+    """An object-storage URI: the object itself, or the images under a prefix ending in / (:func:`_folder_images`)."""
     if not uri.endswith("/"):
         return [uri]
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri)
     protocol = uri.split("://", 1)[0]
-    hits = [f"{protocol}://{k}" for k in fs.find(root) if k.lower().endswith(IMAGE_SUFFIXES)]
-    if not hits:
-        warnings.warn(f"{uri} holds no *.tif/*.tiff objects", stacklevel=3)
-    return hits
+    return _folder_images([f"{protocol}://{k}" for k in fs.find(root)], uri)
+
+
+def _folder_images(names: list[str], where: str) -> list[str]:
+    """The images of a folder's (or a prefix's) recursive listing ``names``: its GeoTIFFs
+    (``*.tif``/``*.tiff``, any case); a folder without any, a scene-classification set say, gives
+    its JPEG and PNG images instead. JPEG/PNG files beside GeoTIFFs (previews, quicklooks) are
+    left out with a warning: a ``.txt`` list of paths takes them too."""
+    tifs = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    pictures = [n for n in names if n.lower().endswith(PILLOW_SUFFIXES)]
+    if tifs and pictures:
+        warnings.warn(
+            f"{where}: {len(pictures)} JPEG/PNG file(s) beside its {len(tifs)} GeoTIFF(s) left out (previews?); "
+            f"list them in a .txt source to ingest them as well",
+            stacklevel=3,
+        )
+    if not tifs and not pictures:
+        warnings.warn(f"{where} holds no *.tif/*.tiff (or *.jpg/*.jpeg/*.png) images", stacklevel=3)
+    return tifs or pictures
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,28 @@ def test_ingest_and_info(tmp_path, capsys):
     assert info["tiles"] == 9 and info["images_by_status"] == {"done": 1} and info["model"]["arch"] == "resnet18"
 
 
+def test_ingest_a_folder_of_jpeg_and_png_scenes(tmp_path, capsys):
+    """A scene-classification set (class folders of JPEGs/PNGs, no GeoTIFF) ingests as a folder,
+    into the same store as the same files named one by one."""
+    from PIL import Image
+
+    files = []
+    for k, name in enumerate(("beach/a.jpg", "beach/b.jpg", "forest/c.png", "forest/tiny.png")):
+        path = tmp_path / "scenes" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = 120 if "tiny" in name else 256 + 40 * k
+        Image.fromarray(np.ascontiguousarray(textured(size, size, seed=k).transpose(1, 2, 0))).save(path, quality=92)
+        files.append(path)
+    common = ["--weights", "random", "--no-progress"]
+    assert main(["ingest", str(tmp_path / "scenes"), "--store", str(tmp_path / "folder.zarr"), *common]) == 0
+    assert "windows      3 (3 kept" in capsys.readouterr().out  # tiny.png is under one window
+    assert main(["ingest", *map(str, files), "--store", str(tmp_path / "files.zarr"), *common]) == 0
+    folder, named = open_store(tmp_path / "folder.zarr"), open_store(tmp_path / "files.zarr")
+    assert list(folder["image_path"].values) == sorted(str(f.resolve()) for f in files)
+    np.testing.assert_array_equal(folder["uid"].values, named["uid"].values)
+    np.testing.assert_array_equal(folder["fingerprint"].values, named["fingerprint"].values)
+
+
 def test_errors_are_one_line_naming_the_file(tmp_path, capsys):
     grey = write_tif(tmp_path / "grey.tif", textured(300, 300, bands=1))
     assert main(["ingest", str(grey), "--store", str(tmp_path / "s.zarr"), "--weights", "random"]) == 2

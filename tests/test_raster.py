@@ -23,6 +23,35 @@ def test_expand_sources_folder_list_and_duplicates(tmp_path):
         raster.expand_sources([tmp_path / "missing.tif"])
 
 
+def _picture(path, seed=0, size=300):
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(textured(size, size, seed).transpose(1, 2, 0))).save(path)
+    return path
+
+
+def test_a_folder_without_geotiffs_gives_its_jpeg_and_png_images(tmp_path):
+    scenes = tmp_path / "scenes"
+    (scenes / "beach").mkdir(parents=True)
+    (scenes / "forest").mkdir()
+    pictures = [_picture(scenes / "beach" / "b1.jpg"), _picture(scenes / "forest" / "F2.PNG", 1)]
+    (scenes / "labels.csv").write_text("x")
+    assert raster.expand_sources([scenes]) == sorted(str(p.resolve()) for p in pictures)
+    # beside GeoTIFFs, JPEG/PNG files are previews: left out, with a warning that says how to take them
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    tif = write_tif(mixed / "scene.tif", textured(300, 300))
+    preview = _picture(mixed / "scene_preview.jpg")
+    with pytest.warns(UserWarning, match=r"1 JPEG/PNG file\(s\) beside its 1 GeoTIFF\(s\) left out.*\.txt"):
+        assert raster.expand_sources([mixed]) == [str(tif.resolve())]
+    (tmp_path / "list.txt").write_text("mixed/scene_preview.jpg\n")
+    assert raster.expand_sources([tmp_path / "list.txt"]) == [str(preview.resolve())]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("x")
+    with pytest.warns(UserWarning, match=r"holds no \*\.tif/\*\.tiff \(or \*\.jpg"):
+        assert raster.expand_sources([tmp_path / "docs"]) == []
+
+
 def test_header_and_bad_files(tmp_path):
     good = write_tif(tmp_path / "g.tif", textured(300, 520))
     info = raster.read_header(str(good))

@@ -113,7 +113,7 @@ def _ingest(
         paths = raster.expand_sources(sources)
         if not paths:
             raise RasterError(
-                f"no images found in {list(map(str, sources))}: pass GeoTIFF files, folders of them or a .txt list"
+                f"no images found in {list(map(str, sources))}: pass image files (GeoTIFF, JPEG, PNG), folders of them or a .txt list"
             )
         weights = describe_weights(cfg.model.arch, cfg.model.weights, cfg.model.seed)
         if not weights["pretrained"]:
