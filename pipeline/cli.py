@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pipeline.commands import COMMANDS, name_of
 from pipeline.config import Config, load_config
 from pipeline.errors import AerialSearchError
+from pipeline.resources import keep_freed_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +58,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()  # first, before any thread of the command allocates
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -10,6 +10,10 @@ local schedulers it passes the torch thread count to the model (``ModelSpec.torc
 on a distributed cluster a worker plugin (:class:`TorchThreads`) sizes each worker process to
 its own cores divided by its dask threads when the worker starts.
 
+Memory: every process that runs tasks keeps its freed memory for reuse
+(:func:`~pipeline.resources.keep_freed_memory`): this one when the threaded runtime starts,
+workers this module spawns through their environment, and any worker through the plugin.
+
 Errors (a cluster package missing, no GPU, an unreachable scheduler) are
 :class:`~pipeline.errors.ClusterError`, which the CLI reports in one line.
 """
@@ -32,7 +36,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.config import ClusterConfig
 from pipeline.errors import ClusterError
-from pipeline.resources import cpu_count, set_torch_threads, torch_threads_for
+from pipeline.resources import cpu_count, keep_freed_memory, malloc_env, set_torch_threads, torch_threads_for
 
 
 @dataclass
@@ -216,6 +220,7 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
         size_workers(client)
         return Runtime("client", client=client, torch_threads=0, progress=cfg.progress)
     if cfg.scheduler in ("threads", "sync"):
+        keep_freed_memory()  # before the task threads exist: they then share the arena it tunes
         threads = 1 if cfg.scheduler == "sync" else (cfg.threads or cores)
         return Runtime(
             cfg.scheduler, dask_threads=threads, torch_threads=torch_threads_for(threads, cores), progress=cfg.progress
@@ -246,11 +251,42 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
     return rt
 
 
+@contextlib.contextmanager
+def spawn_env() -> Iterator[None]:
+    """Worker processes started inside get :func:`~pipeline.resources.malloc_env` in their
+    environment from their first instruction (dask's ``distributed.nanny.pre-spawn-environ``,
+    which a Nanny reads once, so it also holds for the workers it restarts).
+
+    A Nanny lets this process's environment override that setting, and every Nanny writes its
+    own into the environment (dask's ``MALLOC_TRIM_THRESHOLD_=65536`` after a cluster made
+    elsewhere), so the environment holds these values too while the cluster starts."""
+    import dask
+
+    env, key = malloc_env(), "distributed.nanny.pre-spawn-environ"
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with dask.config.set({key: {**dask.config.get(key, {}), **env}}):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def make_cluster(cfg: ClusterConfig) -> tuple[Any, int, int]:
     """Build the cluster ``cfg.scheduler`` names: ``(cluster, dask threads per worker, torch threads)``.
 
     Optional packages are imported only for the kind chosen, with an install hint when missing.
+    Local worker processes start with :func:`spawn_env`.
     """
+    with spawn_env():
+        return _make_cluster(cfg)
+
+
+def _make_cluster(cfg: ClusterConfig) -> tuple[Any, int, int]:
     cores = cpu_count()
     kind = cfg.scheduler
     if kind == "local":
@@ -378,7 +414,9 @@ def jobqueue_cluster(cfg: ClusterConfig):
 
 
 class TorchThreads(WorkerPlugin):
-    """Worker plugin: size torch's thread pool to the worker's cores / its dask threads.
+    """Worker plugin: size torch's thread pool to the worker's cores / its dask threads, and keep
+    freed memory for reuse (:func:`~pipeline.resources.keep_freed_memory`; for the task threads
+    not started yet, on workers that were not spawned with it).
 
     Registered by :func:`size_workers` on every cluster this package computes on, so that the
     model code never needs to know whether it runs in a distributed worker.
@@ -387,6 +425,7 @@ class TorchThreads(WorkerPlugin):
     name = "aerial-search-torch-threads"
 
     def setup(self, worker: Any) -> None:
+        keep_freed_memory()
         set_torch_threads(torch_threads_for(worker.state.nthreads))
 
 
