@@ -62,7 +62,7 @@ def keep_freed_memory() -> bool:
 
     With glibc's defaults every CPU batch's activations (hundreds of MB at batch 64) were mapped
     afresh and given back when freed, and the kernel zeroed each page again: 20-40 % of an
-    ingest's CPU time on 2 cores; kept, ingest runs 1.24-1.59x faster for a peak RSS 0.5-0.7 GB
+    ingest's CPU time on 2 cores; kept, ingest runs 1.24-1.59x faster for a peak RSS 0.5 GiB
     higher (``benchmarks/malloc.py``). Applied once per process, before its task threads first
     allocate (threads that already hold an arena of their own keep it): by the CLI, by the
     threaded runtime and by the worker plugin. Only on glibc; ``AERIAL_SEARCH_MALLOC=system``
