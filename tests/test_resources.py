@@ -69,6 +69,7 @@ def test_local_workers_start_with_the_malloc_settings_and_the_plugin_applies_the
     # as a cluster made earlier in this process leaves it (each Nanny writes dask's settings here)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("AERIAL_SEARCH_MALLOC", raising=False)  # the default
     with runtime(ClusterConfig(scheduler="local", n_workers=1, progress=False)) as rt:
         env = rt.client.run(lambda: {k: os.environ.get(k) for k in MALLOC_ENV})
         applied = rt.client.run(lambda: resources.keep_freed_memory.cache_info().currsize)
