@@ -45,7 +45,7 @@ def expand_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
     """Resolve SOURCE arguments to a sorted, de-duplicated list of image paths.
 
     A SOURCE is an image file (any format GDAL reads), a folder (searched recursively, see
-    :func:`folder_images`), a text file (``.txt``/``.lst``/``.list``) with one path or URI per
+    :func:`_folder_images`), a text file (``.txt``/``.lst``/``.list``) with one path or URI per
     line (``#`` comments allowed), or a URI (``s3://``, ``gs://``, ``https://``) passed to GDAL;
     a URI ending in ``/`` is a prefix, listed like a folder. Local paths become absolute.
     """

@@ -68,7 +68,7 @@ def keep_freed_memory() -> bool:
     threaded runtime and by the worker plugin. Only on glibc; ``AERIAL_SEARCH_MALLOC=system``
     leaves malloc as it is.
     """
-    if os.environ.get("AERIAL_SEARCH_MALLOC", "keep") == "system" or platform.libc_ver()[0] != "glibc":
+    if _system_malloc() or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -81,7 +81,12 @@ def keep_freed_memory() -> bool:
 def malloc_env() -> dict[str, str]:
     """Environment for worker processes this package spawns: :data:`MALLOC_ENV` (glibc reads it at
     start, before any thread), unless ``AERIAL_SEARCH_MALLOC=system``."""
-    return {} if os.environ.get("AERIAL_SEARCH_MALLOC", "keep") == "system" else dict(MALLOC_ENV)
+    return {} if _system_malloc() else dict(MALLOC_ENV)
+
+
+def _system_malloc() -> bool:
+    """The user opted out: ``AERIAL_SEARCH_MALLOC=system``."""
+    return os.environ.get("AERIAL_SEARCH_MALLOC", "keep") == "system"
 
 
 def cache_dir() -> Path:
