@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from pipeline import grid
+from pipeline.backbones import BACKBONES, MODES
 from pipeline.errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "load_config"]
@@ -44,8 +45,6 @@ class ModelConfig:
     context_px: int = 64  # dense: surroundings read around each chunk of a large image (pixels)
 
     def __post_init__(self) -> None:
-        from pipeline.embed import BACKBONES, MODES  # local import: embed imports torch lazily
-
         _require(
             self.arch in BACKBONES,
             "model.arch",

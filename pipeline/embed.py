@@ -1,131 +1,52 @@
-"""Backbones, weights, and batched fingerprint inference.
+"""Weights and batched fingerprint inference: the module that runs the networks.
 
 A fingerprint is the global-average-pooled output of an ImageNet CNN with its classifier removed
 (ResNet-18: 512-d), computed on 256 x 256 windows scaled to [0, 1] and normalized with the
 ImageNet mean and std. Nothing outside this module assumes a fingerprint dimension: ask
-:data:`BACKBONES`.
+:data:`~pipeline.backbones.BACKBONES` (the table, and :class:`~pipeline.backbones.ModelSpec`,
+live in the torch-free :mod:`pipeline.backbones`).
 
 Workers receive a :class:`ModelSpec` (a picklable recipe) and call :func:`get_model`, which
-builds the network once per process and device and caches it. ``torch`` is imported lazily so
-that the driver, the config and the CLI's help work without paying its import.
+builds the network once per process and device and caches it. ``torch`` is imported inside the
+functions that run it, so that importing this module costs nothing.
+
+Why over 500 lines: one idea, running the model, in its three forms (exact windows, dense
+feature maps, the device thread that feeds a GPU), which share the :class:`Runner`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline import resources
+from pipeline.backbones import (
+    BACKBONES,
+    MEAN,
+    MODES,
+    PROBE,
+    STANDIN,
+    STANDIN_ID,
+    STANDIN_STEP,
+    STD,
+    Backbone,
+    ModelSpec,
+    probe_id,
+)  # fmt: skip
+from pipeline.digest import sha256_file
 from pipeline.errors import WeightsError
 from pipeline.grid import STRIDE, TILE
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A torchvision classifier used as a fingerprint extractor.
-
-    Dense mode (:func:`embed_dense`) needs the window-to-cell mapping of the backbone's
-    convolutional body: ``cell_px`` input pixels per output cell (the body's total stride) and
-    ``window_cells`` cells per 256 px window side, so that the window with origin ``(r, c)``
-    (pixels, multiples of 128) averages cells ``[r / cell_px, r / cell_px + window_cells)`` of a
-    feature map computed over its surroundings, with a step of ``128 / cell_px`` cells between
-    neighbouring windows. The mapping follows from the layers' strides, padding and pooling:
-
-    - ResNet-18/34/50: conv 7x7/2 pad 3, max-pool 3x3/2 pad 1, then three stride-2 stages with
-      'same' padding: 32 px per cell, a 256 px window is 8 x 8 cells, neighbours are 4 cells
-      apart. Shifting the input by 32 px shifts the map by exactly one cell.
-    - SqueezeNet 1.1: an unpadded conv 3x3/2 and three ceil-mode max-pools 3x3/2, the 1x1 and
-      'same'-padded 3x3 fire modules between them: 16 px per cell; an input of ``128 m`` px gives
-      ``8 m - 1`` cells (256 px: 15), so a window is 15 x 15 cells at a step of 8, and a shift
-      by 16 px shifts the map by exactly one cell (the unpadded layers lose the same border
-      everywhere).
-    - MobileNet v2, EfficientNet-B0: stride 32 with 'same' padding: 8 x 8 cells at a step of 4.
-
-    A 256 x 256 input with no surroundings therefore gives exactly the exact-mode fingerprint.
-    """
-
-    dim: int  # fingerprint length
-    classifier: str  # state_dict prefix of the removed classifier head
-    weights_enum: str  # torchvision weights enum whose IMAGENET1K_V1 member is 'imagenet'
-    standin: bool = False  # not a CNN: see STANDIN
-    cell_px: int = 32  # dense mode: input pixels per feature-map cell
-    window_cells: int = 8  # dense mode: cells per 256 px window side
-
-
-BACKBONES: dict[str, Backbone] = {
-    "resnet18": Backbone(512, "fc.", "ResNet18_Weights"),
-    "resnet34": Backbone(512, "fc.", "ResNet34_Weights"),
-    "resnet50": Backbone(2048, "fc.", "ResNet50_Weights"),
-    "squeezenet1_1": Backbone(512, "classifier.", "SqueezeNet1_1_Weights", cell_px=16, window_cells=15),
-    "mobilenet_v2": Backbone(1280, "classifier.", "MobileNet_V2_Weights"),
-    "efficientnet_b0": Backbone(1280, "classifier.", "EfficientNet_B0_Weights"),
-    "standin": Backbone(512, "", "", standin=True),
-}
-MODES = ("exact", "dense")
-STANDIN = "standin"
-STANDIN_STEP = 16
-STANDIN_ID = (
-    "standin: band means of a 16 px subsample, NOT A CNN -- for driver, feed and device-overlap "
-    "tests and benchmarks only"
-)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything a worker needs to build the same model the driver checked."""
-
-    arch: str = "resnet18"
-    weights: str = "imagenet"
-    weights_sha256: str = ""  # checked in the worker when set
-    device: str = "auto"
-    batch_size: int = 64
-    amp: str = "none"
-    channels_last: bool = True
-    seed: int = 0
-    torch_threads: int = 0
-    standin_rate: float = 0.0  # standin only: a simulated device of this many tiles/s (0: instant)
-    mode: str = "exact"  # exact: each window on its own; dense: shared feature maps (embed_dense)
-    context_px: int = 64  # dense only: pixels of surroundings read around a chunk of a large image
-
-    @property
-    def dim(self) -> int:
-        return BACKBONES[self.arch].dim
-
-    @classmethod
-    def from_config(cls, model_cfg: Any, weights_sha256: str = "", torch_threads: int | None = None) -> ModelSpec:
-        return cls(
-            arch=model_cfg.arch,
-            weights=model_cfg.weights,
-            weights_sha256=weights_sha256,
-            device=model_cfg.device,
-            batch_size=model_cfg.batch_size,
-            amp=model_cfg.amp,
-            channels_last=model_cfg.channels_last,
-            seed=model_cfg.seed,
-            torch_threads=model_cfg.torch_threads if torch_threads is None else torch_threads,
-            standin_rate=model_cfg.standin_rate,
-            mode=model_cfg.mode,
-            context_px=model_cfg.context_px,
-        )
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = [
+    "BACKBONES", "MEAN", "MODES", "PROBE", "STANDIN", "STANDIN_ID", "STD", "Backbone", "ModelSpec", "Runner", "WeightsError",
+    "describe_weights", "embed_batch", "embed_chunks", "embed_dense", "fit_to_window", "get_model", "sha256_file",
+]  # fmt: skip
 
 
 def _imagenet_weights(arch: str):
@@ -149,6 +70,8 @@ def describe_weights(arch: str, weights: str, seed: int = 0) -> dict[str, Any]:
     """
     if BACKBONES[arch].standin:
         return {"weights_id": STANDIN_ID, "weights_sha256": "", "pretrained": False}
+    if arch == PROBE:  # its seeded weights, whatever the setting says
+        return {"weights_id": probe_id(seed), "weights_sha256": "", "pretrained": False}
     if weights == "random":
         return {
             "weights_id": f"random(seed={seed}) -- NOT PRETRAINED: fingerprints are meaningless, for tests only",
@@ -215,6 +138,8 @@ def build_model(spec: ModelSpec):
         raise WeightsError(f"unknown backbone {spec.arch!r}; choose one of {sorted(BACKBONES)}")
     if BACKBONES[spec.arch].standin:
         return StandIn(spec.dim, spec.standin_rate)
+    if spec.arch == PROBE:
+        return Probe(spec.dim, spec.seed)
     import torch
     import torchvision.models as tvm
 
@@ -339,6 +264,19 @@ def StandIn(dim: int, rate: float):  # noqa: N802 (builds a module, like torchvi
             return out
 
     return _StandIn().eval()
+
+
+def Probe(dim: int, seed: int):  # noqa: N802 (builds a module, like torchvision's constructors)
+    """The probe backbone (:data:`~pipeline.backbones.PROBE`): ``features -> pool -> flatten`` like
+    SqueezeNet's headless form, its weights drawn from ``seed`` (PyTorch's default initialisation,
+    under a forked RNG so the caller's random state is untouched)."""
+    import torch
+    from torch import nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        features = nn.Sequential(nn.Conv2d(3, 32, 8, stride=8), nn.ReLU(), nn.Conv2d(32, dim, 4, stride=4), nn.ReLU())
+    return nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1)).eval()
 
 
 def resolve_device(device: str) -> str:
@@ -645,3 +583,21 @@ def embed_dense(
 def embed_chunk(rgb: np.ndarray, ij: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """:func:`embed_chunks` of one chunk."""
     return embed_chunks([(rgb, ij)], spec)[0]
+
+
+def fit_to_window(rgb: np.ndarray) -> np.ndarray:
+    """A query image uint8 ``(3, h, w)`` as the model's window: resized so the shorter side is 256
+    (bilinear, antialiased), then centre-cropped to 256 x 256."""
+    import torch
+    import torch.nn.functional as F
+
+    _, h, w = rgb.shape
+    t = TILE
+    if (h, w) == (t, t):
+        return np.ascontiguousarray(rgb)
+    s = t / min(h, w)
+    nh, nw = max(t, round(h * s)), max(t, round(w * s))
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).float()[None]
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (nh - t) // 2, (nw - t) // 2
+    return x[:, top : top + t, left : left + t].round().clamp(0, 255).to(torch.uint8).numpy()

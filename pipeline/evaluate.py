@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import grid, post, store
-from pipeline.embed import ModelSpec, describe_weights, embed_batch
+from pipeline.backbones import ModelSpec
+from pipeline.embed import describe_weights, embed_batch
 from pipeline.errors import DatasetError, PostprocessError
 from pipeline.search.kernels import L2Scorer, centroid_query
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import grid
-from pipeline.embed import STANDIN, ModelSpec, embed_batch, imagenet_cache_path, sha256_file
+from pipeline.backbones import PROBE, STANDIN, ModelSpec
+from pipeline.digest import sha256_file
+from pipeline.embed import embed_batch, fit_to_window, imagenet_cache_path
 from pipeline.errors import SearchError, WeightsError
 
 
@@ -28,7 +29,7 @@ def spec_from_provenance(prov: dict[str, Any], weights: str | None = None, devic
     arch, wid, sha = model.get("arch"), str(model.get("weights_id", "")), model.get("weights_sha256", "")
     if arch == STANDIN:
         return ModelSpec(arch=arch, weights="random", device=device)
-    if wid.startswith("random("):
+    if wid.startswith(("random(", f"{PROBE}(")):
         seed = int(re.search(r"seed=(\d+)", wid).group(1))  # type: ignore[union-attr]
         return ModelSpec(arch=arch, weights="random", seed=seed, device=device)
     if wid.startswith("torchvision:") and weights is None:
@@ -114,23 +115,6 @@ def decode_image(data: bytes, what: str, bands=(1, 2, 3), scale=None, max_pixels
 def _check_pixels(n: int, max_pixels: int, what: str) -> None:
     if n > max_pixels:
         raise SearchError(f"{what} has {n:,} pixels, more than the {max_pixels:,} a query image may have")
-
-
-def fit_to_window(rgb: np.ndarray) -> np.ndarray:
-    """Resize so the shorter side is 256 (bilinear, antialiased), then centre-crop to 256 x 256."""
-    import torch
-    import torch.nn.functional as F
-
-    _, h, w = rgb.shape
-    t = grid.TILE
-    if (h, w) == (t, t):
-        return np.ascontiguousarray(rgb)
-    s = t / min(h, w)
-    nh, nw = max(t, round(h * s)), max(t, round(w * s))
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).float()[None]
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - t) // 2, (nw - t) // 2
-    return x[:, top : top + t, left : left + t].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def fingerprint_pixels(pixels: np.ndarray, prov: dict[str, Any], weights: str | None = None, device: str = "auto"):

@@ -79,7 +79,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import codes, grid, post
-from pipeline.embed import MEAN, STD
+from pipeline.backbones import MEAN, STD
 from pipeline.errors import StoreError
 from pipeline.version import __version__
 
@@ -95,7 +95,7 @@ DERIVED_TILE_VARS = ("fingerprint_dba", "codes", "knn_uid", "knn_sim")  # per-ti
 _DERIVED_META = {"fingerprint_dba": "dba", "codes": "codes", "knn_uid": "knn", "knn_sim": "knn"}
 IMG_CHUNK = 4096
 
-__all__ = ["StoreError", "open_store", "summarize"]
+__all__ = ["StoreError", "open_store"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,47 +326,6 @@ def signature_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any,
     """``{key: (a's value, b's value)}`` where two provenances' fingerprints would differ."""
     sa, sb = fingerprint_signature(a), fingerprint_signature(b)
     return {k: (sa[k], sb[k]) for k in sa if sa[k] != sb[k]}
-
-
-def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Counts, sizes and provenance of a store (what ``aerial-search info`` prints)."""
-    ds = open_store(path)
-    status = ds["status"].values.astype(object)
-    done = status == "done"
-    image = ds["image"].values
-    valid = ds["valid"].values & (image >= 0) & done[np.clip(image, 0, None)] if len(status) else ds["valid"].values
-    prov = provenance(ds)
-    return {
-        "store": str(path) if is_remote(path) else str(Path(path).resolve()),
-        "images": int(ds.sizes["img"]),
-        "images_by_status": {s: int((status == s).sum()) for s in sorted(set(status))},
-        "tiles": int(valid.sum()),
-        "slots": int(ds.sizes["tile"]),
-        "dropped": int((~ds["valid"].values & (image >= 0)).sum()),
-        "feature_dim": int(ds.sizes["feature"]),
-        "fingerprint_dtype": str(ds["fingerprint"].dtype),
-        "chunk_tiles": int(ds["fingerprint"].encoding.get("chunks", (ds.sizes["tile"],))[0]),
-        "bytes_on_disk": int(store_bytes(path)),
-        "model": prov.get("model", {}),
-        "preprocessing": prov.get("preprocessing", {}),
-        "created": prov.get("created"),
-        "postprocess": prov.get("postprocess"),
-        "derived": {name: stale_reason(ds, name) or "current" for name in DERIVED_TILE_VARS if _has_derived(ds, name)},
-        "software": prov.get("software"),
-        "lonlat_bounds": _bounds(ds, valid),
-        "failed": [
-            [str(p), str(e)] for p, e, st in zip(ds["image_path"].values, ds["error"].values, status) if st == "failed"
-        ],
-    }
-
-
-def _bounds(ds, valid: np.ndarray) -> list[float] | None:
-    lon = ds["lon"].values[valid]
-    lat = ds["lat"].values[valid]
-    ok = np.isfinite(lon) & np.isfinite(lat)
-    if not ok.any():
-        return None
-    return [float(lon[ok].min()), float(lat[ok].min()), float(lon[ok].max()), float(lat[ok].max())]
 
 
 def memory_dataset(x: np.ndarray, chunk: int = 512):
@@ -688,7 +647,8 @@ def read_codes_encoder(ds) -> dict[str, np.ndarray]:
     return {name: ds[name].values.astype(np.float32) for name in CODE_VARS if name in ds}
 
 
-def _has_derived(ds, name: str) -> bool:
+def has_derived(ds, name: str) -> bool:
+    """Whether the store has derived array ``name`` or a record of it."""
     return name in ds or bool(_derived_meta(ds.attrs, name))
 
 

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pipeline import grid
-from pipeline.embed import ModelSpec, embed_chunks, embed_dense
+from pipeline.backbones import ModelSpec
+from pipeline.embed import embed_chunks, embed_dense
 
 
 def nodata_pixels(block: np.ndarray, black_level: int) -> np.ndarray:

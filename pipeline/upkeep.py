@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import store
-from pipeline.embed import sha256_file
+from pipeline.digest import sha256_file
 from pipeline.errors import StoreError
 from pipeline.lock import StoreLock
 

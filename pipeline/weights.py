@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.embed import MEAN, STD
+from pipeline.backbones import MEAN, STD
 from pipeline.errors import WeightsError
 from pipeline.resources import cache_dir
 

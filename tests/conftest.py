@@ -1,8 +1,15 @@
-"""Shared fixtures: synthetic GeoTIFF writers, the real-data folder, a fast test config."""
+"""Shared fixtures: synthetic GeoTIFF writers, the real-data folder, a fast test config, and one
+session-wide synthetic archive (``flights``) with its stores (``ingest_store``).
+
+Tests whose subject is not the CNN ingest with the probe backbone (``--model probe``: a fixed
+random two-layer CNN, ~25x cheaper than ResNet-18 on 2 cores); the CNN itself is tested against
+torchvision in test_embed, test_dense and test_ingest.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -63,15 +70,93 @@ def textured(h: int, w: int, seed: int = 0, bands: int = 3, dtype: str = "uint8"
     return out.astype(dtype)
 
 
-@pytest.fixture
+# ---- the shared archive ------------------------------------------------------------------------
+
+PX = 0.5  # metres per pixel of the synthetic flights
+X0, Y0 = 400000.0, 3300000.0  # EPSG:32617 origin of a.tif
+SHIFT_R, SHIFT_C = 100, 500  # b.tif is a.tif's ground seen again, shifted by these pixels
+FLIGHTS = ("a.tif", "b.tif", "c_far.tif", "d_geo.tif", "e_nocrs.tif", "f_copy.tif")
+
+
+def write_flights(root: Path) -> Path:
+    """Two overlapping flights over the same ground (``a``, ``b``), a far image with a black band
+    (dropped windows: ``c_far``), a geographic image in degrees (``d_geo``, EPSG:4326), an image
+    without a CRS (``e_nocrs``) and an identical copy of it (``f_copy``: equal fingerprints,
+    ties broken by uid). Every window is textured (no accidental nodata)."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = textured(900, 1300, seed=101)
+    write_tif(root / "a.tif", base[:, :768, :768], transform=(PX, 0, X0, 0, -PX, Y0))
+    b = base[:, SHIFT_R : SHIFT_R + 640, SHIFT_C : SHIFT_C + 768]
+    write_tif(root / "b.tif", b, transform=(PX, 0, X0 + SHIFT_C * PX, 0, -PX, Y0 - SHIFT_R * PX))
+    far = textured(512, 768, seed=102)
+    far[:, :, :200] = 0  # dropped windows: nodata in score maps, gaps in results
+    write_tif(root / "c_far.tif", far, transform=(PX, 0, X0 + 60000, 0, -PX, Y0))
+    geo = textured(512, 512, seed=103)
+    write_tif(root / "d_geo.tif", geo, crs="EPSG:4326", transform=(4e-6, 0, -82.05, 0, -4e-6, 29.80))
+    write_tif(root / "e_nocrs.tif", textured(512, 512, seed=104), crs=None, transform=None)
+    shutil.copy(root / "e_nocrs.tif", root / "f_copy.tif")
+    return root
+
+
+@pytest.fixture(scope="session")
+def flights(tmp_path_factory) -> Path:
+    """The shared archive (:func:`write_flights`). Read-only: a test that changes files copies it."""
+    return write_flights(tmp_path_factory.mktemp("flights"))
+
+
+@pytest.fixture(scope="session")
+def ingest_store(tmp_path_factory):
+    """``ingest_store(sources, **options) -> path``: the store of ``sources`` ingested through the
+    command line with the probe model, ``--chunk-px 384 --chunk-tiles 8`` and ``options`` (flag
+    name with ``_`` for ``-``, e.g. ``dtype="float16"``), made once per session for each set of
+    arguments. Read-only: a test that changes a store copies it (:func:`copy_store`)."""
+    from pipeline.cli import main
+
+    made: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("stores")
+
+    def make(sources, **options) -> Path:
+        opts = {"model": "probe", "chunk_px": 384, "chunk_tiles": 8, **options}
+        srcs = [str(s) for s in (sources if isinstance(sources, (list, tuple)) else [sources])]
+        key = (tuple(srcs), tuple(sorted(opts.items())))
+        if key not in made:
+            path = root / f"s{len(made)}.zarr"
+            argv = ["ingest", *srcs, "--store", str(path), "--no-progress"]
+            for name, value in opts.items():
+                argv += [f"--{name.replace('_', '-')}", str(value)] if value is not True else [f"--{name.replace('_', '-')}"]
+            assert main(argv) == 0, argv
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+def copy_store(path: Path, dest: Path) -> Path:
+    """A private, writable copy of a shared store."""
+    shutil.copytree(path, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The real imagery folder from $AERIAL_SEARCH_DATA, or a skip that says how to get it."""
+    """The real imagery folder from $AERIAL_SEARCH_DATA, or a skip that says how to get it. Every
+    test that uses it, directly or through another fixture, is marked ``realdata``: with the
+    variable set, such a skip fails the run (:func:`pytest_sessionfinish`)."""
     root = os.environ.get(DATA_ENV)
     if not root or not Path(root, "aerial").is_dir():
         pytest.skip(
             f"real imagery not available: set {DATA_ENV} to the shared data folder (holding aerial/, ucmerced/)"
         )
     return Path(root)
+
+
+@pytest.fixture(scope="session")
+def shared_weights(data_dir) -> Path:
+    """The ImageNet SqueezeNet 1.1 weights beside the shared data (``../shared/weights``)."""
+    path = data_dir.parent / "weights" / "squeezenet1_1-imagenet.pth"
+    if not path.is_file():
+        pytest.skip(f"pretrained SqueezeNet weights not found at {path}")
+    return path
 
 
 @pytest.fixture

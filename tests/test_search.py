@@ -498,7 +498,8 @@ def test_a_store_left_with_a_short_dba_array_still_opens(stores, tmp_path):
     with the array left out and reported stale."""
     import zarr
 
-    from pipeline.store import consolidate, summarize
+    from pipeline.store import consolidate
+    from pipeline.summary import summarize
 
     path = tmp_path / "old.zarr"
     shutil.copytree(stores["float32"], path)

@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline import evaluate
-    from pipeline.embed import ModelSpec, describe_weights
+    from pipeline.backbones import ModelSpec
+    from pipeline.embed import describe_weights
 
     options = [evaluate.parse_options(text, args.diffusion_alpha) for text in args.options]  # defaults included
     spec = ModelSpec.from_config(

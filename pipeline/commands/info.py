@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.store import summarize
+    from pipeline.summary import summarize
 
     summary = summarize(args.store)
     if args.json:

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.embed import sha256_file
+    from pipeline.digest import sha256_file
     from pipeline.weights import fetch
 
     path = fetch(args.arch, Path(args.dest) if args.dest else None)

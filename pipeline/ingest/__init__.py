@@ -7,6 +7,20 @@
   commits them.
 """
 
-from pipeline.ingest.driver import IngestReport, ingest
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.ingest.driver import IngestReport, ingest
 
 __all__ = ["IngestReport", "ingest"]
+
+
+def __getattr__(name: str) -> Any:
+    """``IngestReport`` and ``ingest`` load the driver (dask, the model code) on first use."""
+    if name not in __all__:
+        raise AttributeError(f"module 'pipeline.ingest' has no attribute {name!r}")
+    from pipeline.ingest import driver
+
+    return getattr(driver, name)

@@ -35,9 +35,10 @@ from typing import Any
 import numpy as np
 
 from pipeline import faults, raster, resources, store
+from pipeline.backbones import ModelSpec
 from pipeline.cluster import runtime
 from pipeline.config import Config
-from pipeline.embed import ModelSpec, Runner, describe_weights
+from pipeline.embed import Runner, describe_weights
 from pipeline.errors import RasterError, StoreError
 from pipeline.ingest import graph, plan
 from pipeline.lock import StoreLock

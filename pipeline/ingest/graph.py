@@ -32,7 +32,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from pipeline import faults, grid, raster, store, tiles
-from pipeline.embed import ModelSpec
+from pipeline.backbones import ModelSpec
 from pipeline.ingest.plan import Batch, ImagePlan
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import grid, raster, tiles
-from pipeline.embed import sha256_file
+from pipeline.digest import sha256_file
 from pipeline.errors import RasterError
 from pipeline.geo import to_lonlat
 

@@ -22,6 +22,7 @@ import dask
 import numpy as np
 
 from pipeline import codes, geo, grid, post, resources, store
+from pipeline.cluster import local_get
 from pipeline.errors import SearchError
 from pipeline.search import graph, kernels
 from pipeline.search.kernels import (
@@ -191,6 +192,8 @@ class SearchIndex:
             block_rows = min(max(chunk, -(-n // threads)), 1 << 20)
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
+        if not dba and self.transform.method == "none" and self.ds["fingerprint"].dtype == np.float16:
+            kernels.use_torch_conversion()  # every query converts the float16 blocks again: the faster way pays
         meta = self.check_codes() if self.codes else {}
         with_codes, kind = ("also" if meta else ""), meta.get("kind", "binary")
         blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows, transform=None if dba else self.transform,
@@ -201,14 +204,14 @@ class SearchIndex:
             self._blocks = client.persist(blocks)
         else:
             tag = uuid.uuid4().hex
-            loaded = dask.compute(*blocks, scheduler="threads")
+            loaded = dask.compute(*blocks, scheduler=local_get())
             self._blocks = [dask.delayed(b, name=f"index-{tag}-{i}", traverse=False) for i, b in enumerate(loaded)]
         return self
 
     def _compute(self, *collections: Any) -> tuple[Any, ...]:
         if self.runtime is not None:
             return self.runtime.compute(*collections)
-        return dask.compute(*collections, scheduler="threads")
+        return dask.compute(*collections, scheduler=local_get())
 
     def topk(self, scorer: Scorer, k: int, filters: Filters, exclude: Exclusions) -> list[np.ndarray]:
         """The engine: sorted RESULT_DTYPE arrays, the ``k`` best tiles per scorer column."""

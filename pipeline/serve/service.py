@@ -368,7 +368,7 @@ class Service:
             return to_geojson(results)
 
     def info(self) -> dict[str, Any]:
-        from pipeline.store import summarize
+        from pipeline.summary import summarize
 
         doc = summarize(self.index.path)
         doc["server"] = {

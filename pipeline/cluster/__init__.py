@@ -7,8 +7,10 @@ on it with a progress display.
 Threads: on the CPU, dask threads x torch threads must not exceed the cores, or the two thread
 pools fight and throughput halves. The runtime therefore decides both numbers together: for the
 local schedulers it passes the torch thread count to the model (``ModelSpec.torch_threads``);
-on a distributed cluster a worker plugin (:class:`TorchThreads`) sizes each worker process to
-its own cores divided by its dask threads when the worker starts.
+on a distributed cluster a worker plugin (:class:`~pipeline.cluster.plugin.TorchThreads`) sizes
+each worker process to its own cores divided by its dask threads when the worker starts.
+distributed itself is imported only when a cluster or client is made (the plugin lives in
+:mod:`pipeline.cluster.plugin`), so the threaded runtime of a quick command never loads it.
 
 Memory: every process that runs tasks keeps its freed memory for reuse
 (:func:`~pipeline.resources.keep_freed_memory`): this one when the threaded runtime starts,
@@ -32,11 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from pipeline.config import ClusterConfig
 from pipeline.errors import ClusterError
-from pipeline.resources import cpu_count, keep_freed_memory, malloc_env, set_torch_threads, torch_threads_for
+from pipeline.resources import cpu_count, keep_freed_memory, malloc_env, torch_threads_for
 
 
 @dataclass
@@ -78,8 +78,7 @@ class Runtime:
                     from dask.diagnostics import ProgressBar
 
                     stack.enter_context(ProgressBar(out=sys.stderr))
-                scheduler = "sync" if self.kind == "sync" else "threads"
-                return dask.compute(*collections, scheduler=scheduler, num_workers=self.dask_threads)
+                return dask.compute(*collections, scheduler=local_get(self.kind), num_workers=self.dask_threads)
         futures = self.client.compute(list(collections))
         if self.progress and sys.stderr.isatty():
             from distributed import progress
@@ -117,7 +116,7 @@ class Runtime:
         # same dask_threads threads instead of each bringing a pool of its own.
         tasks = ThreadPoolExecutor(self.dask_threads, thread_name_prefix="aerial-search-task")
         drivers = ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="aerial-search-item")
-        scheduler = "sync" if self.kind == "sync" else "threads"
+        scheduler = local_get(self.kind)
 
         def run(item: Any, parts: Sequence[Any]) -> None:
             index = {part.key: i for i, part in enumerate(parts)}
@@ -127,7 +126,7 @@ class Runtime:
                     events.put(Event(item, index[key], result))
 
             try:
-                extra = {"pool": tasks} if scheduler == "threads" else {}
+                extra = {"pool": tasks} if self.kind != "sync" else {}
                 results = dask.compute(*parts, scheduler=scheduler, callbacks=[(None, None, None, posttask, None)],
                                        **extra)  # fmt: skip
                 events.put(Event(item, None, list(results)))
@@ -222,9 +221,11 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
     if cfg.scheduler in ("threads", "sync"):
         keep_freed_memory()  # before the task threads exist: they then share the arena it tunes
         threads = 1 if cfg.scheduler == "sync" else (cfg.threads or cores)
-        return Runtime(
+        rt = Runtime(
             cfg.scheduler, dask_threads=threads, torch_threads=torch_threads_for(threads, cores), progress=cfg.progress
         )
+        rt._stack.enter_context(local_scheduler(threads, cfg.scheduler))
+        return rt
     from distributed import Client
 
     rt = Runtime(cfg.scheduler, progress=cfg.progress)
@@ -249,6 +250,35 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
     if cfg.progress:
         print(f"dask dashboard: {rt.client.dashboard_link}", file=sys.stderr)
     return rt
+
+
+def local_get(kind: str = "threads") -> Callable[..., Any]:
+    """dask's local scheduler function for ``kind`` (``threads``, or ``sync``: the calling
+    thread). Given to dask as a function, not a name: dask resolves a scheduler *name*, and a
+    compute that names none, by importing distributed first to look for a client (0.1-0.5 s),
+    which the quick commands (``info``, ``search --uid``) must not pay."""
+    if kind == "sync":
+        from dask.local import get_sync
+
+        return get_sync
+    from dask.threaded import get
+
+    return get
+
+
+@contextlib.contextmanager
+def local_scheduler(threads: int = 0, kind: str = "threads") -> Iterator[None]:
+    """dask computes that name no scheduler (``xarray``'s ``.values`` of a lazy store) run on
+    :func:`local_get` while inside, with ``threads`` workers (0: dask's default); rechunking
+    builds its plain task graph (what dask picks without a client, but only after importing
+    distributed to ask)."""
+    import dask
+
+    settings: dict[str, Any] = {"scheduler": local_get(kind), "array.rechunk.method": "tasks"}
+    if threads:
+        settings["num_workers"] = threads
+    with dask.config.set(settings):
+        yield
 
 
 @contextlib.contextmanager
@@ -390,7 +420,8 @@ def gpu_worker_cluster(gpus: list[str], threads: int = 2):
     return SpecCluster(workers=workers, scheduler=scheduler, name="aerial-search-gpus")
 
 
-DEFAULT_K8S_SPEC = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes" / "daskcluster.yaml"
+# Shipped in the package (deploy/kubernetes/ holds the same file for kubectl; a test keeps them equal)
+DEFAULT_K8S_SPEC = Path(__file__).resolve().with_name("daskcluster.yaml")
 
 
 def kubernetes_spec(cfg: ClusterConfig) -> dict[str, Any]:
@@ -413,22 +444,9 @@ def jobqueue_cluster(cfg: ClusterConfig):
     return cls(**cfg.jobqueue)
 
 
-class TorchThreads(WorkerPlugin):
-    """Worker plugin: size torch's thread pool to the worker's cores / its dask threads, and keep
-    freed memory for reuse (:func:`~pipeline.resources.keep_freed_memory`; for the task threads
-    not started yet, on workers that were not spawned with it).
-
-    Registered by :func:`size_workers` on every cluster this package computes on, so that the
-    model code never needs to know whether it runs in a distributed worker.
-    """
-
-    name = "aerial-search-torch-threads"
-
-    def setup(self, worker: Any) -> None:
-        keep_freed_memory()
-        set_torch_threads(torch_threads_for(worker.state.nthreads))
-
-
 def size_workers(client: Any) -> None:
-    """Register :class:`TorchThreads` on ``client``'s cluster (present and future workers)."""
+    """Register :class:`~pipeline.cluster.plugin.TorchThreads` on ``client``'s cluster (present and
+    future workers)."""
+    from pipeline.cluster.plugin import TorchThreads
+
     client.register_plugin(TorchThreads(), name=TorchThreads.name)

@@ -1,0 +1,58 @@
+"""A store's summary: counts, sizes, provenance and the state of its derived arrays, as
+``aerial-search info`` prints it and ``GET /api/info`` returns it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import store
+from pipeline.cluster import local_scheduler
+
+
+def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Counts, sizes and provenance of a store (what ``aerial-search info`` prints)."""
+    with local_scheduler():  # the reads below, without distributed's import
+        return _summarize(path, store.open_store(path))
+
+
+def _summarize(path: str | os.PathLike[str], ds) -> dict[str, Any]:
+    status = ds["status"].values.astype(object)
+    done = status == "done"
+    image = ds["image"].values
+    valid = ds["valid"].values & (image >= 0) & done[np.clip(image, 0, None)] if len(status) else ds["valid"].values
+    prov = store.provenance(ds)
+    return {
+        "store": str(path) if store.is_remote(path) else str(Path(path).resolve()),
+        "images": int(ds.sizes["img"]),
+        "images_by_status": {s: int((status == s).sum()) for s in sorted(set(status))},
+        "tiles": int(valid.sum()),
+        "slots": int(ds.sizes["tile"]),
+        "dropped": int((~ds["valid"].values & (image >= 0)).sum()),
+        "feature_dim": int(ds.sizes["feature"]),
+        "fingerprint_dtype": str(ds["fingerprint"].dtype),
+        "chunk_tiles": int(ds["fingerprint"].encoding.get("chunks", (ds.sizes["tile"],))[0]),
+        "bytes_on_disk": int(store.store_bytes(path)),
+        "model": prov.get("model", {}),
+        "preprocessing": prov.get("preprocessing", {}),
+        "created": prov.get("created"),
+        "postprocess": prov.get("postprocess"),
+        "derived": {name: store.stale_reason(ds, name) or "current" for name in store.DERIVED_TILE_VARS if store.has_derived(ds, name)},
+        "software": prov.get("software"),
+        "lonlat_bounds": _bounds(ds, valid),
+        "failed": [
+            [str(p), str(e)] for p, e, st in zip(ds["image_path"].values, ds["error"].values, status) if st == "failed"
+        ],
+    }
+
+
+def _bounds(ds, valid: np.ndarray) -> list[float] | None:
+    lon = ds["lon"].values[valid]
+    lat = ds["lat"].values[valid]
+    ok = np.isfinite(lon) & np.isfinite(lat)
+    if not ok.any():
+        return None
+    return [float(lon[ok].min()), float(lat[ok].min()), float(lon[ok].max()), float(lat[ok].max())]
