@@ -30,17 +30,14 @@ def main() -> None:
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    from pipeline.serve.app import create_app, find_assets, missing_assets_hint
+    from pipeline.serve.app import create_app
     from pipeline.serve.service import Service
 
-    assets = find_assets()
-    if assets is None:
-        raise SystemExit(missing_assets_hint())
     service = Service.open(args.store)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(create_app(service, assets=assets), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     while not server.started:
         time.sleep(0.05)

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from pipeline import grid, open_store  # noqa: E402
 from pipeline.cli import main  # noqa: E402
-from pipeline.serve.app import create_app, find_assets  # noqa: E402
+from pipeline.serve.app import create_app  # noqa: E402
 from pipeline.serve.service import Batcher, Service  # noqa: E402
 
 PX = 0.5
@@ -52,7 +52,7 @@ def service(store):
 
 @pytest.fixture(scope="module")
 def client(service):
-    return TestClient(create_app(service, assets=find_assets()))
+    return TestClient(create_app(service))
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_info_and_images(client, store):
     import rasterio
     from rasterio.warp import transform_bounds
 
-    from pipeline.store import summarize
+    from pipeline.summary import summarize
 
     info = ok(client.get("/api/info"))
     expect = summarize(store)
@@ -431,25 +431,19 @@ def test_no_cors_unless_asked(service):
     assert "access-control-allow-origin" not in allowed.get("/api/info", headers=origin).headers
 
 
-def test_openapi_and_local_docs(client):
+def test_openapi_and_the_page_from_the_package(client):
     spec = ok(client.get("/openapi.json"))
     for path in ("/api/search", "/api/search/image", "/api/tiles/{uid}.png", "/api/images", "/api/export.geojson",
                  "/api/info", "/tiles/{z}/{x}/{y}.png"):  # fmt: skip
         assert path in spec["paths"], path
     params = {p["name"] for p in spec["paths"]["/api/search"]["get"]["parameters"]}
     assert {"uid", "lonlat", "k", "bbox", "images", "include_overlapping", "diverse", "max_distance"} <= params
-    if find_assets() is None:
-        pytest.fail("node_modules/leaflet missing: run `npm ci` (the README's test command does)")
-    docs = client.get("/docs")
-    assert docs.status_code == 200
-    srcs = re.findall(r'(?:src|href)="([^"]+)"', docs.text) + re.findall(r"url: *'([^']+)'", docs.text)
-    assert srcs and all(s.startswith("/") for s in srcs), srcs  # nothing from a CDN
-    assert client.get("/vendor/swagger-ui/swagger-ui-bundle.js").status_code == 200
-
-
-def test_page_without_assets_says_how_to_install_them(service):
-    resp = TestClient(create_app(service, assets=None)).get("/")
-    assert resp.status_code == 503 and "npm ci" in resp.text
+    assert client.get("/docs").status_code == 404  # no Swagger UI: /openapi.json is the description
+    page = client.get("/")
+    srcs = [s for s in re.findall(r'(?:src|href)="([^"]+)"', page.text) if s != "#"]
+    assert page.status_code == 200 and srcs and all(s.startswith("/static/") for s in srcs), srcs  # nothing from a CDN
+    for src in srcs:
+        assert client.get(src).status_code == 200, src
 
 
 # ---- searches one at a time, single queries batched -------------------------------------------
@@ -533,8 +527,6 @@ def start_serve(args, env=None, timeout=120):
 def test_serve_command_with_token_and_upload_limit(store, tiles, tmp_path):
     import httpx
 
-    empty = tmp_path / "no_modules"
-    empty.mkdir()
     proc, url, lines = start_serve(
         [
             "--store",
@@ -545,8 +537,6 @@ def test_serve_command_with_token_and_upload_limit(store, tiles, tmp_path):
             "tok",
             "--max-upload-mb",
             "0.1",
-            "--assets",
-            str(empty),
             "--cors-origin",
             "http://gis.example",
             "--scheduler",
@@ -559,7 +549,7 @@ def test_serve_command_with_token_and_upload_limit(store, tiles, tmp_path):
         ]
     )  # fmt: skip  (the index held in a LocalCluster's memory)
     try:
-        assert any("npm ci" in line and "warning" in line for line in lines), lines
+        assert not any("warning" in line for line in lines), lines
         assert httpx.get(url + "/api/info").status_code == 401
         auth = {"Authorization": "Bearer tok"}
         assert httpx.get(url + "/api/info", headers=auth).json()["server"]["max_upload_bytes"] == int(0.1 * (1 << 20))

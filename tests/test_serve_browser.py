@@ -1,8 +1,9 @@
 """The map page in a real browser: headless Chromium (Debian's, driven by Playwright) on a store
 ingested from the real imagery in $AERIAL_SEARCH_DATA/aerial with a pretrained network.
 
-A missing browser or missing page assets fail this test, never skip it: `.ci/run` installs
-chromium with apt and the README's test command runs `npm ci`.
+A missing browser fails this test, never skips it (`.ci/run` installs chromium with apt); the
+real imagery comes through the ``data_dir`` fixture, so with $AERIAL_SEARCH_DATA set a skip
+fails the run like any real-data test's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 pytest.importorskip("fastapi", reason="serve needs fastapi: pip install -e .")
 
 from pipeline.cli import main  # noqa: E402
-from pipeline.serve.app import create_app, find_assets, missing_assets_hint  # noqa: E402
+from pipeline.serve.app import create_app  # noqa: E402
 from pipeline.serve.service import Service  # noqa: E402
 
 # real images with a CRS on three continents, and one without a CRS (searched from the gallery
@@ -38,19 +39,11 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def real_store(tmp_path_factory):
-    import os
-
-    root = os.environ.get("AERIAL_SEARCH_DATA")
-    if not root or not Path(root, "aerial").is_dir():
-        pytest.skip("real imagery not available: set AERIAL_SEARCH_DATA to the shared data folder")
-    weights = Path(root).parent / "weights" / "squeezenet1_1-imagenet.pth"
-    if not weights.is_file():
-        pytest.skip(f"pretrained SqueezeNet weights not found at {weights}")
+def real_store(tmp_path_factory, data_dir, shared_weights):
     path = tmp_path_factory.mktemp("page") / "aerial.zarr"
-    sources = [str(Path(root, "aerial", n)) for n in IMAGES]
-    assert main(["ingest", *sources, "--store", str(path), "--model", "squeezenet1_1", "--weights", str(weights),
-                 "--no-progress"]) == 0  # fmt: skip
+    sources = [str(data_dir / "aerial" / n) for n in IMAGES]
+    assert main(["ingest", *sources, "--store", str(path), "--model", "squeezenet1_1", "--weights",
+                 str(shared_weights), "--no-progress"]) == 0  # fmt: skip
     return path
 
 
@@ -58,14 +51,11 @@ def real_store(tmp_path_factory):
 def server(real_store):
     import uvicorn
 
-    assets = find_assets()
-    if assets is None:
-        pytest.fail(missing_assets_hint())
     service = Service.open(str(real_store))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    srv = uvicorn.Server(uvicorn.Config(create_app(service, assets=assets), log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not srv.started:

@@ -30,7 +30,6 @@ def add_parser(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest query image upload (default 20 MB)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages of this origin to call the API (repeatable; default: none)")  # fmt: skip
-    p.add_argument("--assets", help="a node_modules folder holding leaflet (default: the checkout's, from `npm ci`)")
     add_common(p)
     add_cluster(p)
 
@@ -72,7 +71,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     import uvicorn
 
     from pipeline.cluster import runtime
-    from pipeline.serve.app import create_app, find_assets, missing_assets_hint
+    from pipeline.serve.app import create_app
     from pipeline.serve.service import Service
 
     with runtime(cfg.cluster) as rt:
@@ -82,10 +81,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         tiles = int(service.tiles_per_image.sum())
         print(f"index of {tiles:,} tiles in {len(service.rings)} images loaded in {time.perf_counter() - start:.1f} s",
               flush=True)  # fmt: skip
-        assets = find_assets(args.assets)
-        if assets is None:
-            print(f"aerial-search serve: warning: {missing_assets_hint()}", flush=True)
-        app = create_app(service, token, assets, args.cors_origin)
+        app = create_app(service, token, args.cors_origin)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"serving http://{shown}:{port}/" + (f"  (open http://{shown}:{port}/?token=TOKEN once)" if token else "")

@@ -15,8 +15,9 @@ Routes (all JSON unless said; every error is a 4xx/5xx with ``{"error": "<one li
 - ``GET /api/tiles/{uid}.png`` (``size``), ``GET /api/images`` (footprints),
   ``GET /api/images/{id}/preview.png``, ``GET /api/images/{id}/uid?x=&y=``, ``GET /api/info``.
 - ``GET /tiles/{z}/{x}/{y}.png``: the archive as an XYZ basemap.
-- ``GET /``: the map page; ``/static/*`` its code; ``/vendor/*`` Leaflet (and Swagger UI for
-  ``/docs``) from ``node_modules``; ``/openapi.json``.
+- ``GET /``: the map page; ``/static/*`` its code and Leaflet (``static/vendor/leaflet``, shipped
+  in the package: nothing is fetched from a CDN or needs npm at run time); ``/openapi.json``, the
+  API's description (no ``/docs`` page: Swagger UI would be 10 MB more in the package).
 
 Security: with a token, every route needs ``Authorization: Bearer TOKEN`` or the cookie that
 ``/?token=TOKEN`` sets once (HttpOnly, SameSite=Strict). No CORS headers unless origins are
@@ -134,10 +135,8 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def create_app(service: Service, token: str | None = None, assets: Path | None = None,
-               cors_origins: list[str] | None = None) -> FastAPI:  # fmt: skip
-    """The app. ``assets``: a ``node_modules`` folder holding ``leaflet`` (and optionally
-    ``swagger-ui-dist``); without it the API works and the page says how to install them."""
+def create_app(service: Service, token: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
+    """The app: the API, the page and its static files (package data)."""
     app = FastAPI(
         title="aerial-search",
         summary="Visual search over aerial imagery: the store's HTTP API",
@@ -310,29 +309,9 @@ def create_app(service: Service, token: str | None = None, assets: Path | None =
 
     @app.get("/", include_in_schema=False)
     def page() -> Response:
-        if assets is None:
-            return HTMLResponse(f"<h1>aerial-search</h1><p>{missing_assets_hint()}</p><p>The API works: "
-                                "<a href='/openapi.json'>/openapi.json</a>.</p>", status_code=503)  # fmt: skip
         return HTMLResponse((STATIC / "index.html").read_text(), headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    if assets is not None:
-        app.mount("/vendor/leaflet", StaticFiles(directory=assets / "leaflet" / "dist"), name="leaflet")
-        swagger = assets / "swagger-ui-dist"
-        if (swagger / "swagger-ui-bundle.js").is_file():
-            from fastapi.openapi.docs import get_swagger_ui_html
-
-            app.mount("/vendor/swagger-ui", StaticFiles(directory=swagger), name="swagger-ui")
-
-            @app.get("/docs", include_in_schema=False)
-            def docs() -> HTMLResponse:
-                return get_swagger_ui_html(
-                    openapi_url="/openapi.json", title="aerial-search API",
-                    swagger_js_url="/vendor/swagger-ui/swagger-ui-bundle.js",
-                    swagger_css_url="/vendor/swagger-ui/swagger-ui.css",
-                    swagger_favicon_url="/vendor/swagger-ui/favicon-32x32.png",
-                )  # fmt: skip
-
     return app
 
 
@@ -359,31 +338,6 @@ async def _upload(request: Request, limit: int) -> tuple[bytes, str]:
         data = await part.read()
         return data, part.filename or "upload"
     return await request.body(), request.headers.get("x-filename", "upload")
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def find_assets(explicit: str | None = None) -> Path | None:
-    """The ``node_modules`` folder holding Leaflet: ``explicit``, ``$AERIAL_SEARCH_ASSETS``, the
-    checkout's (``npm ci`` beside ``package.json``) or the working directory's."""
-    import os
-
-    def has_leaflet(d: Path) -> bool:
-        return (d / "leaflet" / "dist" / "leaflet.js").is_file()
-
-    if explicit:  # asked for: that folder or none
-        return Path(explicit).resolve() if has_leaflet(Path(explicit)) else None
-    for cand in (os.environ.get("AERIAL_SEARCH_ASSETS"), repo_root() / "node_modules", Path.cwd() / "node_modules"):
-        if cand and has_leaflet(Path(cand)):
-            return Path(cand).resolve()
-    return None
-
-
-def missing_assets_hint() -> str:
-    return (f"the map page needs Leaflet from npm: run `npm ci` in {repo_root()} (package.json pins it), "
-            "or pass --assets DIR of a node_modules holding leaflet; the API works without it")  # fmt: skip
 
 
 def _version() -> str:
