@@ -123,7 +123,7 @@ def faiss_pq(path: str, threads: int, queries: int = 100, k: int = 10, r: int = 
     exact = SearchIndex.open(path).persist()
     ds = exact.ds
     valid = ds["valid"].values
-    x = np.ascontiguousarray(exact.transform.apply(ds["fingerprint"].values[valid]), dtype=np.float32)
+    x = np.ascontiguousarray(exact.postprocess.apply(ds["fingerprint"].values[valid]), dtype=np.float32)
     uids = ds["uid"].values[valid]
     index = faiss.IndexPQ(x.shape[1], 64, 8)
     rng = np.random.default_rng(0)
@@ -132,7 +132,7 @@ def faiss_pq(path: str, threads: int, queries: int = 100, k: int = 10, r: int = 
     picks = np.random.default_rng(0).choice(uids, min(queries, len(uids)), replace=False)
     q, labels = exact.queries_from_uids([int(u) for u in picks])
     want = exact.search(q, k, labels=labels)
-    qx = np.ascontiguousarray(exact.transform.apply(q.fingerprints), dtype=np.float32)
+    qx = np.ascontiguousarray(exact.postprocess.apply(q.fingerprints), dtype=np.float32)
     _, got = index.search(qx, k + 50)
     from pipeline.grid import unpack_uid
 

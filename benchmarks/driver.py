@@ -232,9 +232,9 @@ def driver_time_per_image(paths: list[str]) -> dict:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        headers = driver._read_headers(paths, cfg, Runtime("threads"), remote=False)
+        headers = driver._check_sources(paths, cfg, Runtime("threads"), remote=False)
     t1 = time.perf_counter()
-    found = plan.classify(headers, store.empty_table(), strict=False)
+    found = plan.sort_sources(headers, store.empty_table(), strict=False)
     plans, batches, _ = plan.allocate(
         found.new, 0, 0, cfg.store.chunk_tiles, cfg.read.chunk_px, 8 * cfg.store.chunk_tiles
     )
@@ -269,7 +269,7 @@ def planning_with_latency(paths: list[str], latency: float = 0.05) -> dict:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            headers = driver._read_headers(paths[:1000], cfg, Runtime("threads"), remote=False)
+            headers = driver._check_sources(paths[:1000], cfg, Runtime("threads"), remote=False)
         seconds = time.perf_counter() - t0
     finally:
         del os.environ[plan.HEADER_LATENCY]

@@ -103,7 +103,7 @@ def fit(index: Any, es: ExampleSet, background: int = 200, seed: int = 0) -> Cla
 
     if not len(es.positives):
         raise SearchError("classify needs at least one positive example (label 'positive')")
-    t = index.transform
+    t = index.postprocess
     rows = background_rows(index, es, background, seed)
     bg = t.apply(index.fingerprints_at(rows)) if len(rows) else np.zeros((0, index.ds.sizes["feature"]), np.float32)
     neg = t.apply(es.negatives.fingerprints) if len(es.negatives) else bg[:0]

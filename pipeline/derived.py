@@ -1,6 +1,6 @@
 """Driver code that builds a store's derived data (``aerial-search postprocess``): the fitted
-post-processing transform, and database-side augmentation (DBA) as the ``fingerprint_dba``
-array. The transforms themselves are kernels in :mod:`pipeline.post`; the arrays and attributes
+post-processing, and database-side augmentation (DBA) as the ``fingerprint_dba``
+array. The methods themselves are kernels in :mod:`pipeline.post`; the arrays and attributes
 are written by :mod:`pipeline.store`. Everything here is rebuilt from the raw fingerprints.
 """
 
@@ -15,7 +15,7 @@ from pipeline.errors import SearchError
 from pipeline.search import Filters, L2Scorer, Queries, SearchIndex
 
 
-def fit_store(path: str, method: str, dims: int = 128, sample: int = 200_000, seed: int = 0) -> post.Transform:
+def fit_store(path: str, method: str, dims: int = 128, sample: int = 200_000, seed: int = 0) -> post.PostProcess:
     """Fit ``method`` on (a sample of) a store's valid raw fingerprints and save it there."""
     ds = store.open_store(path)
     valid = np.flatnonzero(ds["valid"].values)
@@ -23,7 +23,7 @@ def fit_store(path: str, method: str, dims: int = 128, sample: int = 200_000, se
         valid = np.sort(np.random.default_rng(seed).choice(valid, sample, replace=False))
     x = ds["fingerprint"].data[valid].compute() if method == "pca" else np.zeros((0, ds.sizes["feature"]), np.float32)
     t = post.fit(method, x, dims)
-    store.save_transform(path, t, len(valid))
+    store.save_postprocess(path, t, len(valid))
     return t
 
 
@@ -32,7 +32,7 @@ def augment_store(path: str, depth: int, alpha: float = 1.0, batch: int = 256, r
     tile's post-processed fingerprint alpha-QE-expanded with its ``depth`` nearest tiles
     (overlapping tiles excluded, as in search), through the search engine in batches of
     ``batch`` queries. Returns the number of tiles augmented. Search uses the array in place of
-    the transformed raw fingerprints while it is current; adding images marks it stale."""
+    the post-processed raw fingerprints while it is current; adding images marks it stale."""
     index = SearchIndex.open(path, runtime)
     index.use_dba = False  # neighbours come from the post-processed raw fingerprints, never an old DBA
     ds = index.ds
@@ -40,7 +40,7 @@ def augment_store(path: str, depth: int, alpha: float = 1.0, batch: int = 256, r
     uids = ds["uid"].values
     if runtime is None:
         index.persist()
-    x = index.transform.apply(ds["fingerprint"].values)
+    x = index.postprocess.apply(ds["fingerprint"].values)
     out = np.zeros_like(x)
     slot_of = {int(uids[i]): int(i) for i in valid}  # padding slots repeat uid 0: never map them
     for s in range(0, len(valid), batch):
@@ -76,7 +76,7 @@ def encode_store(
 
     def space(sel) -> np.ndarray:
         x = np.asarray(ds[source].data[sel].compute(), dtype=np.float32)
-        return x if source == "fingerprint_dba" else index.transform.apply(x)
+        return x if source == "fingerprint_dba" else index.postprocess.apply(x)
 
     valid = np.flatnonzero(ds["valid"].values)
     fit_rows = valid
@@ -129,7 +129,7 @@ def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None) -> dict:
     valid = np.flatnonzero(ds["valid"].values)
     if runtime is None:
         index.persist()
-    x = index.transform.apply(np.asarray(ds["fingerprint"].values, dtype=np.float32))
+    x = index.postprocess.apply(np.asarray(ds["fingerprint"].values, dtype=np.float32))
     norms = np.linalg.norm(x, axis=1)
     z = int(ds["fingerprint"].data.chunksize[0]) or n
     out_uid = np.zeros((n, k), np.uint64)

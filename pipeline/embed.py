@@ -45,7 +45,7 @@ from pipeline.grid import STRIDE, TILE
 
 __all__ = [
     "BACKBONES", "MEAN", "MODES", "PROBE", "STANDIN", "STANDIN_ID", "STD", "Backbone", "ModelSpec", "Runner", "WeightsError",
-    "describe_weights", "embed_batch", "embed_chunks", "embed_dense", "fit_to_window", "get_model", "sha256_file",
+    "describe_weights", "embed_batch", "embed_chunks", "embed_dense", "fit_to_window", "get_model",
 ]  # fmt: skip
 
 

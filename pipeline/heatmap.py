@@ -34,7 +34,7 @@ def image_scores(index: Any, scorer: Scorer, image_id: int) -> np.ndarray:
     fp_var = "fingerprint_dba" if index.uses_dba else "fingerprint"
     arrays = [ds[fp_var][sl].values, ds["valid"][sl].values, ds["uid"][sl].values, ds["lon"][sl].values,
               ds["lat"][sl].values]  # fmt: skip
-    block = make_block(*arrays, with_norms=False, transform=None if index.uses_dba else index.transform)
+    block = make_block(*arrays, with_norms=False, postprocess=None if index.uses_dba else index.postprocess)
     valid = np.flatnonzero(block["valid"])
     values = scorer.report(scorer.exact(block, valid, 0)) if len(valid) else np.zeros(0)
     _, rows, cols = grid.unpack_uid(block["uid"][valid])

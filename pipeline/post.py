@@ -1,7 +1,7 @@
-"""Fingerprint post-processing kernels: transforms fitted once and applied to stored and query
+"""Fingerprint post-processing kernels: methods fitted once and applied to stored and query
 fingerprints at search time (the store keeps raw fingerprints), and query expansion. Pure NumPy:
 fitting a store and building its DBA array is driver code (:mod:`pipeline.derived`); saving and
-loading a transform is the store's (:func:`pipeline.store.save_transform`).
+loading one is the store's (:func:`pipeline.store.save_postprocess`).
 
 - ``none``: raw pooled features, as in the paper.
 - ``l2``: each fingerprint divided by its Euclidean norm.
@@ -34,8 +34,8 @@ def l2n(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Transform:
-    """A fitted post-processing transform: ``apply`` maps raw ``(n, d)`` to ``(n, d_out)``."""
+class PostProcess:
+    """A fitted post-processing: ``apply`` maps raw ``(n, d)`` to ``(n, d_out)``."""
 
     method: str = "none"
     mean: np.ndarray | None = field(default=None, repr=False)  # pca: (d,)
@@ -58,12 +58,12 @@ class Transform:
         return None if self.projection is None else int(self.projection.shape[1])
 
 
-def fit(method: str, x: np.ndarray, dims: int = 128, eps: float = 1e-6) -> Transform:
+def fit(method: str, x: np.ndarray, dims: int = 128, eps: float = 1e-6) -> PostProcess:
     """Fit ``method`` on raw fingerprints ``x`` (n, d)."""
     if method not in METHODS:
         raise PostprocessError(f"unknown post-processing {method!r}; choose one of {METHODS}")
     if method != "pca":
-        return Transform(method)
+        return PostProcess(method)
     x = np.asarray(x, dtype=np.float64)
     if not 1 <= dims <= min(x.shape):
         raise PostprocessError(
@@ -75,7 +75,7 @@ def fit(method: str, x: np.ndarray, dims: int = 128, eps: float = 1e-6) -> Trans
     eigval, eigvec = np.linalg.eigh(cov)
     order = np.argsort(eigval)[::-1][:dims]
     projection = eigvec[:, order] / np.sqrt(eigval[order] + eps)
-    return Transform("pca", mean.astype(np.float32), projection.astype(np.float32))
+    return PostProcess("pca", mean.astype(np.float32), projection.astype(np.float32))
 
 
 def expand_queries(q: np.ndarray, neighbours: np.ndarray, alpha: float) -> np.ndarray:

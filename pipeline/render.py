@@ -56,9 +56,12 @@ def result_sheet(result, query_tile: np.ndarray, prov: dict[str, Any], out_path:
     bands, scale = pre.get("bands", (1, 2, 3)), pre.get("scale")
     tiles = [query_tile]
     labels = [f"query  {result.query.get('label', '')}"[:40]]
+    # d: distance, s: score, p: a classifier's probability (a sheet of example-set results had no
+    # 'distance' to show and failed)
+    short = "p" if result.higher_is_better else {"distance": "d"}.get(result.value_name, "s")
     for r in result.records():
         tiles.append(read_tile(r["image_path"], r["row"], r["col"], bands, scale))
-        labels.append(f"#{r['rank']}  d={r['distance']:.3f}")
+        labels.append(f"#{r['rank']}  {short}={r[result.value_name]:.3f}")
     sheet(tiles, labels, columns).save(out_path)
     return out_path
 

@@ -537,20 +537,20 @@ def set_attrs(path: Path | str, **attrs: Any) -> None:
 # Post-processing and derived arrays
 
 
-def read_transform(ds) -> post.Transform:
+def read_postprocess(ds) -> post.PostProcess:
     """The post-processing fitted into a store (``none`` if there is none)."""
     meta = ds.attrs.get("postprocess")
     if not meta:
-        return post.Transform()
+        return post.PostProcess()
     if meta["method"] != "pca":
-        return post.Transform(meta["method"])
+        return post.PostProcess(meta["method"])
     mean = ds["post_mean"].values.astype(np.float32)
-    return post.Transform("pca", mean, ds["post_projection"].values.astype(np.float32))
+    return post.PostProcess("pca", mean, ds["post_projection"].values.astype(np.float32))
 
 
-def save_transform(path: str | Path, t: post.Transform, fitted_on: int) -> None:
-    """Write a fitted transform into a store (arrays + attributes); the raw fingerprints stay.
-    Derived arrays are dropped: they were made under the old transform."""
+def save_postprocess(path: str | Path, t: post.PostProcess, fitted_on: int) -> None:
+    """Write a fitted post-processing into a store (arrays + attributes); the raw fingerprints
+    stay. Derived arrays are dropped: they were made under the old post-processing."""
     g = _group(path, "r+")
     for name in ("post_mean", "post_projection", *DERIVED_TILE_VARS, *CODE_VARS):
         if name in g:

@@ -93,13 +93,13 @@ def test_reranked_distances_are_exact_and_recall_is_one_when_r_covers_the_store(
     for r in (None, 12):  # the default R, and one smaller than the store: distances stay exact
         index.rerank = r
         for q, res in zip(qs, index.search(queries, 8, labels=labels)):
-            np.testing.assert_allclose(res.distance, _exact_distances(s, q, res.uid), rtol=1e-6)
-            assert list(res.distance) == sorted(res.distance)
+            np.testing.assert_allclose(res.value, _exact_distances(s, q, res.uid), rtol=1e-6)
+            assert list(res.value) == sorted(res.value)
             assert res.query["scan"]["candidates_per_query"] == (r or 100)
     index.rerank = len(s["uid"])  # R covers the store: the exact answer, tie for tie
     for w, got in zip(want, index.search(queries, 8, labels=labels)):
         np.testing.assert_array_equal(got.uid, w.uid)
-        np.testing.assert_allclose(got.distance, w.distance, rtol=1e-9)
+        np.testing.assert_allclose(got.value, w.value, rtol=1e-9)
     scan = got.query["scan"]
     assert scan["codes_bytes"] == len(s["uid"]) * 16 and scan["float32_bytes"] == s["fingerprint"].nbytes
     assert scan["rerank_from"] == ("memory" if persist else f"{-(-len(s['uid']) // 8)} store chunk(s)")
@@ -178,7 +178,7 @@ def test_a_persisted_index_on_a_cluster_answers_like_the_local_one_with_and_with
                 assert held and all(held.values())  # every block lives in a worker's memory
                 for w, got in zip(want, index.search(queries, 6, labels=labels)):
                     np.testing.assert_array_equal(got.uid, w.uid)
-                    np.testing.assert_allclose(got.distance, w.distance, rtol=1e-9)
+                    np.testing.assert_allclose(got.value, w.value, rtol=1e-9)
 
 
 def test_codes_asked_for_after_persist_read_the_codes_from_the_store(coded):

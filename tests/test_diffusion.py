@@ -90,7 +90,7 @@ def test_diffusion_with_seeds_covering_the_store_equals_the_closed_form(chips):
         nodes, f = _closed_form(x, q_row, g, k, alpha)
         order = np.lexsort((uid[nodes], -f))[:8]
         np.testing.assert_array_equal(res.uid, uid[nodes[order]])
-        np.testing.assert_allclose(res.distance, f[order], rtol=1e-6, atol=1e-12)  # the scores
+        np.testing.assert_allclose(res.value, f[order], rtol=1e-6, atol=1e-12)  # the scores
         np.testing.assert_allclose(res.extra["distance"], np.linalg.norm(x[nodes[order]] - x[q_row], axis=1), rtol=1e-5)
 
 

@@ -55,7 +55,7 @@ class CountingReader(raster.RasterReader):
 def test_units_read_chunk_plus_halo_and_group_small_images(mixed):
     paths = raster.expand_sources([mixed])
     cfg = _cfg()
-    infos = [h.info for h in plan.read_headers(paths, **plan.config_kwargs(cfg), threads=4)]
+    infos = [h.info for h in plan.check_sources(paths, **plan.config_kwargs(cfg), threads=4)]
     plans, batches, _ = plan.allocate(infos, 0, 0, 8, 384, 10_000)
     [batch] = batches
     [run] = batch.runs  # the tiny image has no slots; the others are contiguous
@@ -173,7 +173,7 @@ def test_header_reads_overlap_when_storage_is_slow(tmp_path, monkeypatch):
     for k in range(79):
         os.link(paths[0], tmp_path / f"link{k:02d}.tif")
         paths.append(str(tmp_path / f"link{k:02d}.tif"))
-    real, lock, now, peak = plan.read_header, threading.Lock(), [0], [0]
+    real, lock, now, peak = plan.check_source, threading.Lock(), [0], [0]
 
     def counting(*args):
         with lock:
@@ -185,10 +185,10 @@ def test_header_reads_overlap_when_storage_is_slow(tmp_path, monkeypatch):
             with lock:
                 now[0] -= 1
 
-    monkeypatch.setattr(plan, "read_header", counting)
+    monkeypatch.setattr(plan, "check_source", counting)
     monkeypatch.setenv(plan.HEADER_LATENCY, "0.05")
     cfg = Config()
-    headers = driver._read_headers(paths, cfg, Runtime("threads"), remote=False)
+    headers = driver._check_sources(paths, cfg, Runtime("threads"), remote=False)
     assert [h.path for h in headers] == paths and all(h.info is not None for h in headers)
     assert peak[0] == cfg.read.header_threads == 32
 
@@ -214,7 +214,7 @@ def init(self, *a, **k):
     started.append(1)
     real(self, *a, **k)
 process.ProcessPoolExecutor.__init__ = init
-headers = driver._read_headers({paths!r}, Config(), Runtime("threads"), remote=False)
+headers = driver._check_sources({paths!r}, Config(), Runtime("threads"), remote=False)
 print(json.dumps({{"paths": [h.path for h in headers], "ok": all(h.info is not None for h in headers), "pools": len(started)}}))
 """
     res = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300,
@@ -240,12 +240,12 @@ from pipeline import Config
 from pipeline.cluster import Runtime
 from pipeline.ingest import driver, plan
 threads = []
-real = plan.read_headers
+real = plan.check_sources
 def spy(paths, **kw):
     threads.append(kw["threads"])
     return real(paths, **kw)
-plan.read_headers = spy
-headers = driver._read_headers({paths!r}, Config(), Runtime("threads"), remote=False)
+plan.check_sources = spy
+headers = driver._check_sources({paths!r}, Config(), Runtime("threads"), remote=False)
 print(json.dumps({{"n": len(headers), "threads": threads}}))
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -333,7 +333,7 @@ def test_headers_are_read_on_the_workers_for_long_lists(mixed, tmp_path, monkeyp
         with Client(cluster) as client:
             with get_task_stream(client) as ts:
                 report = ingest([mixed], tmp_path / "w.zarr", _cfg(), client=client)
-    header_tasks = [t for t in ts.data if _key_name(t["key"]).startswith("read_headers")]
+    header_tasks = [t for t in ts.data if _key_name(t["key"]).startswith("check_sources")]
     assert len(header_tasks) == -(-9 // 3)  # 9 sources in tasks of 3
     assert report.processed == 8
     _same_store(tmp_path / "w.zarr", ingest([mixed], tmp_path / "t.zarr", _cfg()).store)

@@ -8,6 +8,7 @@ import torch
 import torchvision
 
 from pipeline import embed
+from pipeline.digest import sha256_file
 from pipeline.embed import ModelSpec, WeightsError
 
 
@@ -126,7 +127,7 @@ def test_local_copy_of_torchvision_imagenet_file_is_recognised(tmp_path, monkeyp
 
     path = tmp_path / "w.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    sha = embed.sha256_file(str(path))
+    sha = sha256_file(str(path))
     real_url = embed._imagenet_weights("resnet18").url
     assert real_url.endswith("resnet18-f37072fd.pth")
     assert not embed.describe_weights("resnet18", str(path))["weights_id"].startswith("torchvision:")

@@ -94,7 +94,7 @@ def test_example_set_top_k_and_threshold_equal_a_brute_force(store, method):
     [res] = index.search_examples([es], k=15)
     want = ranked(s, score, allowed, 15)
     np.testing.assert_array_equal(res.uid, s["uid"][want])
-    np.testing.assert_allclose(res.distance, score[want], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(res.value, score[want], rtol=1e-5, atol=1e-4)
     assert res.value_name == "score" and res.to_json()["results"][0]["score"] == pytest.approx(score[want[0]], abs=1e-4)
     # threshold mode: every tile scoring at most a value between the 30th and 31st best (not on a
     # score: floating point decides ties there); --limit cuts and says how many passed
@@ -134,7 +134,7 @@ def test_scorers_after_post_processing_and_a_linear_scorer(store, tmp_path):
     logit = xn.astype(np.float64) @ coef[0].astype(np.float64) + 0.25
     [top] = index.run(LinearScorer(coef, np.array([0.25])), Exclusions.none(), k=9)
     np.testing.assert_array_equal(top.uid, s["uid"][ranked(s, -logit, np.ones(len(logit), bool), 9)])
-    np.testing.assert_allclose(top.distance, 1 / (1 + np.exp(-logit[ranked(s, -logit, np.ones(len(logit), bool), 9)])))
+    np.testing.assert_allclose(top.value, 1 / (1 + np.exp(-logit[ranked(s, -logit, np.ones(len(logit), bool), 9)])))
     assert top.higher_is_better
 
 
@@ -145,13 +145,25 @@ def test_search_cli_with_examples_file_and_errors(store, tmp_path, capsys):
     csv = tmp_path / "ex.csv"
     csv.write_text("lon,lat,label\n" + "".join(f"{s['lon'][t]},{s['lat'][t]},positive\n" for t in pos)
                    + f"{s['lon'][neg[0]]},{s['lat'][neg[0]]},negative\n")  # fmt: skip
-    out = tmp_path / "r.json"
-    assert main(["search", "--store", str(store), "--examples", str(csv), "-k", "6", "--json", str(out)]) == 0
+    out, sheet = tmp_path / "r.json", tmp_path / "r.png"
+    assert main(["search", "--store", str(store), "--examples", str(csv), "-k", "6", "--json", str(out),
+                 "--sheet", str(sheet)]) == 0  # fmt: skip
     doc = json.loads(out.read_text())
     allowed = ~np.any([overlapping(s, t) for t in np.r_[pos, neg]], axis=0)
     want = ranked(s, oracle_scores(s, pos, neg, "centroid"), allowed, 6)
     assert [r["uid"] for r in doc["results"]] == [str(int(u)) for u in s["uid"][want]]
     assert doc["query"]["type"] == "examples" and "score" in doc["results"][0] and "distance" not in doc["results"][0]
+    # the sheet of an example set's results (it failed on the missing 'distance' of score results)
+    from PIL import Image
+
+    from pipeline.render import GAP, LABEL_H, read_tile
+
+    img = np.asarray(Image.open(sheet).convert("RGB"))
+    assert img.shape[1] == GAP + 6 * (256 + GAP)  # the first positive and 6 results, 6 to a row
+    first = doc["results"][0]
+    y, x = GAP + LABEL_H, GAP + (256 + GAP)
+    np.testing.assert_array_equal(img[y : y + 256, x : x + 256].transpose(2, 0, 1),
+                                  read_tile(first["image_path"], first["row"], first["col"]))  # fmt: skip
     geo = tmp_path / "ex.geojson"
     geo.write_text(json.dumps({"type": "FeatureCollection", "features": [
         {"type": "Feature", "properties": {"label": "positive"},

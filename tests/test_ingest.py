@@ -417,7 +417,7 @@ def test_content_hash_option_ignores_touched_but_unchanged_files(tmp_path, cfg):
     target = tmp_path / "h.zarr"
     hashed = cfg.override(**{"store.content_hash": True})
     ingest([a], target, hashed)
-    from pipeline.embed import sha256_file
+    from pipeline.digest import sha256_file
 
     assert open_store(target)["sha256"].values.astype(object).tolist() == [sha256_file(str(a))]
     plain = tmp_path / "p.zarr"

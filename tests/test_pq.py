@@ -96,12 +96,12 @@ def test_pq_reranked_distances_are_exact_and_recall_is_one_when_r_covers_the_sto
     for q, res in zip(qs, index.search(queries, 8, labels=labels)):
         x = s["fingerprint"][[at[int(u)] for u in res.uid]].astype(np.float64)
         oracle = np.sqrt(((x - s["fingerprint"][q].astype(np.float64)) ** 2).sum(1))
-        np.testing.assert_allclose(res.distance, oracle, rtol=1e-6)
+        np.testing.assert_allclose(res.value, oracle, rtol=1e-6)
         assert res.query["scan"]["codes"] == f"pq {8 * M} bits (m = {M})"
     index.rerank = len(s["uid"])
     for w, got in zip(want, index.search(queries, 8, labels=labels)):
         np.testing.assert_array_equal(got.uid, w.uid)
-        np.testing.assert_allclose(got.distance, w.distance, rtol=1e-9)
+        np.testing.assert_allclose(got.value, w.value, rtol=1e-9)
     assert got.query["scan"]["codes_bytes"] == len(s["uid"]) * M
 
 

@@ -92,7 +92,7 @@ def brute(s, qvec, k, allowed):
 
 def check(res, uids, dists):
     np.testing.assert_array_equal(res.uid, uids)
-    np.testing.assert_allclose(res.distance, dists, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(res.value, dists, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -125,7 +125,7 @@ def test_overlapping_flight_tiles_are_excluded_unless_asked(stores):
     check(res, *brute(s, s["fingerprint"][q], 15, ~ov))
     [incl] = index.search(queries, 15, Filters(include_overlapping=True))
     check(incl, *brute(s, s["fingerprint"][q], 15, np.ones_like(ov)))
-    assert incl.uid[0] == s["uid"][q] and incl.distance[0] == 0.0
+    assert incl.uid[0] == s["uid"][q] and incl.value[0] == 0.0
 
 
 def nms_oracle(s, ranked_slots, k):
@@ -184,9 +184,9 @@ def test_ties_broken_by_uid_and_k_beyond_candidates(stores):
     [res] = index.search(queries, 10_000)
     assert len(res) == (s["valid"] & ~overlap_oracle(s, q)).sum()
     check(res, *brute(s, s["fingerprint"][q], 10_000, ~overlap_oracle(s, q)))
-    assert res.uid[0] == s["uid"][twin] and res.distance[0] == 0.0
+    assert res.uid[0] == s["uid"][twin] and res.value[0] == 0.0
     # Tiles with equal distance appear in uid order.
-    same = res.distance[1:] == res.distance[:-1]
+    same = res.value[1:] == res.value[:-1]
     assert np.all(res.uid[1:][same] > res.uid[:-1][same])
     with pytest.raises(SearchError, match="positive"):
         index.search(queries, 0)
@@ -211,7 +211,7 @@ def test_persisted_index_and_local_cluster_equal_threads(stores):
     for a, b, c, d in zip(ref, mem, dist, dist_mem):
         for other in (b, c, d):
             np.testing.assert_array_equal(a.uid, other.uid)
-            np.testing.assert_allclose(a.distance, other.distance, rtol=1e-6)
+            np.testing.assert_allclose(a.value, other.value, rtol=1e-6)
 
 
 def test_slot_of_matches_a_scan(stores):
@@ -355,7 +355,7 @@ def test_store_postprocessing_applies_at_search_time(stores, tmp_path, method):
         allowed = ~overlap_oracle(s, q)
         uids, d = brute({**s, "fingerprint": xt}, xt[q], 8, allowed)
         np.testing.assert_array_equal(res.uid, uids)
-        np.testing.assert_allclose(res.distance, d, atol=1e-4)
+        np.testing.assert_allclose(res.value, d, atol=1e-4)
     raw = SearchIndex.open(str(path))
     raw.use_post = False
     [r0] = raw.search(index.queries_from_uids([int(s["uid"][q])])[0], 8)
@@ -418,7 +418,7 @@ def test_same_search_twice_is_bit_identical_and_store_block_names_are_stable(sto
     first, second = a.search(queries, 9), a.search(queries, 9)
     for x, y in zip(first, second):
         np.testing.assert_array_equal(x.uid, y.uid)
-        assert x.distance.tobytes() == y.distance.tobytes()  # bit-equal, not merely close
+        assert x.value.tobytes() == y.value.tobytes()  # bit-equal, not merely close
     blocks_a, blocks_b = store_blocks(a.ds), store_blocks(b.ds)
     assert [blk.key for blk in blocks_a] == [blk.key for blk in blocks_b]
     assert set(blocks_a[0].dask.layers) == set(blocks_b[0].dask.layers)  # every layer name, reads included
@@ -483,7 +483,7 @@ def test_dba_follows_the_store_growth_and_is_marked_stale(archive, tmp_path, cap
         [res] = index.search(index.queries_from_uids([int(s["uid"][q])])[0], 6)
     uids, d = brute({**s, "fingerprint": xn}, xn[q], 6, ~overlap_oracle(s, q))  # plain l2: no stale DBA
     np.testing.assert_array_equal(res.uid, uids)
-    np.testing.assert_allclose(res.distance, d, atol=1e-4)
+    np.testing.assert_allclose(res.value, d, atol=1e-4)
     capsys.readouterr()
     assert main(["search", "--store", str(path), "--uid", str(int(s["uid"][q])), "-k", "3"]) == 0
     assert "fingerprint_dba is stale" in capsys.readouterr().err

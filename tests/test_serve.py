@@ -487,7 +487,7 @@ def test_batcher_answers_waiting_queries_in_one_pass(service, tiles):
         t.join(30)
     assert seen == [len(uids)]  # one pass for all six
     for j, res in enumerate(alone):
-        assert np.array_equal(out[j][0].uid, res.uid) and np.allclose(out[j][0].distance, res.distance)
+        assert np.array_equal(out[j][0].uid, res.uid) and np.allclose(out[j][0].value, res.value)
     batcher.close()
 
 

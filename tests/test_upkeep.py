@@ -364,7 +364,7 @@ def test_a_version_1_store_is_refused_with_the_migrate_command_then_migrated(tmp
     uid = int(ds["uid"].values[5])
     [res] = SearchIndex.open(str(path)).search(SearchIndex.open(str(path)).queries_from_uids([uid])[0], 3)
     x = ds["fingerprint"].values.astype(np.float64)
-    assert res.uid[0] in ds["uid"].values[ds["image"].values == 0] and np.isfinite(res.distance).all()
+    assert res.uid[0] in ds["uid"].values[ds["image"].values == 0] and np.isfinite(res.value).all()
     assert len(x) == 13
     assert main(["migrate", "--store", str(path)]) == 0
     assert "already schema version 2" in capsys.readouterr().out

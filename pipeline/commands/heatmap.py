@@ -63,7 +63,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
                 uid = int(args.uid) if args.uid else index.uid_at(*args.lonlat)[0]
                 q, _ = index.queries_from_uids([uid])
                 title = f"distance to uid {uid}"
-            scorer = L2Scorer(index.transform.apply(q.fingerprints))
+            scorer = L2Scorer(index.postprocess.apply(q.fingerprints))
         paths = write_heatmaps(index, scorer, args.out, title)
     print(f"{len(paths)} score map(s) written to {args.out} (GeoTIFF + PNG each)")
     return 0

@@ -158,8 +158,8 @@ def _ingest(
                 table = store.empty_table()
             if rt.client is None:
                 _warm_up(spec)  # torch's import and the model build run beside the header reads
-            headers = _read_headers(paths, cfg, rt, remote=any(raster.is_uri(p) for p in paths))
-            found = plan.classify(headers, table, strict)
+            headers = _check_sources(paths, cfg, rt, remote=any(raster.is_uri(p) for p in paths))
+            found = plan.sort_sources(headers, table, strict)
             plan.report_notes([h for h in headers if h.info is not None])
             failures = list(found.failures)
             if failures and not (found.new or found.redo or found.skipped):
@@ -256,7 +256,7 @@ def _store_decoder(cfg: Config, attrs: dict[str, Any], final: Any) -> Config:
     return cfg.override(**{"read.decoder": was})
 
 
-def _read_headers(paths: list[str], cfg: Config, rt: Any, remote: bool) -> list[plan.Header]:
+def _check_sources(paths: list[str], cfg: Config, rt: Any, remote: bool) -> list[plan.Header]:
     """Every source's header, concurrently, in the way the storage allows.
 
     Object storage and long lists on a cluster: tasks of ``HEADERS_PER_TASK`` reads on the
@@ -267,23 +267,23 @@ def _read_headers(paths: list[str], cfg: Config, rt: Any, remote: bool) -> list[
     """
     kwargs = {**plan.config_kwargs(cfg), "threads": cfg.read.header_threads}
     if rt.client is not None and (remote or len(paths) >= CLUSTER_HEADERS_FROM):
-        return [h for part in rt.map(partial(plan.read_headers, **kwargs), _batches(paths)) for h in part]
+        return [h for part in rt.map(partial(plan.check_sources, **kwargs), _batches(paths)) for h in part]
     if remote:
-        return plan.read_headers(paths, **kwargs)
+        return plan.check_sources(paths, **kwargs)
     # The first read pays the process's GDAL start-up (imports, driver registration: ~0.1 s),
     # which would pass a local disk off as slow storage; the next 16 are timed.
-    first = plan.read_headers(paths[:1], **{**kwargs, "threads": 1})
+    first = plan.check_sources(paths[:1], **{**kwargs, "threads": 1})
     probe = min(len(paths), 17)
     t0 = time.perf_counter()
-    first += plan.read_headers(paths[1:probe], **{**kwargs, "threads": 1})
+    first += plan.check_sources(paths[1:probe], **{**kwargs, "threads": 1})
     per_header = (time.perf_counter() - t0) / max(probe - 1, 1)
     if per_header > SLOW_HEADER_S:
-        return first + plan.read_headers(paths[probe:], **kwargs)
+        return first + plan.check_sources(paths[probe:], **kwargs)
     rest = paths[probe:]
     cores = resources.cpu_count()
     if per_header * len(rest) < PROCESS_AFTER_S or cores < 2:
-        return first + plan.read_headers(rest, **{**kwargs, "threads": 1})
-    one_each = partial(plan.read_headers, **{**kwargs, "threads": 1})
+        return first + plan.check_sources(rest, **{**kwargs, "threads": 1})
+    one_each = partial(plan.check_sources, **{**kwargs, "threads": 1})
     try:
         with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
             return first + [h for part in pool.map(one_each, _batches(rest)) for h in part]

@@ -1,7 +1,7 @@
 """Ingest planning: sources against the store's image table, image ids, slot ranges, batches, and
 the per-tile metadata that follows from headers alone.
 
-No dask here. Headers are read concurrently (:func:`read_headers`: a thread pool, which a
+No dask here. Headers are read concurrently (:func:`check_sources`: a thread pool, which a
 driver may run on several cluster workers at once); the rest is slot arithmetic. A plan fixes
 every window's slot before any fingerprint exists, which is what makes resuming and concurrent
 reading safe.
@@ -85,7 +85,7 @@ class Header:
 HEADER_LATENCY = "AERIAL_SEARCH_FAILPOINT_HEADER_LATENCY"  # seconds each header read waits first (tests, benchmarks)
 
 
-def read_header(
+def check_source(
     path: str, bands: Sequence[int], scale: Sequence[float] | None, content_hash: bool, decoder: str = "auto"
 ) -> Header:
     """One source's header, checked against the tiling settings; failures are returned, not raised."""
@@ -101,7 +101,7 @@ def read_header(
     return Header(path, info, "", tuple(notes), digest)
 
 
-def read_headers(
+def check_sources(
     paths: Sequence[str],
     bands: Sequence[int],
     scale: Sequence[float] | None,
@@ -112,9 +112,9 @@ def read_headers(
     """Headers of ``paths`` (in order), read by ``threads`` threads at once: GDAL releases the GIL
     while it opens a file, so latency (object storage, network disks) overlaps."""
     if threads <= 1 or len(paths) <= 1:
-        return [read_header(p, bands, scale, content_hash, decoder) for p in paths]
+        return [check_source(p, bands, scale, content_hash, decoder) for p in paths]
     with ThreadPoolExecutor(min(threads, len(paths)), thread_name_prefix="aerial-search-header") as pool:
-        return list(pool.map(lambda p: read_header(p, bands, scale, content_hash, decoder), paths))
+        return list(pool.map(lambda p: check_source(p, bands, scale, content_hash, decoder), paths))
 
 
 def report_notes(headers: Sequence[Header], shown: int = 5) -> None:
@@ -133,8 +133,8 @@ def report_notes(headers: Sequence[Header], shown: int = 5) -> None:
 
 
 @dataclass
-class Classified:
-    """Sources sorted against a store's image table by :func:`classify`."""
+class SortedSources:
+    """Sources sorted against a store's image table by :func:`sort_sources`."""
 
     new: list[raster.ImageInfo] = field(default_factory=list)  # images to add (new paths, or changed ones)
     replaces: dict[int, int] = field(default_factory=dict)  # index into ``new`` -> id of the version it replaces
@@ -144,7 +144,7 @@ class Classified:
     hashes: dict[str, str] = field(default_factory=dict)  # content sha256 per path ("" when not asked for)
 
 
-def classify(headers: Sequence[Header], table: dict[str, np.ndarray], strict: bool) -> Classified:
+def sort_sources(headers: Sequence[Header], table: dict[str, np.ndarray], strict: bool) -> SortedSources:
     """Compare every source with the image table: new, changed (replaces an older id),
     unfinished (redo), unchanged (skipped) or unusable (a failure; raised if ``strict``).
     Unchanged means same size and modification time, or same sha256 when both have one."""
@@ -154,7 +154,7 @@ def classify(headers: Sequence[Header], table: dict[str, np.ndarray], strict: bo
         for i, (p, st) in enumerate(zip(table["image_path"], table["status"]))
         if st not in ("replaced", "removed")
     }
-    out = Classified()
+    out = SortedSources()
     for h in headers:
         if h.info is None:
             if strict:
@@ -325,6 +325,6 @@ def tile_meta(run: Sequence[ImagePlan]) -> dict[str, np.ndarray]:
 
 
 def config_kwargs(cfg: Any) -> dict[str, Any]:
-    """The tiling settings header checks need, as keyword arguments of :func:`read_headers`."""
+    """The tiling settings header checks need, as keyword arguments of :func:`check_sources`."""
     return {"bands": cfg.tiling.bands, "scale": cfg.tiling.scale, "content_hash": cfg.store.content_hash,
             "decoder": cfg.read.decoder}  # fmt: skip

@@ -32,14 +32,14 @@ def store_blocks(
     ds: Any,
     with_norms: bool = False,
     rows: int | None = None,
-    transform: Any = None,
+    postprocess: Any = None,
     use_dba: bool = False,
     codes: str = "",
     code_kind: str = "binary",
 ) -> list[Delayed]:
     """One delayed block dict per ``rows`` tiles (default: per Zarr chunk), lazy.
 
-    ``transform`` post-processes the raw fingerprints in each block; with ``use_dba`` the blocks
+    ``postprocess`` post-processes the raw fingerprints in each block; with ``use_dba`` the blocks
     hold the store's ``fingerprint_dba`` instead, which is already post-processed. ``codes``:
     ``"only"``: the blocks hold the store's ``codes`` instead of fingerprints (a codes scan reads
     nothing else); ``"also"``: both (a persisted index that scans codes and re-ranks from memory).
@@ -49,9 +49,9 @@ def store_blocks(
     arrays = [ds[name].data for name in names]
     if use_dba and codes != "only":
         arrays[0] = ds["fingerprint_dba"].data
-        transform = None
+        postprocess = None
     if codes == "only":
-        transform = None
+        postprocess = None
     arrays[0] = arrays[0].rechunk({1: -1})
     if codes == "also":
         arrays[-1] = arrays[-1].rechunk({1: -1})
@@ -60,13 +60,13 @@ def store_blocks(
     rows = rows or arrays[0].chunks[0]
     arrays = [a.rechunk({0: rows}) for a in arrays]
     per_var = [a.to_delayed().ravel() for a in arrays]
-    name = "store-block-" + tokenize([a.name for a in arrays], with_norms, transform, names, code_kind)
+    name = "store-block-" + tokenize([a.name for a in arrays], with_norms, postprocess, names, code_kind)
     make = dask.delayed(kernels.make_block, pure=True)
     return [
         make(
             *parts,
             with_norms=with_norms,
-            transform=transform,
+            postprocess=postprocess,
             names=names,
             code_kind=code_kind,
             dask_key_name=(name, i),

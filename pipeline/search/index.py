@@ -98,11 +98,11 @@ class SearchIndex:
         return self._once("table", lambda: {n: self.ds[n].values for n in ("height", "width", "tile_start")})
 
     @property
-    def transform(self) -> post.Transform:
+    def postprocess(self) -> post.PostProcess:
         """The store's fitted post-processing (``aerial-search postprocess``), or ``none``."""
         if not self.use_post:
-            return post.Transform()
-        return self._once("transform", lambda: store.read_transform(self.ds))
+            return post.PostProcess()
+        return self._once("postprocess", lambda: store.read_postprocess(self.ds))
 
     @property
     def uses_dba(self) -> bool:
@@ -147,7 +147,7 @@ class SearchIndex:
         if self._blocks is not None:
             return self._blocks
         dba = self.uses_dba
-        return graph.store_blocks(self.ds, transform=None if dba else self.transform, use_dba=dba)
+        return graph.store_blocks(self.ds, postprocess=None if dba else self.postprocess, use_dba=dba)
 
     def code_blocks(self, kind: str) -> list:
         """Blocks for the codes pass over the store's ``kind`` codes: the persisted ones (which
@@ -192,11 +192,11 @@ class SearchIndex:
             block_rows = min(max(chunk, -(-n // threads)), 1 << 20)
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
-        if not dba and self.transform.method == "none" and self.ds["fingerprint"].dtype == np.float16:
+        if not dba and self.postprocess.method == "none" and self.ds["fingerprint"].dtype == np.float16:
             kernels.use_torch_conversion()  # every query converts the float16 blocks again: the faster way pays
         meta = self.check_codes() if self.codes else {}
         with_codes, kind = ("also" if meta else ""), meta.get("kind", "binary")
-        blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows, transform=None if dba else self.transform,
+        blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows, postprocess=None if dba else self.postprocess,
                                     use_dba=dba, codes=with_codes, code_kind=kind)  # fmt: skip
         self._block_rows = block_rows
         self._blocks_hold_codes = bool(with_codes)
@@ -283,7 +283,7 @@ class SearchIndex:
         """Dimensions of the space search scores in (after a PCA, fewer than the store's)."""
         if self.uses_dba:
             return int(self.ds["fingerprint_dba"].shape[1])
-        return self.transform.dims or self.ds.sizes["feature"]
+        return self.postprocess.dims or self.ds.sizes["feature"]
 
     def slots_of(self, uids: np.ndarray) -> np.ndarray:
         """Slots (int64) of tile uids of this store, vectorized grid math (uids from results)."""
@@ -347,7 +347,7 @@ class SearchIndex:
         for j, res in enumerate(first):
             slots = self.slots_of(res.uid)
             a = diffusion.subgraph(np.asarray(res.uid, np.uint64), knn_uid[slots], knn_sim[slots], graph_k)
-            near = self.transform.apply(self.fingerprints_at(slots[:graph_k]))  # y is 0 beyond them
+            near = self.postprocess.apply(self.fingerprints_at(slots[:graph_k]))  # y is 0 beyond them
             y = np.zeros(len(slots))
             y[: len(near)] = diffusion.initial(q[j], near, graph_k)
             f = diffusion.diffuse(a, y, alpha)
@@ -356,7 +356,7 @@ class SearchIndex:
             raw["score"], raw["uid"], raw["lon"], raw["lat"] = f[order], res.uid[order], res.lon[order], res.lat[order]
             r = Result.from_topk(raw, {**res.query, "diffusion": {"alpha": alpha, "k": graph_k, "seeds": len(slots)}},
                                  f[order], self.image_paths, "score", None, self.geometry, True)  # fmt: skip
-            r.extra = {"distance": np.asarray(res.distance)[order]}
+            r.extra = {"distance": np.asarray(res.value)[order]}
             out.append(r)
         return out
 
@@ -402,8 +402,8 @@ class SearchIndex:
             if not len(es.positives):
                 raise SearchError("an example set needs at least one positive example")
             self._check_dim(es.positives.fingerprints)
-            p = self.transform.apply(es.positives.fingerprints)
-            n = self.transform.apply(es.negatives.fingerprints) if len(es.negatives) else p[:0]
+            p = self.postprocess.apply(es.positives.fingerprints)
+            n = self.postprocess.apply(es.negatives.fingerprints) if len(es.negatives) else p[:0]
             pos.append(p)
             neg.append(n)
             weights.append(es.weight)
@@ -506,7 +506,7 @@ class SearchIndex:
         }
 
     def _transformed(self, queries: Queries) -> Queries:
-        t = self.transform
+        t = self.postprocess
         if t.method == "none":
             return queries
         return dataclasses.replace(queries, fingerprints=t.apply(queries.fingerprints))
@@ -517,7 +517,7 @@ class SearchIndex:
         neighbours = []
         for res in first:
             slots = np.array([self.slot_of(int(u)) for u in res["uid"]], dtype=np.int64)
-            x = self.transform.apply(self.fingerprints_at(slots))
+            x = self.postprocess.apply(self.fingerprints_at(slots))
             pad = np.zeros((depth - len(x), queries.fingerprints.shape[1]), np.float32)  # fewer results than depth
             neighbours.append(np.concatenate([x, pad]) if len(pad) else x)
         return dataclasses.replace(

@@ -1,7 +1,7 @@
 """Search kernels: NumPy functions on one block of tiles, no dask, no Zarr.
 
 A *block* is a dict of per-tile arrays of one chunk of the store: ``fingerprint`` (n, dim)
-float32|float16 (post-processed when the index applies a transform), ``valid`` (n,) bool,
+float32|float16 (post-processed when the index applies post-processing), ``valid`` (n,) bool,
 ``uid`` (n,) uint64, ``lon``/``lat`` (n,) float64, and, in a persisted index, ``sqnorm`` (n,)
 float32 (+inf where not valid) and ``image``/``row``/``col`` (otherwise decoded from the uid).
 
@@ -700,17 +700,17 @@ def masked_sqnorm(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def make_block(
     *arrays: np.ndarray,
     with_norms: bool,
-    transform: Any = None,
+    postprocess: Any = None,
     names: Sequence[str] = BLOCK_VARS,
     code_kind: str = "binary",
 ) -> Block:
     """A block from the arrays ``names`` (default :data:`BLOCK_VARS`) of one chunk.
-    ``transform`` (a :class:`pipeline.post.Transform`) post-processes the raw fingerprints;
+    ``postprocess`` (a :class:`pipeline.post.PostProcess`) post-processes the raw fingerprints;
     ``with_norms`` precomputes what a persisted index reuses for every query, the ``codes``
     included, in the layout their scan reads (``code_kind`` binary: 64-bit words; pq: columns)."""
     block = dict(zip(names, arrays))
-    if "fingerprint" in block and transform is not None and transform.method != "none":
-        block["fingerprint"] = transform.apply(block["fingerprint"])
+    if "fingerprint" in block and postprocess is not None and postprocess.method != "none":
+        block["fingerprint"] = postprocess.apply(block["fingerprint"])
     if with_norms:
         if "fingerprint" in block:
             block["sqnorm"] = masked_sqnorm(block["fingerprint"], block["valid"])

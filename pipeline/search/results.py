@@ -5,8 +5,9 @@ JSON shape (``search --json``)::
 
     {"query": {...}, "results": [{"rank", "uid", "distance", "image_path", "row", "col", "lon", "lat"}]}
 
-uids are strings (they exceed 2**53); NaN is ``null``; ``distance`` is the Euclidean distance
-(the field is named after the scorer's reported value).
+uids are strings (they exceed 2**53); NaN is ``null``; ``distance`` is the Euclidean distance.
+The field is named after what the results are ranked by (:attr:`Result.value_name`): ``score``
+for example sets and classifiers.
 """
 
 from __future__ import annotations
@@ -26,23 +27,24 @@ from pipeline import grid
 class Result:
     """Results for one query, best first.
 
-    ``distance`` holds what the scorer reports, named ``value_name`` in the outputs: the
-    Euclidean distance for single queries, ``score`` for example sets (lower is better) and
-    classifiers (the probability, higher is better). ``total``: in threshold mode, how many
+    ``value`` holds what each result is ranked by, as the scorer reports it; the query names
+    its meaning (``value_name``, the key in the outputs): the Euclidean distance (``distance``)
+    for single queries, ``score`` for example sets (lower is better) and for classifiers (the
+    probability, higher is better: ``higher_is_better``). ``total``: in threshold mode, how many
     tiles passed (more than the results when ``--limit`` cut them). ``transform``/``crs``: each
     result's image georeference, for footprints (:mod:`pipeline.export`).
     """
 
     query: dict[str, Any]
     uid: np.ndarray
-    distance: np.ndarray
+    value: np.ndarray
     image_path: list[str]
     row: np.ndarray
     col: np.ndarray
     lon: np.ndarray
     lat: np.ndarray
     value_name: str = "distance"
-    higher_is_better: bool = False  # of ``distance``'s values (a classifier's probability)
+    higher_is_better: bool = False  # of ``value`` (a classifier's probability)
     total: int | None = None
     transform: np.ndarray | None = None  # (n, 6) affine a, b, c, d, e, f of each result's image
     crs: list[str] | None = None
@@ -66,7 +68,7 @@ class Result:
         return cls(
             query=query,
             uid=res["uid"],
-            distance=np.asarray(values, dtype=np.float64),
+            value=np.asarray(values, dtype=np.float64),
             image_path=[str(image_paths[i]) for i in image],
             row=row,
             col=col,
@@ -90,7 +92,7 @@ class Result:
             {
                 "rank": i + 1,
                 "uid": str(int(self.uid[i])),
-                self.value_name: float(self.distance[i]),
+                self.value_name: float(self.value[i]),
                 **{name: float(v[i]) for name, v in (self.extra or {}).items()},
                 "image_path": self.image_path[i],
                 "row": int(self.row[i]),
