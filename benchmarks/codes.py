@@ -160,7 +160,7 @@ def random_codes(n: int, seed: int = 0):
 
 def engine_scan(n: int, threads: int, rounds: int) -> list[float]:
     from pipeline.codes import words
-    from pipeline.search import kernels
+    from pipeline.search import kernels, scorers, topk
 
     uid = np.arange(BLOCK, dtype=np.uint64)
     nan = np.full(BLOCK, np.nan)
@@ -181,10 +181,10 @@ def engine_scan(n: int, threads: int, rounds: int) -> list[float]:
     with ThreadPoolExecutor(threads) as pool:
         for r in range(rounds):
             q = np.random.default_rng(100 + r).integers(0, 256, (1, 64), dtype=np.uint8)
-            scorer = kernels.HammingScorer(q)
+            scorer = scorers.HammingScorer(q)
             t0 = time.perf_counter()
             parts = list(pool.map(lambda b: kernels.chunk_topk(b, scorer, 100, kernels.Filters(), none, half), dicts))
-            kernels.finalize(kernels.merge_topk(parts, 100))
+            topk.finalize(topk.merge_topk(parts, 100))
             times.append(time.perf_counter() - t0)
     return times
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import synthetic_tif  # noqa: E402  (benchmarks/ingest.py)
 
 from pipeline import Config, embed, ingest, store, tiles  # noqa: E402
-from pipeline.ingest import graph  # noqa: E402
+from pipeline.ingest import graph, staging  # noqa: E402
 
 
 class Stages:
@@ -70,7 +70,7 @@ def instrumented(sync_cuda: bool):
         (graph, "read_task"), (graph, "fingerprint_task"), (graph, "write_task"), (tiles, "keep_windows"),
         (tiles, "embed_chunks"), (embed.Runner, "upload"), (embed.Runner, "forward"), (embed.Runner, "_forward"),
         (embed.Runner, "__init__"), (embed.Runner, "features"), (torch.Tensor, "pin_memory"),
-        (store, "stage_rows"), (store, "load_partial"), (store, "write_fingerprints"),
+        (staging, "stage_rows"), (staging, "load_partial"), (store, "write_fingerprints"),
     ]  # fmt: skip
     originals = [(obj, name, getattr(obj, name)) for obj, name in saved]
     for obj, name, fn in originals:

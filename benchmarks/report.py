@@ -29,9 +29,9 @@ from search import synthetic_store  # noqa: E402  (benchmarks/search.py)
 
 from pipeline import Config, ingest  # noqa: E402
 from pipeline.embed import ModelSpec, WeightsError, describe_weights  # noqa: E402
+from pipeline.locations import store_bytes  # noqa: E402
 from pipeline.render import bar_chart  # noqa: E402
 from pipeline.search import Queries, SearchIndex  # noqa: E402
-from pipeline.store import store_bytes  # noqa: E402
 
 PAPER_SEARCH_S = {10: 3.24, 5: 3.28, 2: 3.05}
 PAPER_COMPRESSION = {"uint8 tiles": 23, "float32 tiles": 175}

@@ -29,7 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import open_store, store  # noqa: E402
+from pipeline import locations, open_store  # noqa: E402
+from pipeline.ingest import staging  # noqa: E402
 
 
 def command(data: Path, store: Path, weights: Path) -> list[str]:
@@ -72,7 +73,7 @@ def main() -> None:
             time.sleep(args.at * t_clean)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            staged = len(store.staged(store.partial_path(target)))
+            staged = len(staging.staged(locations.partial_path(target)))
             t_rerun = timed(command(data, target, weights))
             row = {"clean_s": t_clean, "killed_at_s": args.at * t_clean, "staged_units_at_kill": staged,
                    "rerun_s": t_rerun, "rerun_over_clean": t_rerun / t_clean, "store_equal": same(target, clean)}  # fmt: skip

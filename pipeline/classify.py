@@ -1,6 +1,6 @@
 """A light classifier on fingerprints: logistic regression fitted on example tiles (and random
 background tiles as extra negatives), then scored over every tile of the store through the
-search engine (:class:`~pipeline.search.kernels.LinearScorer`, the same map and reductions).
+search engine (:class:`~pipeline.search.scorers.LinearScorer`, the same map and reductions).
 
 Training set: the positives (label 1), the negatives (label 0) and ``background`` tiles drawn at
 random from the store's searchable tiles, away from every example (label 0: most of an archive is
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import SearchError
-from pipeline.search.kernels import ExampleSet, LinearScorer, overlaps
+from pipeline.search.kernels import ExampleSet, overlaps
+from pipeline.search.scorers import LinearScorer
 
 FORMAT = "aerial-search logistic regression v1"
 

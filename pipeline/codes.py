@@ -77,10 +77,9 @@ class BinaryCodes:
         y = (np.asarray(x, dtype=np.float32) - self.mean) @ self.projection
         return np.packbits(y > 0, axis=1, bitorder="little")
 
-    def arrays(self) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
-        """The store arrays that hold this encoder, with their dimension names."""
-        return {"codes_mean": (self.mean, ("post_feature",)),
-                "codes_projection": (self.projection, ("post_feature", "code_bit"))}  # fmt: skip
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The store arrays that hold this encoder (:mod:`pipeline.schema` says their dims)."""
+        return {"codes_mean": self.mean, "codes_projection": self.projection}
 
     def rebuild(self) -> str:
         return f"--codes binary --bits {self.bits}"
@@ -164,8 +163,8 @@ class PQCodes:
         q = np.asarray(queries, dtype=np.float32).reshape(len(queries), self.m, 1, -1)
         return ((q - self.centroids[None]) ** 2).sum(axis=3, dtype=np.float32)
 
-    def arrays(self) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
-        return {"codes_centroids": (self.centroids, ("code_byte", "centroid", "sub_feature"))}
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"codes_centroids": self.centroids}
 
     def rebuild(self) -> str:
         return f"--codes pq --m {self.m}"

@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import grid, post, store
+from pipeline import grid, post
 from pipeline.backbones import ModelSpec
 from pipeline.embed import describe_weights, embed_batch
 from pipeline.errors import DatasetError, PostprocessError
-from pipeline.search.kernels import L2Scorer, centroid_query
+from pipeline.search.kernels import centroid_query
+from pipeline.search.memory import memory_dataset
+from pipeline.search.scorers import L2Scorer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 PRECISION_AT = (5, 10, 20, 50, 100)
@@ -73,7 +75,7 @@ def rank_all(x: np.ndarray, queries: np.ndarray | None = None, split_every: int 
     """
     from pipeline.search import Queries, SearchIndex
 
-    index = SearchIndex(store.memory_dataset(x), split_every=split_every)
+    index = SearchIndex(memory_dataset(x), split_every=split_every)
     q = x if queries is None else queries
     m = len(q)
     qs = Queries(
@@ -195,13 +197,13 @@ def evaluate_examples(
     from sklearn.linear_model import LogisticRegression
 
     from pipeline.search import SearchIndex
-    from pipeline.search.kernels import CentroidScorer, LinearScorer, NearestScorer
+    from pipeline.search.scorers import CentroidScorer, LinearScorer, NearestScorer
 
     rows = []
     classes = np.unique(labels)
     for opts in options:
         x = post.fit(opts.post, raw, opts.dims).apply(raw)
-        index = SearchIndex(store.memory_dataset(x))
+        index = SearchIndex(memory_dataset(x))
         scores: dict[str, list[dict]] = {m: [] for m in EXAMPLE_METHODS}
         for c in classes:
             inside, outside = np.flatnonzero(labels == c), np.flatnonzero(labels != c)

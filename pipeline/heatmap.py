@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import grid
-from pipeline.search.kernels import Scorer, make_block
+from pipeline.search.kernels import make_block
+from pipeline.search.scorers import Scorer
 
 
 def image_scores(index: Any, scorer: Scorer, image_id: int) -> np.ndarray:

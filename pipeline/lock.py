@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.errors import StoreError
-from pipeline.store import is_remote
+from pipeline.locations import is_remote
 
 
 def lock_path(store: Path | str) -> Path:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import store
+from pipeline import locations, schema, store
 from pipeline.cluster import local_scheduler
 
 
@@ -26,7 +26,7 @@ def _summarize(path: str | os.PathLike[str], ds) -> dict[str, Any]:
     valid = ds["valid"].values & (image >= 0) & done[np.clip(image, 0, None)] if len(status) else ds["valid"].values
     prov = store.provenance(ds)
     return {
-        "store": str(path) if store.is_remote(path) else str(Path(path).resolve()),
+        "store": str(path) if locations.is_remote(path) else str(Path(path).resolve()),
         "images": int(ds.sizes["img"]),
         "images_by_status": {s: int((status == s).sum()) for s in sorted(set(status))},
         "tiles": int(valid.sum()),
@@ -35,12 +35,12 @@ def _summarize(path: str | os.PathLike[str], ds) -> dict[str, Any]:
         "feature_dim": int(ds.sizes["feature"]),
         "fingerprint_dtype": str(ds["fingerprint"].dtype),
         "chunk_tiles": int(ds["fingerprint"].encoding.get("chunks", (ds.sizes["tile"],))[0]),
-        "bytes_on_disk": int(store.store_bytes(path)),
+        "bytes_on_disk": int(locations.store_bytes(path)),
         "model": prov.get("model", {}),
         "preprocessing": prov.get("preprocessing", {}),
         "created": prov.get("created"),
         "postprocess": prov.get("postprocess"),
-        "derived": {name: store.stale_reason(ds, name) or "current" for name in store.DERIVED_TILE_VARS if store.has_derived(ds, name)},
+        "derived": {name: schema.stale_reason(ds, name) or "current" for name in schema.DERIVED_TILE_VARS if schema.has_derived(ds, name)},
         "software": prov.get("software"),
         "lonlat_bounds": _bounds(ds, valid),
         "failed": [

@@ -1,4 +1,5 @@
 """Archive upkeep: remove images, follow a moved archive, compact a store, migrate its schema.
+The decisions live here; the Zarr reads, writes and copies they need are :mod:`pipeline.store`'s.
 
 Each operation takes the store's lock (so it refuses while an ingest runs, and an ingest
 refuses while it runs), refuses object-storage stores (no lock there), and leaves a consistent
@@ -8,7 +9,6 @@ store beside the old one and swaps it in only when complete.
 
 from __future__ import annotations
 
-import datetime as dt
 import fnmatch
 import os
 from collections.abc import Sequence
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
+from pipeline import locations, schema, store
 from pipeline.digest import sha256_file
 from pipeline.errors import StoreError
 from pipeline.lock import StoreLock
@@ -26,15 +26,15 @@ LIVE = ("pending", "done", "empty", "failed")  # statuses of images still part o
 
 
 def _local(path: str | os.PathLike[str], what: str) -> Path:
-    if store.is_remote(path):
+    if locations.is_remote(path):
         raise StoreError(
             f"{what} works on local stores only: object storage offers no lock here to keep an ingest out "
             f"while it rewrites {path}; run it on a local copy, or stop every ingest and copy the result back"
         )
     p = Path(path).expanduser().resolve()
-    if not store.exists(p):
+    if not locations.exists(p):
         raise StoreError(f"store {p} does not exist; create it with `aerial-search ingest SOURCE --store {p}`")
-    if not store.is_store(p):
+    if not locations.is_store(p):
         raise StoreError(f"{p} is not a fingerprint store (no zarr.json); pass the --store path given to ingest")
     return p
 
@@ -70,7 +70,7 @@ def remove(path: str | os.PathLike[str], patterns: Sequence[str]) -> list[str]:
         if not ids:
             raise StoreError(f"the images matching {list(patterns)} are already removed or replaced")
         store.set_status(p, ids, "removed")
-        store.set_attrs(p, last_upkeep={"removed": len(ids), "finished": _now()})
+        store.set_attrs(p, last_upkeep={"removed": len(ids), "finished": schema.now()})
     return [paths[i] for i in ids]
 
 
@@ -124,7 +124,7 @@ def relocate(path: str | os.PathLike[str], old_prefix: str, new_prefix: str, che
                 "mtime": np.array(mtimes, dtype=np.float64)[order],
             })  # fmt: skip
             store.set_attrs(p, last_upkeep={"relocated": len(moves), "from": old_prefix, "to": new_prefix,
-                                            "finished": _now()})  # fmt: skip
+                                            "finished": schema.now()})  # fmt: skip
     return Relocation([(old, new) for _, old, new in moves], problems)
 
 
@@ -144,19 +144,72 @@ def compact(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
                 raise StoreError(f"{dst} exists; compact --out needs a new path")
         else:
             dst = src.with_name(f".{src.name}.compact")
-            store.discard(dst)  # a compaction killed earlier
-        summary = store.copy_compacted(src, dst, LIVE, block)
+            locations.discard(dst)  # a compaction killed earlier
+        summary = copy_compacted(src, dst, LIVE, block)
         if out is None:
-            store.swap_in(dst, src)
+            locations.swap_in(dst, src)
         return {**summary, "store": str(out or src)}
 
 
+def copy_compacted(src: Path | str, dst: Path | str, live: Sequence[str], block: int = 0) -> dict[str, int]:
+    """Write a copy of store ``src`` at ``dst`` that keeps only the slots of images whose status
+    is in ``live``, packed from slot 0 in image-id order (one batch: it starts on a chunk
+    boundary), with ``tile_start``/``tile_count`` rewritten. Every image row stays, so image ids
+    and uids do not change; images dropped keep their row with ``tile_count`` 0. Tile arrays are
+    copied ``block`` slots at a time (default 16 Zarr chunks), so memory stays bounded. Derived
+    arrays that are current come along; stale ones are left out (rerun ``postprocess``).
+    """
+    table = store.read_table(src)
+    attrs = store.read_attrs(src)
+    z, dim, dtype, slots_before = store.array_layout(src)
+    status = table["status"].astype(str)
+    keep = np.isin(status, list(live))
+    count = np.where(keep, table["tile_count"], 0).astype(np.int64)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    total = int(count.sum())
+    compressor = (attrs.get("config", {}).get("store", {}) or {}).get("compressor", "lz4")
+    attrs = {**attrs, "schema_version": schema.SCHEMA_VERSION,
+             "compacted": {"from_slots": slots_before, "to_slots": total, "finished": schema.now()}}  # fmt: skip
+    store.create_store(dst, attrs, dim, dtype, z, compressor)
+    store.grow(dst, total, len(status))
+    rows = {name: table[name] for name in schema.IMG_VARS}
+    rows["tile_start"], rows["tile_count"] = start, count
+    store.write_rows(dst, np.arange(len(status)), rows)
+    present = set(store.read_array_names(src))
+    derived = [n for n in schema.DERIVED_TILE_VARS if n in present and not schema.derived_meta(attrs, n).get("stale")]
+    fitted = [n for n in (*schema.POST_VARS, *(schema.CODE_VARS if "codes" in derived else ())) if n in present]
+    store.create_like(src, dst, [*fitted, *derived], n_tiles=total)
+    dropped = [n for n in schema.DERIVED_TILE_VARS if n in present and n not in derived]
+    if dropped:  # a stale derived array is not carried over: rerun postprocess
+        meta = dict(attrs.get("postprocess") or {})
+        for name in dropped:
+            meta.pop(schema.VAR[name].record, None)
+        store.set_attrs(dst, postprocess=meta)
+    store.copy_whole(src, dst, fitted)
+    kept = np.flatnonzero(count > 0)
+    block = block or z * schema.META_CHUNK_FACTOR
+    for a in range(0, total, block):
+        slots = np.arange(a, min(total, a + block))
+        owner = kept[np.searchsorted(start[kept], slots, side="right") - 1]
+        store.copy_slots(src, dst, [*schema.TILE_VARS, *derived], a, table["tile_start"][owner] + (slots - start[owner]))
+    store.consolidate(dst)
+    return {"slots_before": slots_before, "slots_after": total, "images": len(status),
+            "images_dropped": int((~keep & (table["tile_count"] > 0)).sum())}  # fmt: skip
+
+
 def migrate(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """Upgrade a store of an older schema version in place; returns ``(old, new)`` versions."""
+    """Upgrade a store of an older schema version in place; returns ``(old, new)`` versions.
+
+    1 -> 2: version 2 adds the status ``removed`` (nothing to rewrite) and reads the group's
+    consolidated metadata, which :func:`pipeline.store.set_attrs` writes.
+    """
     p = _local(path, "migrate")
     with StoreLock(p, what="migrate"):
-        return store.migrate(p)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        new = schema.SCHEMA_VERSION
+        old = int(store.read_attrs(p).get("schema_version", 0))
+        if old == new:
+            return old, old
+        if old != 1:
+            raise StoreError(f"{p} has schema version {old}; this aerial-search migrates version 1 to {new}")
+        store.set_attrs(p, schema_version=new, migrated={"from": old, "finished": schema.now()})
+        return old, new

@@ -15,7 +15,8 @@ from conftest import textured, write_tif
 from pipeline import Config, ingest, open_store
 from pipeline.cli import main
 from pipeline.search import SearchIndex
-from pipeline.search.kernels import CentroidScorer, Exclusions, Filters, LinearScorer, NearestScorer
+from pipeline.search.kernels import Exclusions, Filters
+from pipeline.search.scorers import CentroidScorer, LinearScorer, NearestScorer
 
 PX = 0.5
 

@@ -13,7 +13,7 @@ import torchvision
 import xarray as xr
 from conftest import textured, write_tif
 
-from pipeline import embed, grid, ingest, open_store, raster, store
+from pipeline import embed, grid, ingest, open_store, raster, schema, store
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_store_reopens_with_plain_xarray_and_records_provenance(ingested):
     assert ds["fingerprint"].dims == ("tile", "feature") and ds.sizes["feature"] == 512
     assert ds["fingerprint"].encoding["chunks"] == (cfg.store.chunk_tiles, 512)
     attrs = ds.attrs
-    assert attrs["schema_version"] == store.SCHEMA_VERSION
+    assert attrs["schema_version"] == schema.SCHEMA_VERSION
     assert attrs["model"]["arch"] == "resnet18" and attrs["model"]["pretrained"] is False
     assert "NOT PRETRAINED" in attrs["model"]["weights_id"]
     assert attrs["preprocessing"]["mean"] == [0.485, 0.456, 0.406]

@@ -431,7 +431,8 @@ def test_a_new_scorer_plugs_into_the_same_reduction(stores):
     from dataclasses import dataclass
     from typing import ClassVar
 
-    from pipeline.search.kernels import Exclusions, as_float32
+    from pipeline.search.kernels import Exclusions
+    from pipeline.search.scorers import as_float32
 
     @dataclass(frozen=True)
     class NegDot:

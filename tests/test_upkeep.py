@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from conftest import textured, write_tif
 
-from pipeline import Config, faults, grid, ingest, open_store, store
+from pipeline import Config, faults, grid, ingest, locations, open_store, schema, store
 from pipeline.cli import main
 from pipeline.errors import StoreError
-from pipeline.ingest import graph
+from pipeline.ingest import graph, staging
 from pipeline.search import SearchIndex
 
 FIXTURE_V1 = Path(__file__).resolve().parent / "fixtures" / "store_v1.zarr"
@@ -80,14 +80,14 @@ def test_a_crash_inside_an_image_resumes_without_recomputing_finished_chunks(ima
     env = {**os.environ, faults.EXIT_AFTER_UNITS: "4"}
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 17, res.stderr
-    assert len(store.staged(store.partial_path(target))) == 4
+    assert len(staging.staged(locations.partial_path(target))) == 4
     reads = []
     real = graph.read_task
     monkeypatch.setattr(graph, "read_task", lambda unit: reads.append(unit.start) or real(unit))
     report = ingest([images / "a.tif"], target, cfg)
     assert len(reads) == 9 - 4 and report.processed == 1
     assert_same_store(target, clean)
-    assert not store.staging_path(target).exists() and not store.staging_path(store.partial_path(target)).exists()
+    assert not staging.staging_path(target).exists() and not staging.staging_path(locations.partial_path(target)).exists()
 
 
 def test_images_become_searchable_before_their_batch_ends(images, tmp_path, monkeypatch):
@@ -117,7 +117,7 @@ def test_xarray_opens_a_store_with_default_arguments_and_no_warning(images, tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = xr.open_zarr(path)
-    assert ds.sizes["tile"] == open_store(path).sizes["tile"] and ds.attrs["schema_version"] == store.SCHEMA_VERSION
+    assert ds.sizes["tile"] == open_store(path).sizes["tile"] and ds.attrs["schema_version"] == schema.SCHEMA_VERSION
     assert "consolidated_metadata" in json.loads((path / "zarr.json").read_text())
 
 
@@ -424,7 +424,7 @@ def test_a_crash_inside_a_large_unit_keeps_its_finished_windows(images, tmp_path
     env = {**os.environ, faults.EXIT_AFTER_PARTS: "3"}
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 17, res.stderr
-    assert store.load_partial(store.partial_path(target), 0, 25).shape == (12, 512)
+    assert staging.load_partial(locations.partial_path(target), 0, 25).shape == (12, 512)
     computed = []
     real = embed.Runner.forward
     monkeypatch.setattr(embed.Runner, "forward", lambda self, x: computed.append(len(x)) or real(self, x))

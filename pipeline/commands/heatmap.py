@@ -32,7 +32,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.cluster import runtime
     from pipeline.heatmap import write_heatmaps
     from pipeline.search import SearchIndex
-    from pipeline.search.kernels import L2Scorer
+    from pipeline.search.scorers import L2Scorer
 
     pos, neg = example_refs(args)
     given = [bool(args.uid), bool(args.image), args.lonlat is not None, bool(args.load), bool(pos or neg)]

@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import faults, raster, resources, store
+from pipeline import faults, locations, raster, resources, schema, store
 from pipeline.backbones import ModelSpec
 from pipeline.cluster import runtime
 from pipeline.config import Config
 from pipeline.embed import Runner, describe_weights
 from pipeline.errors import RasterError, StoreError
-from pipeline.ingest import graph, plan
+from pipeline.ingest import graph, plan, staging
 from pipeline.lock import StoreLock
 from pipeline.progress import Progress
 
@@ -96,7 +96,7 @@ def ingest(
     ``client``: an existing ``distributed.Client`` (otherwise ``config.cluster`` decides).
     """
     cfg = config or Config()
-    final = store.check_writable(store_path)
+    final = locations.check_writable(store_path)
     try:
         return _ingest(sources, final, cfg, overwrite, strict, client, batch_tiles)
     except OSError as e:  # disk full, read-only or vanished storage: say so, and that work is kept
@@ -109,7 +109,7 @@ def ingest(
 def _ingest(
     sources, final, cfg: Config, overwrite: bool, strict: bool, client: Any, batch_tiles: int | None
 ) -> IngestReport:
-    remote = store.is_remote(final)
+    remote = locations.is_remote(final)
     with StoreLock(final, what="ingest") as lock:
         paths = raster.expand_sources(sources)
         if not paths:
@@ -119,25 +119,25 @@ def _ingest(
         weights = describe_weights(cfg.model.arch, cfg.model.weights, cfg.model.seed)
         if not weights["pretrained"]:
             warnings.warn(f"ingesting with {weights['weights_id']}", stacklevel=3)
-        existing = store.exists(final) and not overwrite
-        work = final if (existing or remote) else store.partial_path(final)
+        existing = locations.exists(final) and not overwrite
+        work = final if (existing or remote) else locations.partial_path(final)
         if overwrite:
             if remote:
-                store.discard(final)
-            elif store.exists(work):
-                store.discard(work)
+                locations.discard(final)
+            elif locations.exists(work):
+                locations.discard(work)
         t0 = time.perf_counter()
         with runtime(cfg.cluster, client=client) as rt:
             threads = cfg.model.torch_threads or rt.torch_threads  # an explicit setting wins
             spec = ModelSpec.from_config(cfg.model, weights["weights_sha256"], torch_threads=threads)
-            attrs = store.schema_attrs(cfg, spec.arch, spec.dim, weights)
-            have_store = store.exists(work)
+            attrs = schema.schema_attrs(cfg, spec.arch, spec.dim, weights)
+            have_store = locations.exists(work)
             if have_store:
-                if not store.is_store(work):
+                if not locations.is_store(work):
                     raise StoreError(f"{work} exists and is not a fingerprint store; choose another --store path")
                 store.check_version(work)
                 prior = store.read_attrs(work)  # once: on object storage each read is a request
-                diff = store.signature_diff(prior, attrs)
+                diff = schema.signature_diff(prior, attrs)
                 if "mode" in diff or "context_px" in diff:
                     was = prior.get("model", {})
                     flags = f"--mode {was.get('mode', 'exact')}"
@@ -192,7 +192,7 @@ def _ingest(
             )
             scheduler = rt.describe()
         if work != final:
-            store.swap_in(work, final)
+            locations.swap_in(work, final)
     seconds = time.perf_counter() - t0
     ran = {p.image_id for p in plans} | {i for i, _ in found.redo}
     all_plans = {p.image_id: p for p in [*plans, *old_plans]}
@@ -321,7 +321,7 @@ def _run_batches(work, batches, cfg, spec, rt, strict, replaced_of, lock) -> tup
     def build(batch: plan.Batch) -> list:
         for run in batch.runs:
             store.write_tile_meta(work, run[0].tile_start, plan.tile_meta(run))
-        parts = graph.batch_parts(work, batch, cfg, spec, store.staged(work))
+        parts = graph.batch_parts(work, batch, cfg, spec, staging.staged(work))
         chunks_of[id(batch)], written[id(batch)] = [part.key[1] for part in parts], set()
         return parts
 
@@ -352,7 +352,7 @@ def _run_batches(work, batches, cfg, spec, rt, strict, replaced_of, lock) -> tup
             continue
         if event.error is None:
             commit([p.image_id for p in batch.plans if p.image_id not in committed])
-            store.drop_staged(work, batch.plans[0].tile_start, batch.plans[-1].tile_stop)
+            staging.drop_staged(work, batch.plans[0].tile_start, batch.plans[-1].tile_stop)
             faults.after_commit()
             continue
         culprit = _culprit(event.error, batch)
@@ -371,7 +371,7 @@ def _run_batches(work, batches, cfg, spec, rt, strict, replaced_of, lock) -> tup
     progress.close()
     if fatal is not None:
         raise fatal
-    store.clear_staging(work)
+    staging.clear_staging(work)
     return done, failures
 
 

@@ -33,6 +33,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from pipeline import faults, grid, raster, store, tiles
 from pipeline.backbones import ModelSpec
+from pipeline.ingest import staging
 from pipeline.ingest.plan import Batch, ImagePlan
 
 
@@ -134,11 +135,11 @@ def fingerprint_task(
     count = sum(((b.shape[1] - t - bm) // grid.STRIDE - 1) * ((b.shape[2] - lf - r) // grid.STRIDE - 1)
                 for b, (t, bm, lf, r) in zip(blocks, ms))  # fmt: skip
     saver = PartSaver(stage_in, start, count, stage_seconds)
-    done = store.load_partial(stage_in, start, count)
+    done = staging.load_partial(stage_in, start, count)
     rows = tiles.fingerprint_blocks(
         blocks, spec, black_level, max_nodata_fraction, done=done, on_batch=saver, margins=margins
     )
-    store.stage_rows(stage_in, start, rows)
+    staging.stage_rows(stage_in, start, rows)
     faults.after_stage()
     return rows
 
@@ -160,7 +161,7 @@ class PartSaver:
             self.first = first
         self.rows.append(rows)
         if time.monotonic() - self.last >= self.every:
-            store.stage_part(self.path, self.start, self.count, self.first, np.concatenate(self.rows))
+            staging.stage_part(self.path, self.start, self.count, self.first, np.concatenate(self.rows))
             faults.after_stage_part()
             self.first, self.rows, self.last = -1, [], time.monotonic()
 
@@ -201,7 +202,7 @@ def batch_parts(
     dsk: dict[Any, Any] = {}
     for i, u in enumerate(units):
         if (u.start, u.count) in staged:
-            dsk[(uname, i)] = (store.load_staged, str(path), u.start, u.count)
+            dsk[(uname, i)] = (staging.load_staged, str(path), u.start, u.count)
         else:
             dsk[(rname, i)] = (read_task, u)
             dsk[(uname, i)] = (

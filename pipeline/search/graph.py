@@ -4,8 +4,8 @@
   of a store opened as an ``xarray.Dataset``, with deterministic names (two opens of an
   unchanged store give the same keys).
 - :func:`topk_graph`: one :func:`~pipeline.search.kernels.chunk_topk` task per block, combined
-  ``split_every`` at a time by :func:`~pipeline.search.kernels.merge_topk` until one remains,
-  then :func:`~pipeline.search.kernels.finalize`.
+  ``split_every`` at a time by :func:`~pipeline.search.topk.merge_topk` until one remains,
+  then :func:`~pipeline.search.topk.finalize`.
 - :func:`nearest_centre_graph`: the valid tile whose centre is nearest a lon/lat point.
 """
 
@@ -24,8 +24,9 @@ from dask.highlevelgraph import HighLevelGraph
 
 from pipeline.errors import SearchError
 from pipeline.geo import local_metres
-from pipeline.search import kernels
-from pipeline.search.kernels import BLOCK_VARS, CODE_BLOCK_VARS, Exclusions, Filters, Scorer
+from pipeline.search import kernels, topk
+from pipeline.search.kernels import BLOCK_VARS, CODE_BLOCK_VARS, Exclusions, Filters
+from pipeline.search.scorers import Scorer
 
 
 def store_blocks(
@@ -101,9 +102,9 @@ def topk_graph(
 
 def _topk_tree(name: str, leaves: dict[int, tuple], k: int, m: int, split_every: int, deps: list) -> Delayed:
     """``leaves`` (one partial top-k task each) merged ``split_every`` at a time by
-    :func:`~pipeline.search.kernels.merge_topk` until one remains, then finalized."""
-    merge = (kernels.merge_topk, k)
-    return _tree(name, leaves, merge, kernels.finalize, (kernels.empty_results, m), split_every, deps)
+    :func:`~pipeline.search.topk.merge_topk` until one remains, then finalized."""
+    merge = (topk.merge_topk, k)
+    return _tree(name, leaves, merge, topk.finalize, (topk.empty_results, m), split_every, deps)
 
 
 def _tree(
@@ -166,8 +167,8 @@ def threshold_graph(
     name = f"threshold-{uuid.uuid4().hex}"
     leaves = {i: (kernels.chunk_threshold, b.key, scorer, max_score, limit, filters, exclude, half_m, usable)
               for i, b in enumerate(blocks)}  # fmt: skip
-    return _tree(name, leaves, (kernels.merge_threshold, limit), kernels.finalize_threshold,
-                 (kernels.empty_threshold, len(scorer)), split_every, list(blocks))  # fmt: skip
+    return _tree(name, leaves, (topk.merge_threshold, limit), topk.finalize_threshold,
+                 (topk.empty_threshold, len(scorer)), split_every, list(blocks))  # fmt: skip
 
 
 def nearest_centre_graph(ds: Any, lon: float, lat: float, usable: np.ndarray | None) -> tuple[Any, Any]:

@@ -6,6 +6,10 @@ Semantics: exact k nearest valid tiles of ``done`` images by Euclidean distance 
 post-processing; the query's own tile and tiles overlapping it are excluded unless
 ``include_overlapping``; ``diverse`` applies spatial non-maximum suppression and widens the
 candidate pool until it has k results; ``expand`` runs alpha query expansion first.
+
+Why over 500 lines: one class, the one object every command searches through, whose options
+(codes with an exact re-rank, diffusion, example sets, thresholds) share its blocks, its
+store facts read once and its runtime; the kernels, graphs and results it drives live apart.
 """
 
 from __future__ import annotations
@@ -21,21 +25,13 @@ from typing import Any
 import dask
 import numpy as np
 
-from pipeline import codes, geo, grid, post, resources, store
+from pipeline import codes, geo, grid, post, resources, schema, store
 from pipeline.cluster import local_get
 from pipeline.errors import SearchError
-from pipeline.search import graph, kernels
-from pipeline.search.kernels import (
-    CentroidScorer,
-    ExampleSet,
-    Exclusions,
-    Filters,
-    L2Scorer,
-    NearestScorer,
-    Queries,
-    Scorer,
-)
+from pipeline.search import graph, kernels, scorers, topk
+from pipeline.search.kernels import ExampleSet, Exclusions, Filters, Queries
 from pipeline.search.results import Result
+from pipeline.search.scorers import CentroidScorer, L2Scorer, NearestScorer, Scorer
 
 
 @dataclass
@@ -110,7 +106,7 @@ class SearchIndex:
         current. A stale one (images added since it was built) is ignored, with a warning."""
         if not (self.use_post and self.use_dba) or "fingerprint_dba" not in self.ds:
             return False
-        stale = store.stale_reason(self.ds, "fingerprint_dba")
+        stale = schema.stale_reason(self.ds, "fingerprint_dba")
         if stale:
             if not self._cache.get("warned_dba"):
                 warnings.warn(f"{stale}; searching without it", stacklevel=3)
@@ -120,7 +116,7 @@ class SearchIndex:
 
     def check_comparable(self, prov: dict[str, Any], what: str) -> None:
         """Refuse fingerprints made by another model or preprocessing than this store's."""
-        diff = store.signature_diff(self.provenance, prov)
+        diff = schema.signature_diff(self.provenance, prov)
         if diff:
             detail = "; ".join(f"{k}: {q!r} vs {s!r}" for k, (s, q) in diff.items())
             raise SearchError(
@@ -193,7 +189,7 @@ class SearchIndex:
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
         if not dba and self.postprocess.method == "none" and self.ds["fingerprint"].dtype == np.float16:
-            kernels.use_torch_conversion()  # every query converts the float16 blocks again: the faster way pays
+            scorers.use_torch_conversion()  # every query converts the float16 blocks again: the faster way pays
         meta = self.check_codes() if self.codes else {}
         with_codes, kind = ("also" if meta else ""), meta.get("kind", "binary")
         blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows, postprocess=None if dba else self.postprocess,
@@ -241,7 +237,7 @@ class SearchIndex:
         first = self._compute(
             graph.topk_graph(
                 self.code_blocks(meta.get("kind", "binary")),
-                kernels.code_scorer(encoder, scorer.queries),
+                scorers.code_scorer(encoder, scorer.queries),
                 r,
                 filters,
                 exclude,
@@ -352,7 +348,7 @@ class SearchIndex:
             y[: len(near)] = diffusion.initial(q[j], near, graph_k)
             f = diffusion.diffuse(a, y, alpha)
             order = np.lexsort((res.uid, -f))[:k]
-            raw = np.empty(len(order), dtype=kernels.RESULT_DTYPE)
+            raw = np.empty(len(order), dtype=topk.RESULT_DTYPE)
             raw["score"], raw["uid"], raw["lon"], raw["lat"] = f[order], res.uid[order], res.lon[order], res.lat[order]
             r = Result.from_topk(raw, {**res.query, "diffusion": {"alpha": alpha, "k": graph_k, "seeds": len(slots)}},
                                  f[order], self.image_paths, "score", None, self.geometry, True)  # fmt: skip
@@ -373,7 +369,7 @@ class SearchIndex:
                 f"store {self.path} has no {what}; build it with `aerial-search postprocess --store {self.path} "
                 f"{build}`, or search without {flag}"
             )
-        stale = store.stale_reason(self.ds, array)
+        stale = schema.stale_reason(self.ds, array)
         if stale:
             raise SearchError(f"{stale}; or search without {flag}")
         return meta
@@ -500,7 +496,7 @@ class SearchIndex:
         and preprocessing, and the post-processing (and DBA) the index applies."""
         post = self.provenance.get("postprocess") or {} if self.use_post else {}
         return {
-            **store.fingerprint_signature(self.provenance),
+            **schema.fingerprint_signature(self.provenance),
             "postprocess": {k: post.get(k) for k in ("method", "dims", "fitted_on_tiles", "created")} if post else None,
             "dba": (post.get("dba") or {}).get("depth") if self.uses_dba else None,
         }

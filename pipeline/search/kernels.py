@@ -5,38 +5,29 @@ float32|float16 (post-processed when the index applies post-processing), ``valid
 ``uid`` (n,) uint64, ``lon``/``lat`` (n,) float64, and, in a persisted index, ``sqnorm`` (n,)
 float32 (+inf where not valid) and ``image``/``row``/``col`` (otherwise decoded from the uid).
 
-The **scorer seam**: a :class:`Scorer` maps a block to an ``(n, m)`` array of scores, one column
-per query, *lower is better*. :class:`L2Scorer` (squared Euclidean distance) is the first;
-example sets, classifiers and code scans plug in the same way. Everything after the scores
-does not know which scorer made them:
-
-- :func:`chunk_topk`: mask rows that filters, statuses, validity or overlap exclusion rule
-  out (score ``+inf``), then keep an *unsorted* partial top-k per column (``argpartition``),
-  carrying global uids and centres (:data:`RESULT_DTYPE`).
-- :func:`merge_topk`: the same selection over concatenated partial results, so it is also the
-  combine step of a tree reduction. Only :func:`finalize` sorts, by ``(score, uid)``.
-
-Ties are broken by uid; k beyond the candidates returns them all.
+The per-chunk map of a search: a scorer (:mod:`pipeline.search.scorers`) scores the block,
+:func:`chunk_topk` masks the rows that filters, statuses, validity or overlap exclusion rule out
+(score ``+inf``) and keeps an unsorted partial top-k per column (:mod:`pipeline.search.topk`,
+which also merges and finalizes). Here too: queries and what they exclude, filters, the
+threshold collection, the re-rank of code candidates and spatial non-maximum suppression.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
 import numpy as np
 
 from pipeline import codes, grid
 from pipeline.errors import SearchError
 from pipeline.geo import local_metres
+from pipeline.search.scorers import Block, Scorer, masked_sqnorm
+from pipeline.search.topk import RESULT_DTYPE, select, select_columns
 
-RESULT_DTYPE = np.dtype([("score", "f8"), ("uid", "u8"), ("lon", "f8"), ("lat", "f8")])
 BLOCK_VARS = ("fingerprint", "valid", "uid", "lon", "lat")  # what a block is read from
 CODE_BLOCK_VARS = ("codes", "valid", "uid", "lon", "lat")  # what a codes scan reads instead
-
-Block = dict[str, np.ndarray]
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,250 +184,6 @@ def overlaps(
     return same | ground
 
 
-# --------------------------------------------------------------------------------------------
-# Scorers
-
-
-class Scorer(Protocol):
-    """Scores of the tiles of a block for ``len(scorer)`` query columns; lower is better."""
-
-    name: ClassVar[str]  # what :meth:`report` returns, as results call it ("distance", "score")
-    higher_is_better: ClassVar[bool]  # of the reported value (a probability); scores stay lower-is-better
-
-    def __len__(self) -> int: ...
-
-    def scores(self, block: Block) -> np.ndarray:
-        """A fresh, writable ``(n, m)`` float array (the kernel masks it in place)."""
-        ...
-
-    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
-        """float64 scores of ``rows`` for column ``j``, as reported (``scores`` may approximate)."""
-        ...
-
-    def report(self, score: np.ndarray) -> np.ndarray:
-        """The value results show for a score (e.g. the distance for a squared distance)."""
-        ...
-
-    def internal(self, value: float) -> float:
-        """The score whose reported value is ``value``: a threshold on what results show,
-        as the threshold collection applies it."""
-        ...
-
-
-@dataclass(frozen=True)
-class L2Scorer:
-    """Squared Euclidean distance to each query fingerprint ``queries`` float32 ``(m, dim)``.
-
-    Selection uses the norm expansion ``|x|^2 - 2 x.q + |q|^2``: one float32 matrix product per
-    block (BLAS), with the block's precomputed ``sqnorm`` when it has one (+inf for invalid rows,
-    so they never make the top-k). The kept rows are recomputed exactly as ``sum((x - q)^2)``
-    in float64, since the expansion loses precision near zero. Reported as the distance.
-    """
-
-    queries: np.ndarray
-    name: ClassVar[str] = "distance"
-    higher_is_better: ClassVar[bool] = False
-
-    def __len__(self) -> int:
-        return len(self.queries)
-
-    def scores(self, block: Block) -> np.ndarray:
-        x = as_float32(block["fingerprint"])
-        sqnorm = block.get("sqnorm")
-        if sqnorm is None:
-            sqnorm = masked_sqnorm(x, block["valid"])
-        q = self.queries
-        d2 = x @ q.T
-        d2 *= -2.0
-        d2 += sqnorm[:, None]
-        d2 += np.einsum("ij,ij->i", q, q)[None, :]
-        return d2
-
-    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
-        diff = as_float32(block["fingerprint"][rows]) - self.queries[j]
-        return np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
-
-    def report(self, score: np.ndarray) -> np.ndarray:
-        return np.sqrt(np.maximum(score, 0.0))
-
-    def internal(self, value: float) -> float:
-        return float(value) ** 2
-
-
-@dataclass(frozen=True)
-class CentroidScorer(L2Scorer):
-    """An example set's centroid query ``q = mP + w (mP - mN)`` (``queries``, one per set), scored
-    by the squared Euclidean distance to it and reported as ``score`` (the distance)."""
-
-    name: ClassVar[str] = "score"
-
-
-def _sq_dists(x: np.ndarray, sqnorm: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """``(n, p)`` squared distances of rows ``x`` to examples ``e`` by the norm expansion."""
-    d2 = x @ e.T
-    d2 *= -2.0
-    d2 += sqnorm[:, None]
-    d2 += np.einsum("ij,ij->i", e, e)[None, :]
-    return np.maximum(d2, 0.0)
-
-
-@dataclass(frozen=True)
-class NearestScorer:
-    """Example sets scored by ``min_i |x - P_i| - w min_j |x - N_j|`` (lower is better): close to
-    some positive, far from every negative. One column per set: ``positives[c]`` (p, dim) and
-    ``negatives[c]`` (n, dim, possibly empty) float32, ``weights[c]`` = w."""
-
-    positives: tuple[np.ndarray, ...]
-    negatives: tuple[np.ndarray, ...]
-    weights: tuple[float, ...]
-    name: ClassVar[str] = "score"
-    higher_is_better: ClassVar[bool] = False
-
-    def __len__(self) -> int:
-        return len(self.positives)
-
-    def _score(self, x: np.ndarray, sqnorm: np.ndarray, c: int) -> np.ndarray:
-        s = np.sqrt(_sq_dists(x, sqnorm, self.positives[c]).min(axis=1))
-        if len(self.negatives[c]) and self.weights[c]:
-            s -= self.weights[c] * np.sqrt(_sq_dists(x, sqnorm, self.negatives[c]).min(axis=1))
-        return s
-
-    def scores(self, block: Block) -> np.ndarray:
-        x = as_float32(block["fingerprint"])
-        sqnorm = block.get("sqnorm")
-        if sqnorm is None:
-            sqnorm = masked_sqnorm(x, block["valid"])
-        finite = np.where(np.isfinite(sqnorm), sqnorm, 0.0).astype(np.float32)
-        out = np.stack([self._score(x, finite, c) for c in range(len(self))], axis=1)
-        out[~np.isfinite(sqnorm)] = np.inf
-        return out
-
-    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
-        x = as_float32(block["fingerprint"][rows]).astype(np.float64)
-        sq = np.einsum("ij,ij->i", x, x)
-
-        def nearest(e: np.ndarray) -> np.ndarray:  # float64 expansion: memory (rows, examples)
-            return np.sqrt(_sq_dists(x, sq, e.astype(np.float64)).min(axis=1))
-
-        s = nearest(self.positives[j])
-        if len(self.negatives[j]) and self.weights[j]:
-            s -= self.weights[j] * nearest(self.negatives[j])
-        return s
-
-    def report(self, score: np.ndarray) -> np.ndarray:
-        return np.asarray(score, dtype=np.float64)
-
-    def internal(self, value: float) -> float:
-        return float(value)
-
-
-@dataclass(frozen=True)
-class PQScorer:
-    """The asymmetric product-quantization distance between each query (its look-up table,
-    ``tables`` float32 ``(m, subspaces, 256)``, :meth:`pipeline.codes.PQCodes.tables`) and the
-    block's PQ ``codes``: the first, approximate pass of ``search --codes`` with ``pq`` codes."""
-
-    tables: np.ndarray
-    name: ClassVar[str] = "distance"
-    higher_is_better: ClassVar[bool] = False
-
-    def __len__(self) -> int:
-        return len(self.tables)
-
-    def scores(self, block: Block) -> np.ndarray:
-        cols = block["code_cols"] if "code_cols" in block else codes.columns(block["codes"])
-        return codes.adc(cols, self.tables)
-
-    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
-        c = block["code_cols"][:, rows] if "code_cols" in block else codes.columns(block["codes"][rows])
-        return codes.adc(c, self.tables[j : j + 1])[:, 0].astype(np.float64)
-
-    def report(self, score: np.ndarray) -> np.ndarray:
-        return np.sqrt(np.maximum(score, 0.0))
-
-    def internal(self, value: float) -> float:
-        return float(value) ** 2
-
-
-def code_scorer(encoder: Any, queries: np.ndarray) -> HammingScorer | PQScorer:
-    """The first-pass scorer of ``search --codes`` for a store's codes ``encoder``
-    (:func:`pipeline.codes.encoder`) and float32 ``queries`` in its search space."""
-    if isinstance(encoder, codes.PQCodes):
-        return PQScorer(encoder.tables(queries))
-    return HammingScorer(encoder.encode(queries))
-
-
-@dataclass(frozen=True)
-class LinearScorer:
-    """A linear classifier ``p = sigmoid(x . coef + intercept)`` on (post-processed) fingerprints,
-    one column per model: ``coef`` (m, dim) float32, ``intercept`` (m,). The score is the negated
-    logit (lower is better, monotone in -p); results report the probability."""
-
-    coef: np.ndarray
-    intercept: np.ndarray
-    name: ClassVar[str] = "score"
-    higher_is_better: ClassVar[bool] = True
-
-    def __len__(self) -> int:
-        return len(self.coef)
-
-    def scores(self, block: Block) -> np.ndarray:
-        s = as_float32(block["fingerprint"]) @ -self.coef.T
-        s -= self.intercept[None, :].astype(np.float32)
-        return s
-
-    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
-        x = as_float32(block["fingerprint"][rows]).astype(np.float64)
-        return -(x @ self.coef[j].astype(np.float64) + float(self.intercept[j]))
-
-    def report(self, score: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(np.asarray(score, dtype=np.float64)))  # sigmoid(-score)
-
-    def internal(self, value: float) -> float:
-        """The score at or below which a tile's probability is at least ``value``."""
-        p = min(max(float(value), 1e-12), 1 - 1e-12)
-        return -float(np.log(p / (1 - p)))
-
-
-@dataclass(frozen=True)
-class HammingScorer:
-    """The Hamming distance between each query's binary code ``codes`` uint8 ``(m, B)`` and the
-    block's ``codes`` (:mod:`pipeline.codes`): the first, approximate pass of ``search --codes``,
-    whose candidates are then re-ranked exactly (:func:`rerank_block`)."""
-
-    codes: np.ndarray
-    name: ClassVar[str] = "hamming"
-    higher_is_better: ClassVar[bool] = False
-
-    def __len__(self) -> int:
-        return len(self.codes)
-
-    def scores(self, block: Block) -> np.ndarray:
-        if "code_words" in block:
-            return codes.hamming_words(block["code_words"], self.codes).astype(np.float32)
-        return codes.hamming(block["codes"], self.codes).astype(np.float32)
-
-    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
-        c = codes.rows_of_words(block["code_words"], rows) if "code_words" in block else block["codes"][rows]
-        return codes.hamming(c, self.codes[j : j + 1])[:, 0].astype(np.float64)
-
-    def candidates(self, scores: np.ndarray, k: int) -> list[np.ndarray]:
-        """Per column, rows that hold its ``k`` best (masked rows are +inf): a counting
-        selection over the small integer distances, then the exact selection on those."""
-        out = []
-        for j in range(scores.shape[1]):
-            col = scores[:, j]
-            ok = np.flatnonzero(np.isfinite(col))
-            out.append(ok[codes.smallest(col[ok].astype(np.int64), k)])
-        return out
-
-    def report(self, score: np.ndarray) -> np.ndarray:
-        return np.asarray(score, dtype=np.float64)
-
-    def internal(self, value: float) -> float:
-        return float(value)
-
-
 def rerank_block(block: Block, rows: np.ndarray, member: np.ndarray, scorer: Scorer, k: int) -> list[np.ndarray]:
     """The second pass of ``search --codes`` on one block: exact scores (``scorer.exact``) of
     the candidate ``rows`` of the block, ``member`` bool ``(len(rows), m)`` saying which query
@@ -575,71 +322,6 @@ def chunk_threshold(
     return out, counts
 
 
-def merge_threshold(
-    parts: Sequence[tuple[list[np.ndarray], np.ndarray]], limit: int
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Combine step of the threshold collection: the best ``limit`` and the summed counts."""
-    return merge_topk([p[0] for p in parts], limit), np.sum([p[1] for p in parts], axis=0)
-
-
-def finalize_threshold(part: tuple[list[np.ndarray], np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
-    return finalize(part[0]), part[1]
-
-
-def empty_threshold(m: int) -> tuple[list[np.ndarray], np.ndarray]:
-    return empty_results(m), np.zeros(m, dtype=np.int64)
-
-
-# --------------------------------------------------------------------------------------------
-# Top-k selection, merge, finalize: scorer-agnostic
-
-
-def select(score: np.ndarray, uid: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` smallest ``(score, uid)`` pairs among finite scores, unsorted."""
-    finite = np.flatnonzero(np.isfinite(score))
-    if len(finite) <= k:
-        return finite
-    part = finite[np.argpartition(score[finite], k - 1)[:k]]
-    threshold = score[part].max()
-    cand = finite[score[finite] <= threshold]  # ties at the boundary: decide by uid
-    if len(cand) == k:
-        return cand
-    return cand[np.lexsort((uid[cand], score[cand]))[:k]]
-
-
-def select_columns(scores: np.ndarray, uid: np.ndarray, k: int) -> list[np.ndarray]:
-    """:func:`select` for every column of ``scores`` (n, m), vectorized over the columns.
-
-    One ``argpartition`` along axis 0 serves all queries; a column falls back to the exact
-    per-column selection only when it has ties at its k-th value or fewer than k finite rows.
-    """
-    n, m = scores.shape
-    if n <= k:
-        return [select(scores[:, j], uid, k) for j in range(m)]
-    part = np.argpartition(scores, k - 1, axis=0)[:k]
-    kth = np.take_along_axis(scores, part, axis=0).max(axis=0)
-    exact = ((scores <= kth).sum(axis=0) == k) & np.isfinite(kth)
-    return [part[:, j] if exact[j] else select(scores[:, j], uid, k) for j in range(m)]
-
-
-def merge_topk(parts: Sequence[list[np.ndarray]], k: int) -> list[np.ndarray]:
-    """Combine step: the same unsorted top-k selection over several partial results."""
-    merged = []
-    for j in range(len(parts[0])):
-        cat = np.concatenate([p[j] for p in parts])
-        merged.append(cat[select(cat["score"], cat["uid"], k)])
-    return merged
-
-
-def finalize(part: list[np.ndarray]) -> list[np.ndarray]:
-    """Sort each column's results by (score, uid)."""
-    return [r[np.lexsort((r["uid"], r["score"]))] for r in part]
-
-
-def empty_results(m: int) -> list[np.ndarray]:
-    return [np.empty(0, RESULT_DTYPE) for _ in range(m)]
-
-
 def nms(res: np.ndarray, k: int, half_m: np.ndarray) -> np.ndarray:
     """Spatial non-maximum suppression: walk sorted results ``res`` and keep each one that does
     not overlap an already kept one, until ``k`` are kept."""
@@ -660,41 +342,6 @@ def nms(res: np.ndarray, k: int, half_m: np.ndarray) -> np.ndarray:
         keep.append(i)
     return res[keep]
 
-
-# --------------------------------------------------------------------------------------------
-# Blocks
-
-
-def as_float32(x: np.ndarray) -> np.ndarray:
-    """float32 view or copy (exact for float16). float16 goes through torch's vectorized
-    conversion when this process has already imported torch (measured on 2 cores, 8,192 x 512
-    blocks: 1.1 ms against NumPy's 4.7 ms), else through NumPy: importing torch costs 1-2 s,
-    more than a one-off search of a few million tiles saves. A persisted float16 index imports
-    it (:meth:`pipeline.search.index.SearchIndex.persist`), since each of its queries pays the
-    conversion again. Both give the same values."""
-    if x.dtype == np.float32:
-        return x
-    if x.dtype == np.float16 and "torch" in sys.modules:
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
-    return x.astype(np.float32)
-
-
-def use_torch_conversion() -> bool:
-    """Import torch, when installed, so that :func:`as_float32` converts float16 with it from now
-    on; whether it did."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def masked_sqnorm(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Squared norms of the rows of ``x`` (float32), +inf where ``valid`` is False."""
-    x = as_float32(x)
-    return np.where(valid, np.einsum("ij,ij->i", x, x), np.float32(np.inf))
 
 
 def make_block(
