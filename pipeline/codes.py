@@ -51,10 +51,10 @@ class BinaryCodes:
         if bits % 64 or bits <= 0:
             raise SearchError(f"--bits must be a positive multiple of 64, got {bits}")
         if bits > dim:
-            raise SearchError(
-                f"--bits {bits} exceeds the {dim} dimensions of the search space (ITQ rotates principal axes); "
-                f"use --bits {dim // 64 * 64 or 64} or less"
-            )
+            fix = f"use --bits {dim // 64 * 64} or less" if dim >= 64 else (
+                "binary codes need at least 64: fit the post-processing with --dims 64 or more, or use --codes pq")
+            raise SearchError(f"--bits {bits} exceeds the {dim} dimensions of the search space (ITQ rotates "
+                              f"principal axes); {fix}")  # fmt: skip
         if n < 2:
             raise SearchError(f"fitting codes needs at least 2 valid tiles, the store has {n}")
         mean = x.mean(axis=0)

@@ -158,7 +158,7 @@ class ClusterConfig:
     n_workers: int = 0  # local: processes (0 = min(2, cores)); kubernetes: workers; slurm/pbs: jobs (0 = 1)
     threads: int = 0  # threads: dask threads; local: threads per worker (0 = automatic)
     gpus: str = ""  # local-cuda: comma-separated GPU ids, "" = every visible GPU
-    kubernetes_spec: str = ""  # kubernetes: DaskCluster manifest ("" = deploy/kubernetes/daskcluster.yaml)
+    kubernetes_spec: str = ""  # kubernetes: DaskCluster manifest ("" = pipeline/cluster/daskcluster.yaml, shipped)
     jobqueue: dict[str, Any] = field(default_factory=dict)  # slurm/pbs: keyword arguments of SLURMCluster/PBSCluster
     progress: bool = True
     batches_in_flight: int = 2  # ingest: batches computed at once (the next starts before one ends)

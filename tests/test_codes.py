@@ -63,8 +63,10 @@ def test_itq_projection_is_orthonormal_and_codes_follow_the_signs():
     np.testing.assert_allclose(enc.projection.T @ enc.projection, np.eye(64), atol=1e-4)
     bits = np.unpackbits(enc.encode(x), axis=1, bitorder="little").astype(bool)
     np.testing.assert_array_equal(bits, (x - enc.mean) @ enc.projection > 0)
-    with pytest.raises(SearchError, match="exceeds the 96 dimensions"):
+    with pytest.raises(SearchError, match="exceeds the 96 dimensions.*use --bits 64 or less"):
         BinaryCodes.fit(x, 128)
+    with pytest.raises(SearchError, match="exceeds the 16 dimensions.*--dims 64 or more, or use --codes pq"):
+        BinaryCodes.fit(x[:, :16], 64)  # no binary code fits: the message must not suggest --bits 64
     with pytest.raises(SearchError, match="multiple of 64"):
         BinaryCodes.fit(x, 100)
 

@@ -334,6 +334,28 @@ def test_compact_drops_removed_replaced_and_padding_slots_and_keeps_uids(built, 
     assert open_store(path)["status"].values.astype(object).tolist().count("done") == 3
 
 
+def test_compact_carries_current_derived_arrays_sized_to_the_compacted_store(images, tmp_path):
+    """Padding is the only thing to drop (two ingests, nothing removed): DBA and the k-NN graph
+    stay current and come along, row for row by uid (they were created with the old slot count
+    and so read back as stale)."""
+    path, out = tmp_path / "s.zarr", tmp_path / "c.zarr"
+    cfg = _cfg(**{"store.batch_tiles": 1})
+    ingest([images / "a.tif"], path, cfg)
+    ingest([images], path, cfg)
+    assert (open_store(path)["image"].values < 0).any()  # padding between the two batches
+    assert main(["postprocess", "--store", str(path), "--method", "l2", "--dba", "2"]) == 0
+    assert main(["postprocess", "--store", str(path), "--knn", "3"]) == 0
+    assert main(["compact", "--store", str(path), "--out", str(out)]) == 0
+    ds, c = open_store(path), open_store(out)
+    assert c.sizes["tile"] < ds.sizes["tile"]
+    for name in ("fingerprint_dba", "knn_uid", "knn_sim"):
+        assert name in c and c[name].shape[0] == c.sizes["tile"], name
+        assert not schema.stale_reason(c, name), name
+        by_uid = dict(zip(ds["uid"].values[ds["valid"].values].tolist(), ds[name].values[ds["valid"].values]))
+        for u, row in zip(c["uid"].values[c["valid"].values].tolist(), c[name].values[c["valid"].values]):
+            np.testing.assert_array_equal(row, by_uid[u])
+
+
 def test_upkeep_refuses_while_an_ingest_runs_and_on_object_storage(built, capsys):
     from pipeline.lock import StoreLock
 
