@@ -27,7 +27,9 @@ Warnings print as ``aerial-search CMD: warning: ...``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -57,8 +59,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg.override(**dotted)
 
 
+ARGV_LOG = "AERIAL_SEARCH_ARGV_LOG"  # tests: a file each command line is appended to (tests/test_cli_flags.py)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # first, before any thread of the command allocates
+    if os.environ.get(ARGV_LOG):  # the test suite checks that its CLI runs use every flag
+        _log_argv(os.environ[ARGV_LOG], list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -77,6 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AerialSearchError, FileNotFoundError) as e:
         print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _log_argv(path: str, argv: list[str]) -> None:
+    """One JSON line per command line, appended in one write (O_APPEND: whole lines from any
+    number of processes)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps([str(a) for a in argv]) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -587,7 +587,9 @@ def embed_chunk(rgb: np.ndarray, ij: np.ndarray, spec: ModelSpec) -> np.ndarray:
 
 def fit_to_window(rgb: np.ndarray) -> np.ndarray:
     """A query image uint8 ``(3, h, w)`` as the model's window: resized so the shorter side is 256
-    (bilinear, antialiased), then centre-cropped to 256 x 256."""
+    (bilinear, antialiased), then centre-cropped to 256 x 256, exactly as torchvision's
+    ``Resize(256)`` + ``CenterCrop(256)``: the longer side truncated to ``int(256 * long / short)``,
+    the crop's offset rounded (this rounded both, which moved the crop by up to a pixel)."""
     import torch
     import torch.nn.functional as F
 
@@ -595,9 +597,8 @@ def fit_to_window(rgb: np.ndarray) -> np.ndarray:
     t = TILE
     if (h, w) == (t, t):
         return np.ascontiguousarray(rgb)
-    s = t / min(h, w)
-    nh, nw = max(t, round(h * s)), max(t, round(w * s))
+    nh, nw = (t, int(t * w / h)) if h <= w else (int(t * h / w), t)
     x = torch.from_numpy(np.ascontiguousarray(rgb)).float()[None]
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - t) // 2, (nw - t) // 2
+    top, left = int(round((nh - t) / 2.0)), int(round((nw - t) / 2.0))
     return x[:, top : top + t, left : left + t].round().clamp(0, 255).to(torch.uint8).numpy()

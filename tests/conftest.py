@@ -164,7 +164,7 @@ def cfg() -> Config:
     """Random weights (no download), small chunks so images span several chunks."""
     return Config().override(
         **{
-            "model.weights": "random",
+            "model.arch": "probe", "model.weights": "random",
             "model.batch_size": 16,
             "read.chunk_px": 384,
             "store.chunk_tiles": 16,
@@ -173,10 +173,36 @@ def cfg() -> Config:
     )
 
 
+FLAG_CHECK = "test_every_cli_flag_is_documented_and_run_by_the_suite"
+
+
+def pytest_configure(config):
+    """Every command line the suite runs (in this process and in subprocesses, which inherit the
+    variable) is logged for the flag check (tests/test_cli_flags.py)."""
+    import tempfile
+
+    from pipeline.cli import ARGV_LOG
+
+    if not os.environ.get(ARGV_LOG):
+        os.environ[ARGV_LOG] = str(Path(tempfile.mkdtemp(prefix="aerial-search-argv-")) / "argv.jsonl")
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "data_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.realdata)
+    # The flag check sees the command lines of the tests before it: it runs last, and only in a
+    # run of the whole suite (a selection would leave flags unused).
+    check = [item for item in items if item.name == FLAG_CHECK]
+    if check:
+        items.remove(check[0])
+        items.append(check[0])
+        files = {Path(str(item.fspath)).name for item in items}
+        every = {p.name for p in Path(__file__).parent.glob("test_*.py")}
+        if files != every or config.getoption("keyword"):
+            check[0].add_marker(pytest.mark.skip(reason="checks the flags of the whole suite's command lines: "
+                                                       "run the whole suite"))  # fmt: skip
 
 
 _DATA_SKIPS: list[str] = []

@@ -23,8 +23,8 @@ def test_ingest_and_info(tmp_path, capsys):
             str(img),
             "--store",
             str(tmp_path / "s.zarr"),
-            "--weights",
-            "random",
+            "--model",
+            "probe",
             "--config",
             str(cfgfile),
             "--dtype",
@@ -49,7 +49,7 @@ def test_ingest_and_info(tmp_path, capsys):
     assert ds["image_path"].values[0] == str(img.resolve())
     assert main(["info", "--store", str(tmp_path / "s.zarr"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["tiles"] == 9 and info["images_by_status"] == {"done": 1} and info["model"]["arch"] == "resnet18"
+    assert info["tiles"] == 9 and info["images_by_status"] == {"done": 1} and info["model"]["arch"] == "probe"
 
 
 def test_ingest_a_folder_of_jpeg_and_png_scenes(tmp_path, capsys):
@@ -64,7 +64,7 @@ def test_ingest_a_folder_of_jpeg_and_png_scenes(tmp_path, capsys):
         size = 120 if "tiny" in name else 256 + 40 * k
         Image.fromarray(np.ascontiguousarray(textured(size, size, seed=k).transpose(1, 2, 0))).save(path, quality=92)
         files.append(path)
-    common = ["--weights", "random", "--no-progress"]
+    common = ["--model", "probe", "--no-progress"]
     assert main(["ingest", str(tmp_path / "scenes"), "--store", str(tmp_path / "folder.zarr"), *common]) == 0
     assert "windows      3 (3 kept" in capsys.readouterr().out  # tiny.png is under one window
     assert main(["ingest", *map(str, files), "--store", str(tmp_path / "files.zarr"), *common]) == 0
@@ -76,7 +76,7 @@ def test_ingest_a_folder_of_jpeg_and_png_scenes(tmp_path, capsys):
 
 def test_errors_are_one_line_naming_the_file(tmp_path, capsys):
     grey = write_tif(tmp_path / "grey.tif", textured(300, 300, bands=1))
-    assert main(["ingest", str(grey), "--store", str(tmp_path / "s.zarr"), "--weights", "random"]) == 2
+    assert main(["ingest", str(grey), "--store", str(tmp_path / "s.zarr"), "--model", "probe"]) == 2
     err = capsys.readouterr().err
     assert "grey.tif" in err and "--bands 1,1,1" in err and "Traceback" not in err
     assert not (tmp_path / "s.zarr").exists()
@@ -112,8 +112,8 @@ def test_console_script_runs_with_local_cluster(tmp_path):
             str(img),
             "--store",
             str(tmp_path / "s.zarr"),
-            "--weights",
-            "random",
+            "--model",
+            "probe",
             "--scheduler",
             "local",
             "--workers",
@@ -138,7 +138,7 @@ def test_ingest_and_search_on_a_running_scheduler(tmp_path, capsys):
         addr = cluster.scheduler_address
         assert addr.startswith("tcp://")
         assert (
-            main(["ingest", str(img), "--store", str(tmp_path / "s.zarr"), "--weights", "random", "--scheduler", addr])
+            main(["ingest", str(img), "--store", str(tmp_path / "s.zarr"), "--model", "probe", "--scheduler", addr])
             == 0
         )
         out = capsys.readouterr()
@@ -154,7 +154,7 @@ def test_ingest_and_search_on_a_running_scheduler(tmp_path, capsys):
 def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, capsys, monkeypatch):
     img = write_tif(tmp_path / "img.tif", textured(512, 512, seed=6))
     store = str(tmp_path / "s.zarr")
-    assert main(["ingest", str(img), "--store", store, "--weights", "random", "--no-progress"]) == 0
+    assert main(["ingest", str(img), "--store", store, "--model", "probe", "--no-progress"]) == 0
     uid = str(int(open_store(store)["uid"].values[0]))
     (tmp_path / "plain").mkdir()
     bad_cfg = tmp_path / "bad.yaml"

@@ -1,6 +1,7 @@
 """Every documented flag through the command line, each checked by its effect read back from the
 store, the JSON output or a NumPy brute force (flags tested elsewhere are not repeated here:
-test_cli, test_search, test_upkeep, test_driver)."""
+test_cli, test_search, test_examples, test_upkeep, test_driver). The last test checks, from the
+parsers themselves, that the suite's command lines used every flag."""
 
 from __future__ import annotations
 
@@ -12,32 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import textured, write_tif
+from conftest import copy_store, textured, write_tif
 
-from pipeline import grid, open_store
+from pipeline import open_store
 from pipeline.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-PX = 0.5
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flags")
-    base = textured(900, 1300, seed=101)
-    write_tif(root / "a.tif", base[:, :768, :768], transform=(PX, 0, 400000.0, 0, -PX, 3300000.0))
-    write_tif(root / "b.tif", base[:, 100:740, 500:1268], transform=(PX, 0, 400250.0, 0, -PX, 3299950.0))
-    far = textured(512, 768, seed=102)
-    write_tif(root / "c_far.tif", far, transform=(PX, 0, 460000.0, 0, -PX, 3300000.0))
-    return root
+def archive(flights):
+    return flights
 
 
 @pytest.fixture(scope="module")
-def built(archive, tmp_path_factory):
-    path = tmp_path_factory.mktemp("flagstore") / "s.zarr"
-    assert main(["ingest", str(archive), "--store", str(path), "--weights", "random", "--chunk-px", "384",
-                 "--chunk-tiles", "8", "--no-progress"]) == 0  # fmt: skip
-    return path
+def built(flights, ingest_store):
+    return ingest_store(flights)
 
 
 def load(path):
@@ -95,8 +86,7 @@ def test_search_filters_bbox_images_diverse_and_uids_file(built, tmp_path):
 
 
 def test_search_raw_qe_alpha_and_split_every(built, tmp_path):
-    path = tmp_path / "p.zarr"
-    shutil.copytree(built, path)
+    path = copy_store(built, tmp_path / "p.zarr")
     assert main(["postprocess", "--store", str(path), "--method", "l2"]) == 0
     s = load(path)
     q = int(np.flatnonzero(s["valid"])[7])
@@ -125,9 +115,8 @@ def test_query_store_and_image_queries_with_resize(archive, built, tmp_path):
     from pipeline.render import read_tile
 
     other = tmp_path / "other.zarr"
-    assert (
-        main(["ingest", str(archive / "c_far.tif"), "--store", str(other), "--weights", "random", "--no-progress"]) == 0
-    )
+    assert main(["ingest", str(archive / "c_far.tif"), "--store", str(other), "--model", "probe", "--chunk-px", "384",
+                 "--no-progress"]) == 0  # fmt: skip
     o = load(other)
     t = int(np.flatnonzero(o["valid"])[2])
     doc = run_json(["search", "--store", str(built), "--query-store", str(other), "--uid", str(int(o["uid"][t])),
@@ -155,7 +144,7 @@ def test_query_store_and_image_queries_with_resize(archive, built, tmp_path):
     doc = run_json(["search", "--store", str(built), "--image", str(tmp_path / "big.png"), "-k", "5",
                     "--include-overlapping"], tmp_path)  # fmt: skip
     ref = F.center_crop(F.resize(torch.from_numpy(big).float(), 256, antialias=True), 256).round().clamp(0, 255)
-    fp = embed_batch(ref.to(torch.uint8).numpy()[None], ModelSpec(weights="random", torch_threads=1))[0]
+    fp = embed_batch(ref.to(torch.uint8).numpy()[None], ModelSpec(arch="probe", weights="random", torch_threads=1))[0]
     assert [r["uid"] for r in doc["results"]] == brute(s, fp, 5, np.ones(len(s["uid"]), bool))
 
 
@@ -165,9 +154,10 @@ def test_search_weights_names_a_copy_of_the_store_weights(archive, tmp_path, cap
 
     torch.manual_seed(3)
     w = tmp_path / "net.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), w)
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), w)  # a weights file: the subject here
     path = tmp_path / "s.zarr"
-    assert main(["ingest", str(archive / "c_far.tif"), "--store", str(path), "--weights", str(w), "--no-progress"]) == 0
+    assert main(["ingest", str(archive / "c_far.tif"), "--store", str(path), "--model", "squeezenet1_1", "--weights",
+                 str(w), "--no-progress"]) == 0  # fmt: skip
     s = load(path)
     q = int(np.flatnonzero(s["valid"])[1])
     from PIL import Image
@@ -186,7 +176,7 @@ def test_search_weights_names_a_copy_of_the_store_weights(archive, tmp_path, cap
     assert "pass --weights PATH" in capsys.readouterr().err
     doc = run_json([*base, "--weights", str(copy)], tmp_path)
     assert doc["results"][0]["uid"] == str(int(s["uid"][q])) and doc["results"][0]["distance"] < 1e-3
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), copy)  # another network
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), copy)  # another network
     capsys.readouterr()
     assert main([*base, "--weights", str(copy)]) == 2
     assert "sha256" in capsys.readouterr().err
@@ -196,7 +186,7 @@ def test_ingest_layout_and_model_flags_reach_the_store(archive, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("cluster:\n  progress: false\n")
     path = tmp_path / "s.zarr"
-    rc = main(["ingest", str(archive / "c_far.tif"), "--store", str(path), "--weights", "random", "--model", "resnet18",
+    rc = main(["ingest", str(archive / "c_far.tif"), "--store", str(path), "--weights", "random", "--model", "probe",
                "--bands", "3,2,1", "--black-level", "5", "--chunk-px", "256", "--chunk-tiles", "4", "--dtype", "float16",
                "--compressor", "none", "--batch-size", "4", "--device", "cpu", "--amp", "none", "--torch-threads", "1",
                "--threads", "1", "--scheduler", "threads", "--config", str(cfg), "-v"])  # fmt: skip
@@ -210,7 +200,7 @@ def test_ingest_layout_and_model_flags_reach_the_store(archive, tmp_path):
         4, "cpu", 1, 1)  # fmt: skip
     assert ds["fingerprint"].dtype == np.float16 and ds["fingerprint"].encoding["chunks"] == (4, 512)
     f = write_tif(tmp_path / "f.tif", (textured(300, 300, seed=6) / 255.0).astype("float32"))
-    assert main(["ingest", str(f), "--store", str(tmp_path / "f.zarr"), "--weights", "random", "--scale", "0,1"]) == 0
+    assert main(["ingest", str(f), "--store", str(tmp_path / "f.zarr"), "--model", "probe", "--scale", "0,1"]) == 0
     assert open_store(tmp_path / "f.zarr").attrs["preprocessing"]["scale"] == [0.0, 1.0]
 
 
@@ -218,7 +208,7 @@ def test_ingest_hash_overwrite_strict_and_exit_status(archive, tmp_path, capsys)
     path = tmp_path / "s.zarr"
     a = tmp_path / "a.tif"
     shutil.copy(archive / "a.tif", a)
-    base = ["ingest", "--store", str(path), "--weights", "random", "--no-progress"]
+    base = ["ingest", "--store", str(path), "--model", "probe", "--no-progress"]
     assert main([*base[:1], str(a), *base[1:], "--hash"]) == 0
     assert open_store(path)["sha256"].values.astype(object)[0]
     os.utime(a, (5, 5))  # touched, same bytes: unchanged by content
@@ -238,8 +228,7 @@ def test_ingest_hash_overwrite_strict_and_exit_status(archive, tmp_path, capsys)
 
 
 def test_postprocess_pca_dims_sample_and_info(built, tmp_path, capsys):
-    path = tmp_path / "p.zarr"
-    shutil.copytree(built, path)
+    path = copy_store(built, tmp_path / "p.zarr")
     assert main(["postprocess", "--store", str(path), "--method", "pca", "--dims", "8", "--sample", "40"]) == 0
     ds = open_store(path)
     assert ds["post_projection"].shape == (512, 8) and ds.attrs["postprocess"]["fitted_on_tiles"] == 40
@@ -253,7 +242,7 @@ def test_relocate_dry_run_changes_nothing(archive, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(archive, src)
     path = tmp_path / "s.zarr"
-    assert main(["ingest", str(src / "c_far.tif"), "--store", str(path), "--weights", "random", "--no-progress"]) == 0
+    assert main(["ingest", str(src / "c_far.tif"), "--store", str(path), "--model", "probe", "--no-progress"]) == 0
     moved = tmp_path / "moved"
     shutil.copytree(src, moved)
     capsys.readouterr()
@@ -272,7 +261,7 @@ def test_evaluate_tune_picks_on_one_half(tmp_path):
                 tmp_path / "set" / c / f"{i}.png"
             )
     out = tmp_path / "ev"
-    assert main(["evaluate", str(tmp_path / "set"), "--weights", "random", "--model", "resnet18", "--options", "l2",
+    assert main(["evaluate", str(tmp_path / "set"), "--weights", "random", "--model", "probe", "--options", "l2",
                  "--tune", "--out", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "metrics.json").read_text())
     grid = [t["options"] for t in report["tuning"]["grid"]]  # 18 post/DBA/QE settings + 18 diffusion ones
@@ -290,7 +279,7 @@ def test_demo_runs_end_to_end_on_local_samples(archive, tmp_path, monkeypatch, c
     samples = [archive / "a.tif", archive / "b.tif", archive / "c_far.tif"]
     monkeypatch.setattr(demo, "sample_images", lambda dest=None: samples)
     out = tmp_path / "d"
-    assert main(["demo", "--out", str(out), "--model", "resnet18", "--weights", "random", "-k", "4"]) == 0
+    assert main(["demo", "--out", str(out), "--model", "probe", "--weights", "random", "-k", "4"]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert len(doc["results"]) == 4 and (out / "sheet.png").stat().st_size > 0
     s = load(out / "demo.zarr")
@@ -317,11 +306,228 @@ def test_weights_fetch_dest(tmp_path, capsys):
     assert (dest / "squeezenet1_1-imagenet.pth").read_bytes() == b"built earlier"
 
 
-def test_every_documented_flag_is_exercised_by_a_cli_test():
-    """Each flag of README's command-line block appears in a test that runs the CLI."""
-    block = README.read_text().split("## Command line", 1)[1].split("```", 2)[1]
-    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*|-k)\b", block))
-    tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
-    missing = sorted(f for f in flags if f'"{f}"' not in tests and f'"{f}=' not in tests and f"{f}=" not in tests)
-    assert not missing, missing
-    assert grid.TILE == 256
+def _sigmoid_ranking(s, coef, intercept, allowed, k):
+    p = 1 / (1 + np.exp(-(s["x"] @ coef + intercept)))
+    idx = np.flatnonzero(allowed & s["valid"])
+    return idx[np.lexsort((s["uid"][idx], -p[idx]))][:k], p
+
+
+def test_classify_seed_raw_filters_and_outputs(built, tmp_path):
+    """classify's own flags: --seed draws the background (same seed, same model), --raw fits on
+    raw fingerprints, the filters and --diverse shape the ranking by the saved model's
+    probability (a NumPy oracle), --include-overlapping lets example tiles back in, and the
+    outputs (--geojson, --geoparquet, --dissolve, --pixel-coords, --sheet) hold the results."""
+    import geopandas as gpd
+
+    path = copy_store(built, tmp_path / "h.zarr")
+    assert main(["postprocess", "--store", str(path), "--method", "hellinger"]) == 0
+    s = load(path)
+    in_a = np.flatnonzero(s["valid"] & (s["image"] == 0))
+    pos = [int(s["uid"][in_a[0]]), int(s["uid"][in_a[-1]])]
+    neg = int(s["uid"][np.flatnonzero(s["valid"] & (s["image"] == 2))[3]])
+    base = ["classify", "--store", str(path), "--positive", str(pos[0]), "--positive", str(pos[1]), "--negative",
+            str(neg), "--background", "30"]  # fmt: skip
+    saved = []
+    for extra in (["--seed", "1"], ["--seed", "1"], ["--seed", "2"], ["--seed", "1", "--raw"]):
+        m = tmp_path / f"m{len(saved)}.json"
+        assert main([*base, *extra, "-k", "3", "--save", str(m)]) == 0
+        saved.append(json.loads(m.read_text()))
+    assert saved[0]["coef"] == saved[1]["coef"] and saved[0]["coef"] != saved[2]["coef"]
+    assert saved[0]["signature"]["postprocess"]["method"] == "hellinger" and saved[3]["signature"]["postprocess"] is None
+    x = s["fingerprint"].astype(np.float64)
+    s["x"] = np.sign(x) * np.sqrt(np.abs(x))
+    s["x"] /= np.linalg.norm(s["x"], axis=1, keepdims=True).clip(1e-12)
+    coef, intercept = np.asarray(saved[0]["coef"]), saved[0]["intercept"]
+    near = ~np.any([overlaps(s, int(np.flatnonzero(s["uid"] == u)[0])) for u in [*pos, neg]], axis=0)
+    lon = s["lon"][s["valid"] & np.isfinite(s["lon"])]
+    w, e = float(lon.min()), float(np.quantile(lon, 0.7))
+    out = {n: tmp_path / f"c.{n}" for n in ("json", "geojson", "parquet", "png")}
+    assert main([*base, "--seed", "1", "-k", "5", f"--bbox={w},-90,{e},90", "--images", "*.tif", "--diverse",
+                 "--json", str(out["json"]), "--geojson", str(out["geojson"]), "--geoparquet", str(out["parquet"]),
+                 "--sheet", str(out["png"])]) == 0  # fmt: skip
+    doc = json.loads(out["json"].read_text())
+    inside = (s["lon"] >= w) & (s["lon"] <= e)
+    got = [int(r["uid"]) for r in doc["results"]]
+    slots = [int(np.flatnonzero(s["uid"] == u)[0]) for u in got]
+    assert len(got) == 5 and inside[slots].all() and near[slots].all()
+    assert not any(overlaps(s, a)[b] for i, a in enumerate(slots) for b in slots[i + 1 :])  # --diverse
+    ranked, p = _sigmoid_ranking(s, coef, intercept, near & inside, 100)
+    np.testing.assert_allclose([r["score"] for r in doc["results"]], p[slots], rtol=1e-5)
+    assert list(ranked[:1]) == slots[:1]  # the best tile is the oracle's best
+    features = json.loads(out["geojson"].read_text())["features"]
+    assert [f["properties"]["uid"] for f in features] == [r["uid"] for r in doc["results"]]
+    assert gpd.read_parquet(out["parquet"])["uid"].tolist() == [r["uid"] for r in doc["results"]]
+    assert out["png"].stat().st_size > 10_000
+    # --include-overlapping: with --min-score 0 every allowed tile passes; the examples' tiles too
+    counts = {}
+    for extra in ([], ["--include-overlapping"]):
+        assert main([*base, "--seed", "1", "--min-score", "0", "--limit", "5", *extra, "--json", str(out["json"])]) == 0
+        counts[bool(extra)] = json.loads(out["json"].read_text())["total_passed"]
+    assert counts == {False: int((near & s["valid"]).sum()), True: int(s["valid"].sum())}
+    # --dissolve merges touching hits per image; --pixel-coords keeps the hits of images without a CRS
+    nocrs = ["--images", "e_nocrs*", "-k", "6", "--geojson", str(out["geojson"])]
+    assert main([*base, *nocrs]) == 0
+    assert json.loads(out["geojson"].read_text())["features"] == []  # no CRS: left out
+    assert main([*base, *nocrs, "--pixel-coords", "--dissolve"]) == 0
+    feats = json.loads(out["geojson"].read_text())["features"]
+    assert feats and sum(f["properties"]["hits"] for f in feats) == 6 and len(feats) < 6
+
+
+def test_heatmap_queries_lonlat_image_examples_raw(built, flights, tmp_path):
+    """heatmap's query flags, each map checked pixel by pixel against a NumPy oracle of the same
+    query (--raw: the raw fingerprints, not the store's post-processing)."""
+    import rasterio
+    from PIL import Image
+
+    from pipeline.render import read_tile
+
+    path = copy_store(built, tmp_path / "h.zarr")
+    assert main(["postprocess", "--store", str(path), "--method", "l2"]) == 0
+    s = load(path)
+    a = np.flatnonzero(s["valid"] & (s["image"] == 0))
+    t = int(a[6])
+
+    def grid_of(out: Path) -> np.ndarray:
+        with rasterio.open(out / "a.tif") as src:
+            return src.read(1)
+
+    def oracle(score: np.ndarray) -> np.ndarray:
+        mine = s["image"] == 0
+        g = np.full((int(s["row"][mine].max()) // 128 + 1, int(s["col"][mine].max()) // 128 + 1), np.nan)
+        for i in np.flatnonzero(mine & s["valid"]):
+            g[s["row"][i] // 128, s["col"][i] // 128] = score[i]
+        return g
+
+    x = s["fingerprint"].astype(np.float64)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    run = lambda out, *q: main(["heatmap", "--store", str(path), "--out", str(tmp_path / out), *q])  # noqa: E731
+    assert run("lonlat", f"--lonlat={s['lon'][t]},{s['lat'][t]}") == 0
+    np.testing.assert_allclose(grid_of(tmp_path / "lonlat"), oracle(np.linalg.norm(xn - xn[t], axis=1)), atol=1e-4)
+    Image.fromarray(read_tile(str(flights / "a.tif"), int(s["row"][t]), int(s["col"][t])).transpose(1, 2, 0)).save(
+        tmp_path / "q.png")  # fmt: skip
+    assert run("image", "--image", str(tmp_path / "q.png"), "--raw") == 0
+    np.testing.assert_allclose(grid_of(tmp_path / "image"), oracle(np.linalg.norm(x - x[t], axis=1)), atol=1e-3)
+    p1, p2, n1 = int(a[0]), int(a[-1]), int(np.flatnonzero(s["valid"] & (s["image"] == 2))[2])
+    near = lambda e: np.sqrt(((xn[:, None, :] - xn[e][None]) ** 2).sum(-1)).min(axis=1)  # noqa: E731
+    want = oracle(near([p1, p2]) - 0.3 * near([n1]))
+    assert run("nearest", "--positive", str(int(s["uid"][p1])), "--positive", str(int(s["uid"][p2])), "--negative",
+               str(int(s["uid"][n1])), "--score", "nearest", "--negative-weight", "0.3") == 0  # fmt: skip
+    np.testing.assert_allclose(grid_of(tmp_path / "nearest"), want, atol=1e-4)
+    (tmp_path / "ex.csv").write_text(f"uid,label\n{int(s['uid'][p1])},positive\n{int(s['uid'][p2])},positive\n"
+                                     f"{int(s['uid'][n1])},negative\n")  # fmt: skip
+    assert run("file", "--examples", str(tmp_path / "ex.csv"), "--score", "nearest", "--negative-weight", "0.3") == 0
+    np.testing.assert_array_equal(grid_of(tmp_path / "file"), grid_of(tmp_path / "nearest"))
+
+
+def test_heatmap_image_query_with_a_copy_of_the_stores_weights(flights, tmp_path, capsys):
+    """heatmap --image --weights: the store's weights file is gone; a copy is named (by sha256)."""
+    import rasterio
+    import torch
+    import torchvision
+    from PIL import Image
+
+    from pipeline.render import read_tile
+
+    torch.manual_seed(4)
+    w = tmp_path / "net.pth"
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), w)
+    path = tmp_path / "s.zarr"
+    assert main(["ingest", str(flights / "c_far.tif"), "--store", str(path), "--model", "squeezenet1_1", "--weights",
+                 str(w), "--no-progress"]) == 0  # fmt: skip
+    s = load(path)
+    q = int(np.flatnonzero(s["valid"])[4])
+    Image.fromarray(read_tile(str(flights / "c_far.tif"), int(s["row"][q]), int(s["col"][q])).transpose(1, 2, 0)).save(
+        tmp_path / "q.png")  # fmt: skip
+    copy = tmp_path / "copy.pth"
+    shutil.move(w, copy)
+    out = tmp_path / "hm"
+    assert main(["heatmap", "--store", str(path), "--image", str(tmp_path / "q.png"), "--out", str(out)]) == 2
+    assert "--weights" in capsys.readouterr().err
+    assert main(["heatmap", "--store", str(path), "--image", str(tmp_path / "q.png"), "--weights", str(copy),
+                 "--out", str(out)]) == 0  # fmt: skip
+    with rasterio.open(out / "c_far.tif") as src:
+        values = src.read(1)
+    assert values[s["row"][q] // 128, s["col"][q] // 128] < 1e-3 and np.nanmin(values) >= 0
+
+
+def test_evaluate_model_flags_give_the_same_rankings(tmp_path, capsys):
+    """evaluate's model flags (--device, --batch-size, --torch-threads, --amp) change how the
+    fingerprints are computed, not what they are: the metrics equal the default run's; --amp
+    on the CPU says it applies to CUDA only."""
+    from PIL import Image
+
+    for c, seed in (("fields", 1), ("roofs", 2)):
+        (tmp_path / "set" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(textured(256, 256, seed=seed * 10 + i).transpose(1, 2, 0)).save(tmp_path / "set" / c / f"{i}.png")
+    runs = {}
+    for name, extra in (("default", []), ("flags", ["--device", "cpu", "--batch-size", "3", "--torch-threads", "1",
+                                                    "--amp", "bf16"])):  # fmt: skip
+        out = tmp_path / name
+        assert main(["evaluate", str(tmp_path / "set"), "--model", "probe", "--options", "none", "--out", str(out),
+                     *extra]) == 0  # fmt: skip
+        runs[name] = json.loads((out / "metrics.json").read_text())["runs"]
+    assert "CUDA only" in capsys.readouterr().err
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    assert strip(runs["flags"]) == strip(runs["default"])
+
+
+def _subcommands(parser) -> dict[str, object]:
+    """Every (sub)command's parser by its path: ``{"search": ..., "weights fetch": ...}``."""
+    import argparse
+
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                inner = _subcommands(sub)
+                out.update({f"{name} {k}": v for k, v in inner.items()} if inner else {name: sub})
+    return out
+
+
+def _options(sub) -> set[str]:
+    return {o for a in sub._actions for o in a.option_strings if o not in ("-h", "--help")}
+
+
+def test_every_cli_flag_is_documented_and_run_by_the_suite():
+    """The flags come from the argparse parsers themselves. Each is documented in README, README's
+    command-line block names no flag the parsers lack, and each is used by at least one command
+    line that the suite really ran (``pipeline.cli.main`` logs every one to $AERIAL_SEARCH_ARGV_LOG,
+    in this process and in subprocesses; conftest runs this test last). Flags of the shared
+    groups (``--config``, ``--verbose``, the scheduler flags) count once for all commands."""
+    import argparse
+    import os
+
+    from pipeline.cli import ARGV_LOG, build_parser
+    from pipeline.commands.common import add_cluster, add_common
+
+    commands = _subcommands(build_parser())
+    shared = argparse.ArgumentParser()
+    add_common(shared)
+    add_cluster(shared)
+    shared_flags = _options(shared)
+    readme = README.read_text()
+    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    every = set().union(*(_options(sub) for sub in commands.values()))
+    assert sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*|-k)\b", block)) - every) == []  # no stale docs
+    undocumented = sorted(f for f in every if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", readme))
+    assert undocumented == [], undocumented
+    assert set(commands) >= {"ingest", "search", "classify", "heatmap", "serve", "info", "postprocess", "remove",
+                             "relocate", "compact", "migrate", "evaluate", "demo", "weights fetch"}  # fmt: skip
+    used: dict[str, set[str]] = {name: set() for name in commands}
+    runs = [json.loads(line) for line in Path(os.environ[ARGV_LOG]).read_text().splitlines() if line.strip()]
+    for argv in runs:
+        words = [a for a in argv if not a.startswith("-")]
+        name = " ".join(words[:2]) if " ".join(words[:2]) in commands else (words[0] if words else "")
+        if name not in commands:
+            continue
+        options = commands[name]._option_string_actions
+        for token in argv:
+            action = options.get(token.split("=", 1)[0]) if token.startswith("-") else None
+            if action is not None:
+                used[name] |= set(action.option_strings)
+    shared_used = set().union(*used.values()) & shared_flags
+    missing = {name: sorted(_options(sub) - used[name] - (shared_flags & shared_used) - {"--help"})
+               for name, sub in commands.items()}  # fmt: skip
+    missing = {k: v for k, v in missing.items() if v}
+    assert missing == {}, f"flags no command line of the suite used (of {len(runs)} runs): {missing}"

@@ -29,7 +29,7 @@ def coded(tmp_path_factory):
     write_tif(root / "b.tif", base[:, 100:740, 500:1268], transform=(PX, 0, 400250.0, 0, -PX, 3299950.0))
     write_tif(root / "c.tif", textured(512, 768, seed=202), transform=(PX, 0, 460000.0, 0, -PX, 3300000.0))
     path = root / "s.zarr"
-    assert main(["ingest", str(root / "a.tif"), str(root / "c.tif"), "--store", str(path), "--weights", "random",
+    assert main(["ingest", str(root / "a.tif"), str(root / "c.tif"), "--store", str(path), "--model", "probe",
                  "--chunk-px", "384", "--chunk-tiles", "8", "--no-progress"]) == 0  # fmt: skip
     assert main(["postprocess", "--store", str(path), "--codes", "binary", "--bits", "128"]) == 0
     return root, path
@@ -138,7 +138,7 @@ def test_codes_follow_the_store_growth_and_are_marked_stale(coded, tmp_path, cap
     root, built = coded
     path = tmp_path / "g.zarr"
     shutil.copytree(built, path)
-    assert main(["ingest", str(root / "b.tif"), "--store", str(path), "--weights", "random", "--chunk-px", "384",
+    assert main(["ingest", str(root / "b.tif"), "--store", str(path), "--model", "probe", "--chunk-px", "384",
                  "--no-progress"]) == 0  # fmt: skip
     ds = open_store(path)
     assert ds["codes"].shape[0] == ds.sizes["tile"]

@@ -103,7 +103,7 @@ def test_ingest_decoder_setting_through_the_cli(images, tmp_path):
     for name, extra in (("auto", []), ("gdal", ["--config", str(gdal_cfg)])):
         stores[name] = tmp_path / f"{name}.zarr"
         assert main(["ingest", str(images["png"]), str(images["jpeg444"]), "--store", str(stores[name]),
-                     "--weights", "random", "--no-progress", *extra]) == 0  # fmt: skip
+                     "--model", "probe", "--no-progress", *extra]) == 0  # fmt: skip
     auto, gdal = (open_store(stores[k]) for k in ("auto", "gdal"))
     assert gdal.attrs["config"]["read"]["decoder"] == "gdal" and auto.attrs["config"]["read"]["decoder"] == "auto"
     np.testing.assert_array_equal(auto["uid"].values, gdal["uid"].values)
@@ -161,27 +161,27 @@ def test_a_grown_store_keeps_the_decoder_that_made_it(images, tmp_path, capsys):
     gdal_cfg = tmp_path / "gdal.yaml"
     gdal_cfg.write_text("read:\n  decoder: gdal\ncluster:\n  progress: false\n")
     s = tmp_path / "s.zarr"
-    assert main(["ingest", str(images["jpeg"]), "--store", str(s), "--weights", "random", "--no-progress",
+    assert main(["ingest", str(images["jpeg"]), "--store", str(s), "--model", "probe", "--no-progress",
                  "--config", str(gdal_cfg)]) == 0  # fmt: skip
     capsys.readouterr()
-    assert main(["ingest", str(copy), "--store", str(s), "--weights", "random", "--no-progress"]) == 0
+    assert main(["ingest", str(copy), "--store", str(s), "--model", "probe", "--no-progress"]) == 0
     assert "was read with read.decoder: gdal; this run reads with gdal too" in capsys.readouterr().err
     ds = open_store(s)
     assert ds.attrs["config"]["read"]["decoder"] == "gdal"
     fp, image = ds["fingerprint"].values, ds["image"].values
     np.testing.assert_array_equal(fp[image == 1], fp[image == 0])
     auto = tmp_path / "auto.zarr"  # the copy read with Pillow: not the store's fingerprints
-    assert main(["ingest", str(copy), "--store", str(auto), "--weights", "random", "--no-progress"]) == 0
+    assert main(["ingest", str(copy), "--store", str(auto), "--model", "probe", "--no-progress"]) == 0
     assert np.abs(open_store(auto)["fingerprint"].values - fp[image == 0]).max() > 1e-3
 
     old = tmp_path / "old.zarr"  # as stores were before read.decoder: no decoder recorded
-    assert main(["ingest", str(images["jpeg"]), "--store", str(old), "--weights", "random", "--no-progress",
+    assert main(["ingest", str(images["jpeg"]), "--store", str(old), "--model", "probe", "--no-progress",
                  "--config", str(gdal_cfg)]) == 0  # fmt: skip
     config = open_store(old).attrs["config"]
     del config["read"]["decoder"]
     set_attrs(old, config=config)
     capsys.readouterr()
-    assert main(["ingest", str(copy), "--store", str(old), "--weights", "random", "--no-progress"]) == 0
+    assert main(["ingest", str(copy), "--store", str(old), "--model", "probe", "--no-progress"]) == 0
     assert "was read with read.decoder: gdal" in capsys.readouterr().err
     ds = open_store(old)
     np.testing.assert_array_equal(ds["fingerprint"].values[ds["image"].values == 1], fp[image == 0])

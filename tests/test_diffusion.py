@@ -57,9 +57,9 @@ def chips(tmp_path_factory):
     """A store of 30 single-window images without a CRS (no tile overlaps another) and 5-NN."""
     root = tmp_path_factory.mktemp("chips")
     for i in range(30):
-        write_tif(root / f"c{i:02d}.tif", textured(256, 256, seed=300 + i % 6), crs=None, transform=None)
+        write_tif(root / f"c{i:02d}.tif", textured(256, 256, seed=300 + i), crs=None, transform=None)
     path = root / "s.zarr"
-    assert main(["ingest", str(root), "--store", str(path), "--weights", "random", "--no-progress"]) == 0
+    assert main(["ingest", str(root), "--store", str(path), "--model", "probe", "--no-progress"]) == 0
     assert main(["postprocess", "--store", str(path), "--method", "l2", "--knn", "5"]) == 0
     return root, path
 
@@ -122,7 +122,7 @@ def test_the_graph_follows_growth_is_marked_stale_and_rebuilt(chips, tmp_path, c
     path = tmp_path / "g.zarr"
     shutil.copytree(built, path)
     extra = write_tif(tmp_path / "new.tif", textured(256, 256, seed=399), crs=None, transform=None)
-    assert main(["ingest", str(extra), "--store", str(path), "--weights", "random", "--no-progress"]) == 0
+    assert main(["ingest", str(extra), "--store", str(path), "--model", "probe", "--no-progress"]) == 0
     ds = open_store(path)
     assert ds["knn_uid"].shape[0] == ds.sizes["tile"]
     uid = str(int(ds["uid"].values[0]))
@@ -168,7 +168,7 @@ def test_evaluate_diffusion_alpha_and_tune_through_the_cli(tmp_path):
             px = textured(256, 256, seed=500 + c * 10 + i % 2).transpose(1, 2, 0)
             Image.fromarray(px).save(tmp_path / "set" / f"class{c}" / f"{i}.png")
     out = tmp_path / "ev"
-    assert main(["evaluate", str(tmp_path / "set"), "--weights", "random", "--options", "l2", "l2+diffusion3",
+    assert main(["evaluate", str(tmp_path / "set"), "--model", "probe", "--options", "l2", "l2+diffusion3",
                  "--diffusion-alpha", "0.7", "--tune", "--out", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "metrics.json").read_text())
     labels = [r["options"] for r in report["runs"]]

@@ -139,3 +139,14 @@ def test_local_copy_of_torchvision_imagenet_file_is_recognised(tmp_path, monkeyp
     named.write_bytes(path.read_bytes())
     wid = embed.describe_weights("resnet18", str(named))["weights_id"]
     assert wid.startswith("torchvision:ResNet18_Weights.IMAGENET1K_V1 (file:")
+
+
+@pytest.mark.parametrize("h,w", [(384, 640), (640, 384), (300, 301), (257, 1000), (200, 500), (999, 333)])
+def test_query_images_are_resized_and_cropped_like_torchvision(h, w):
+    """The query-image rule is torchvision's Resize(256) + CenterCrop(256), called directly here
+    (the longer side truncated, the crop offset rounded)."""
+    import torchvision.transforms.functional as F
+
+    rgb = np.random.default_rng(h * w).integers(0, 256, (3, h, w), dtype=np.uint8)
+    ref = F.center_crop(F.resize(torch.from_numpy(rgb).float(), 256, antialias=True), 256)
+    np.testing.assert_array_equal(embed.fit_to_window(rgb), ref.round().clamp(0, 255).to(torch.uint8).numpy())

@@ -115,11 +115,11 @@ def test_evaluate_three_ucmerced_classes_end_to_end(data_dir, tmp_path):
         for p in sorted((data_dir / "ucmerced" / c).iterdir())[:12]:
             (root / c / p.name).symlink_to(p)
     out = tmp_path / "ev"
-    assert main(["evaluate", str(root), "--weights", "random", "--options", "none", "l2", "--out", str(out)]) == 0
+    assert main(["evaluate", str(root), "--model", "probe", "--options", "none", "l2", "--out", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["images"] == 36 and report["classes"] == ["airplane", "beach", "forest"]
     paths, labels, _ = evaluate.list_dataset(root)
-    raw = evaluate.fingerprint_images(paths, ModelSpec(weights="random"))
+    raw = evaluate.fingerprint_images(paths, ModelSpec(arch="probe", weights="random"))
     for run, x in zip(report["runs"], (raw, raw / np.linalg.norm(raw, axis=1, keepdims=True))):
         ref_map, ref_p = hand_map(numpy_rankings(x), labels)
         assert run["mAP"] == pytest.approx(ref_map, abs=1e-6) and run["P@5"] == pytest.approx(ref_p[5])
@@ -150,9 +150,9 @@ def test_evaluate_without_options_runs_the_default(tmp_path, capsys):
             px = textured(256, 256, seed=seed * 10 + i)
             Image.fromarray(px.transpose(1, 2, 0)).save(tmp_path / "set" / c / f"{i}.png")
     out = tmp_path / "ev"
-    assert main(["evaluate", str(tmp_path / "set"), "--weights", "random", "--out", str(out)]) == 0
+    assert main(["evaluate", str(tmp_path / "set"), "--model", "probe", "--out", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert [r["options"] for r in report["runs"]] == ["none"] and report["images"] == 6
     capsys.readouterr()
-    assert main(["evaluate", str(tmp_path / "nothing"), "--weights", "random"]) == 2
+    assert main(["evaluate", str(tmp_path / "nothing"), "--model", "probe"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def archive(tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(archive, tmp_path_factory):
     path = tmp_path_factory.mktemp("exstore") / "s.zarr"
-    cfg = Config().override(**{"model.weights": "random", "read.chunk_px": 384, "store.chunk_tiles": 8,
+    cfg = Config().override(**{"model.arch": "probe", "model.weights": "random", "read.chunk_px": 384, "store.chunk_tiles": 8,
                                "cluster.progress": False})  # fmt: skip
     ingest([archive], path, cfg)
     return path
@@ -370,7 +370,7 @@ def test_classify_save_load_threshold_and_refusals(store, archive, tmp_path, cap
     ]
     # a model from another store's fingerprints is refused
     other = tmp_path / "o.zarr"
-    ingest([archive / "a.tif"], other, Config().override(**{"model.weights": "random", "model.arch": "resnet34",
+    ingest([archive / "a.tif"], other, Config().override(**{"model.arch": "standin",
                                                             "cluster.progress": False}))  # fmt: skip
     capsys.readouterr()
     assert main(["classify", "--store", str(other), "--load", str(model)]) == 2
@@ -394,7 +394,7 @@ def test_evaluate_example_sets_through_the_cli(tmp_path):
                 tmp_path / "set" / c / f"{i}.png"
             )
     out = tmp_path / "ev"
-    assert main(["evaluate", str(tmp_path / "set"), "--weights", "random", "--options", "l2", "--n-examples", "2",
+    assert main(["evaluate", str(tmp_path / "set"), "--model", "probe", "--options", "l2", "--n-examples", "2",
                  "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads((out / "metrics.json").read_text())["examples"]
     assert [r["method"] for r in rows] == ["single", "centroid", "nearest", "classifier"]

@@ -30,7 +30,7 @@ def clean(images, tmp_path_factory):
     from pipeline.config import Config
 
     cfg = Config().override(**{
-        "model.weights": "random", "read.chunk_px": 256, "store.chunk_tiles": 4, "store.batch_tiles": 8,
+        "model.arch": "probe", "model.weights": "random", "read.chunk_px": 256, "store.chunk_tiles": 4, "store.batch_tiles": 8,
         "cluster.progress": False,
     })  # fmt: skip
     path = tmp_path_factory.mktemp("clean") / "clean.zarr"
@@ -66,7 +66,7 @@ def test_client_killed_mid_run_resumes_without_recomputing(images, clean, tmp_pa
     target = tmp_path / "c.zarr"
     script = textwrap.dedent(f"""
         from pipeline import Config, ingest
-        cfg = Config().override(**{{"model.weights": "random", "read.chunk_px": 256, "store.chunk_tiles": 4,
+        cfg = Config().override(**{{"model.arch": "probe", "model.weights": "random", "read.chunk_px": 256, "store.chunk_tiles": 4,
                                     "store.batch_tiles": 8, "cluster.progress": False}})
         ingest([{str(images)!r}], {str(target)!r}, cfg)
     """)

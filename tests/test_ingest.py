@@ -427,3 +427,29 @@ def test_content_hash_option_ignores_touched_but_unchanged_files(tmp_path, cfg):
     assert ingest([a], plain, cfg).replaced == 1  # by size + mtime: changed
     write_tif(a, textured(512, 512, seed=2))
     assert ingest([a], target, hashed).replaced == 1
+
+
+def test_a_grown_store_keeps_its_layout(flights, tmp_path, capsys):
+    """Adding images with the default --chunk-px/--chunk-tiles to a store laid out otherwise: the
+    store's layout is used (with a warning), so the new tiles are found by uid and batches pad
+    to the store's chunks (the run's own layout made 10 of 15 new tiles unfindable and padded
+    to 8,192 slots)."""
+    from pipeline.cli import main
+    from pipeline.search import SearchIndex
+
+    grown, once = tmp_path / "g.zarr", tmp_path / "o.zarr"
+    layout = ["--model", "probe", "--chunk-px", "384", "--chunk-tiles", "8", "--no-progress"]
+    assert main(["ingest", str(flights / "a.tif"), "--store", str(grown), *layout]) == 0
+    capsys.readouterr()
+    assert main(["ingest", str(flights / "b.tif"), "--store", str(grown), "--model", "probe", "--no-progress"]) == 0
+    assert "laid out with --chunk-tiles 8 --chunk-px 384" in capsys.readouterr().err
+    assert main(["ingest", str(flights / "a.tif"), str(flights / "b.tif"), "--store", str(once), *layout]) == 0
+    g, o = open_store(grown), open_store(once)
+    assert g.sizes["tile"] <= o.sizes["tile"] + 8  # at most a chunk of padding between the two runs
+    index = SearchIndex.open(str(grown))
+    new = np.flatnonzero((g["image"].values == 1) & g["valid"].values)
+    at = {int(u): i for i, u in enumerate(o["uid"].values)}
+    for i in new:
+        uid = int(g["uid"].values[i])
+        assert index.slot_of(uid) == i
+        np.testing.assert_array_equal(g["fingerprint"].values[i], o["fingerprint"].values[at[uid]])

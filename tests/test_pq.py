@@ -29,7 +29,7 @@ def pq_store(tmp_path_factory):
     write_tif(root / "c.tif", textured(512, 768, seed=302), transform=(PX, 0, 460000.0, 0, -PX, 3300000.0))
     write_tif(root / "b.tif", textured(512, 512, seed=303), transform=(PX, 0, 470000.0, 0, -PX, 3300000.0))
     path = root / "s.zarr"
-    assert main(["ingest", str(root / "a.tif"), str(root / "c.tif"), "--store", str(path), "--weights", "random",
+    assert main(["ingest", str(root / "a.tif"), str(root / "c.tif"), "--store", str(path), "--model", "probe",
                  "--chunk-px", "384", "--chunk-tiles", "8", "--no-progress"]) == 0  # fmt: skip
     assert main(["postprocess", "--store", str(path), "--codes", "pq", "--m", str(M)]) == 0
     return root, path
@@ -126,7 +126,7 @@ def test_pq_through_the_cli_refusals_and_staleness(pq_store, tmp_path, capsys):
     ):
         assert main(["postprocess", "--store", str(path), *args]) == 2, args
         assert msg in capsys.readouterr().err, args
-    assert main(["ingest", str(root / "b.tif"), "--store", str(path), "--weights", "random", "--chunk-px", "384",
+    assert main(["ingest", str(root / "b.tif"), "--store", str(path), "--model", "probe", "--chunk-px", "384",
                  "--no-progress"]) == 0  # fmt: skip
     capsys.readouterr()
     assert main([*base, "--codes"]) == 2

@@ -35,7 +35,7 @@ def test_whole_archive_window_and_keep_counts(data_dir):
 
 def test_ingest_real_files_threads(data_dir, tmp_path):
     cfg = Config().override(
-        **{"model.weights": "random", "read.chunk_px": 512, "store.chunk_tiles": 8, "cluster.progress": False}
+        **{"model.arch": "probe", "model.weights": "random", "read.chunk_px": 512, "store.chunk_tiles": 8, "cluster.progress": False}
     )
     report = ingest([data_dir / "aerial" / name for name in SMALL], tmp_path / "real.zarr", cfg)
     ds = open_store(tmp_path / "real.zarr")
@@ -91,6 +91,6 @@ def test_pretrained_squeezenet_fingerprints_equal_torchvision(data_dir, tmp_path
 
 @pytest.mark.slow
 def test_ingest_whole_archive(data_dir, tmp_path):
-    cfg = Config().override(**{"model.weights": "random", "cluster.progress": False})
+    cfg = Config().override(**{"model.arch": "probe", "model.weights": "random", "cluster.progress": False})
     report = ingest([data_dir / "aerial"], tmp_path / "all.zarr", cfg)
     assert (report.windows, report.tiles) == (1102, 1065)

@@ -37,7 +37,7 @@ def archive(tmp_path_factory):
 def _cfg(dtype="float32", chunk_tiles=4):
     return Config().override(
         **{
-            "model.weights": "random",
+            "model.arch": "probe", "model.weights": "random",
             "read.chunk_px": 384,
             "store.chunk_tiles": chunk_tiles,
             "store.dtype": dtype,
@@ -310,12 +310,12 @@ def test_bad_queries_are_clear(stores, archive, tmp_path, capsys):
         assert msg in capsys.readouterr().err, (extra, msg)
     # A store made by another model: its tiles are not comparable.
     other = tmp_path / "other.zarr"
-    ingest([archive / "a.tif"], other, _cfg().override(**{"model.arch": "resnet34"}))
+    ingest([archive / "a.tif"], other, _cfg().override(**{"model.arch": "standin"}))
     capsys.readouterr()
     other_uid = str(int(open_store(other)["uid"].values[0]))
     assert main(["search", "--store", store, "--query-store", str(other), "--uid", other_uid]) == 2
     err = capsys.readouterr().err
-    assert "fingerprinted differently" in err and "resnet34" in err
+    assert "fingerprinted differently" in err and "standin" in err
     # Fingerprints of another dimension through the API.
     from pipeline.search import Queries
 

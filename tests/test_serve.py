@@ -38,7 +38,7 @@ def store(tmp_path_factory):
     write_tif(root / "c_far.tif", textured(512, 768, seed=102), transform=(PX, 0, 460000.0, 0, -PX, 3300000.0))
     write_tif(root / "d_nocrs.tif", textured(512, 512, seed=103), crs=None, transform=None)
     path = root / "s.zarr"
-    assert main(["ingest", str(root), "--store", str(path), "--weights", "random", "--chunk-px", "384",
+    assert main(["ingest", str(root), "--store", str(path), "--model", "probe", "--chunk-px", "384",
                  "--chunk-tiles", "8", "--no-progress"]) == 0  # fmt: skip
     return path
 
@@ -202,10 +202,11 @@ def test_footprints_are_the_windows_through_each_images_transform(client, tiles,
     a = uid_of(tiles, 0, 4)
     doc = ok(client.get("/api/search", params={"uid": a, "k": 5, "footprints": True}))
     feats = doc["footprints"]["features"]
-    assert [f["properties"]["role"] for f in feats] == ["query"] + ["result"] * 5
+    placed = [r for r in doc["results"] if r["lon"] is not None]  # results of images without a CRS have none
+    assert len(placed) >= 3 and [f["properties"]["role"] for f in feats] == ["query"] + ["result"] * len(placed)
     i = np.flatnonzero(tiles["uid"] == int(a))[0]
     query = {"row": int(tiles["row"][i]), "col": int(tiles["col"][i]), "image_path": _PATHS[int(tiles["image"][i])]}
-    for f, rec in zip(feats, [query] + doc["results"]):
+    for f, rec in zip(feats, [query] + placed, strict=True):
         with rasterio.open(rec["image_path"]) as src:
             x, y = src.transform * (rec["col"], rec["row"])
             x2, y2 = src.transform * (rec["col"] + 256, rec["row"] + 256)
@@ -286,7 +287,7 @@ def test_basemap_tile_shows_the_image_where_it_lies(client, tmp_path):
         data[:, r * 256 : (r + 1) * 256, cc * 256 : (cc + 1) * 256] = np.array(c, np.uint8)[:, None, None]
     write_tif(tmp_path / "quad.tif", data, transform=(1.0, 0, 500000.0, 0, -1.0, 3300000.0))
     path = tmp_path / "quad.zarr"
-    assert main(["ingest", str(tmp_path / "quad.tif"), "--store", str(path), "--weights", "random",
+    assert main(["ingest", str(tmp_path / "quad.tif"), "--store", str(path), "--model", "probe",
                  "--no-progress"]) == 0  # fmt: skip
     svc = Service.open(str(path))
     try:
@@ -593,10 +594,11 @@ def test_serve_weights_and_device_flags(tmp_path):
 
     torch.manual_seed(3)
     w = tmp_path / "net.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), w)
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), w)  # a weights file: the subject
     img = write_tif(tmp_path / "e.tif", textured(512, 512, seed=104))
     path = tmp_path / "w.zarr"
-    assert main(["ingest", str(img), "--store", str(path), "--weights", str(w), "--no-progress"]) == 0
+    assert main(["ingest", str(img), "--store", str(path), "--model", "squeezenet1_1", "--weights", str(w),
+                 "--no-progress"]) == 0  # fmt: skip
     copy = tmp_path / "copy" / "net.pth"
     copy.parent.mkdir()
     shutil.copy(w, copy)

@@ -61,8 +61,9 @@ def server(real_store):
     while not srv.started:
         time.sleep(0.05)
     yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
+    srv.should_exit = srv.force_exit = True  # the browser's keep-alive connections would hold a graceful exit
     thread.join(10)
+    assert not thread.is_alive()
     service.close()
 
 

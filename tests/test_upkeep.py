@@ -29,7 +29,7 @@ FIXTURE_V1 = Path(__file__).resolve().parent / "fixtures" / "store_v1.zarr"
 
 def _cfg(**extra):
     return Config().override(**{
-        "model.weights": "random", "read.chunk_px": 256, "store.chunk_tiles": 8, "cluster.progress": False, **extra,
+        "model.arch": "probe", "model.weights": "random", "read.chunk_px": 256, "store.chunk_tiles": 8, "cluster.progress": False, **extra,
     })  # fmt: skip
 
 
@@ -73,7 +73,7 @@ def test_a_crash_inside_an_image_resumes_without_recomputing_finished_chunks(ima
     target = tmp_path / "t.zarr"
     script = textwrap.dedent(f"""
         from pipeline import Config, ingest
-        cfg = Config().override(**{{"model.weights": "random", "read.chunk_px": 256, "store.chunk_tiles": 64,
+        cfg = Config().override(**{{"model.arch": "probe", "model.weights": "random", "read.chunk_px": 256, "store.chunk_tiles": 64,
                                     "cluster.progress": False, "cluster.threads": 1}})
         ingest([{str(images / "a.tif")!r}], {str(target)!r}, cfg)
     """)
@@ -439,7 +439,7 @@ def test_a_crash_inside_a_large_unit_keeps_its_finished_windows(images, tmp_path
     target = tmp_path / "t.zarr"
     script = textwrap.dedent(f"""
         from pipeline import Config, ingest
-        cfg = Config().override(**{{"model.weights": "random", "read.chunk_px": 768, "store.chunk_tiles": 64,
+        cfg = Config().override(**{{"model.arch": "probe", "model.weights": "random", "read.chunk_px": 768, "store.chunk_tiles": 64,
                                     "model.batch_size": 4, "store.stage_seconds": 0.0, "cluster.progress": False}})
         ingest([{str(images / "a.tif")!r}], {str(target)!r}, cfg)
     """)

@@ -152,7 +152,7 @@ def _ingest(
                         f"store {final} holds fingerprints made differently ({diff}); fingerprints of different "
                         f"models, weights or preprocessing never mix in one store: use another --store"
                     )
-                cfg = _store_decoder(cfg, prior, final)
+                cfg = _store_layout(_store_decoder(cfg, prior, final), prior, final)
                 table = store.read_table(work)
             else:
                 table = store.empty_table()
@@ -254,6 +254,25 @@ def _store_decoder(cfg: Config, attrs: dict[str, Any], final: Any) -> Config:
         stacklevel=4,
     )
     return cfg.override(**{"read.decoder": was})
+
+
+def _store_layout(cfg: Config, attrs: dict[str, Any], final: Any) -> Config:
+    """``cfg`` with the layout the store was made with (``store.chunk_tiles``, ``read.chunk_px``).
+    A tile's slot follows from its image's chunk_px (grid chunks row-major), and search looks
+    slots up with the store's recorded chunk_px: new images laid out with another one could not
+    be found by uid. Batches start on the store's Zarr chunks, which a write task must own whole;
+    a run's own chunk_tiles padded each batch to its chunks (8,192 slots by default)."""
+    layout = attrs.get("layout") or {}
+    keep = {"store.chunk_tiles": layout.get("chunk_tiles"), "read.chunk_px": layout.get("chunk_px")}
+    keep = {k: int(v) for k, v in keep.items() if v is not None}
+    run = {"store.chunk_tiles": cfg.store.chunk_tiles, "read.chunk_px": cfg.read.chunk_px}
+    differ = {k: v for k, v in keep.items() if run[k] != v}
+    if not differ:
+        return cfg
+    flags = " ".join(f"--{k.split('.')[1].replace('_', '-')} {v}" for k, v in differ.items())
+    warnings.warn(f"store {final} was laid out with {flags}; this run adds images with the same layout (its tiles "
+                  f"must stay findable by uid)", stacklevel=4)  # fmt: skip
+    return cfg.override(**differ)
 
 
 def _check_sources(paths: list[str], cfg: Config, rt: Any, remote: bool) -> list[plan.Header]:
