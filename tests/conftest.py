@@ -131,6 +131,19 @@ def ingest_store(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def cluster_client():
+    """One LocalCluster for the session (2 worker processes, 1 thread each) and its client, for
+    tests that compute on a cluster but are not about starting one; each start costs seconds.
+    Not dask's default client: only what is given the client runs there (the other tests'
+    computes stay local, as they would without this fixture)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster, set_as_default=False) as client:
+            yield client
+
+
 def copy_store(path: Path, dest: Path) -> Path:
     """A private, writable copy of a shared store."""
     shutil.copytree(path, dest)

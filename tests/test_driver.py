@@ -322,17 +322,15 @@ def test_progress_prints_a_line_every_few_seconds_when_not_a_terminal(tmp_path):
     assert "ingest: 1/1 images, 9/9 tiles (100.0%)" in log.read_text()
 
 
-def test_headers_are_read_on_the_workers_for_long_lists(mixed, tmp_path, monkeypatch):
-    from distributed import Client, LocalCluster, get_task_stream
+def test_headers_are_read_on_the_workers_for_long_lists(mixed, tmp_path, monkeypatch, cluster_client):
+    from distributed import get_task_stream
 
     from pipeline.ingest import driver
 
     monkeypatch.setattr(driver, "CLUSTER_HEADERS_FROM", 2)
     monkeypatch.setattr(driver, "HEADERS_PER_TASK", 3)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            with get_task_stream(client) as ts:
-                report = ingest([mixed], tmp_path / "w.zarr", _cfg(), client=client)
+    with get_task_stream(cluster_client) as ts:
+        report = ingest([mixed], tmp_path / "w.zarr", _cfg(), client=cluster_client)
     header_tasks = [t for t in ts.data if _key_name(t["key"]).startswith("check_sources")]
     assert len(header_tasks) == -(-9 // 3)  # 9 sources in tasks of 3
     assert report.processed == 8

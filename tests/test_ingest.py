@@ -212,20 +212,18 @@ def test_float16_store_holds_rounded_fingerprints(archive, ingested, tmp_path):
     np.testing.assert_array_equal(f16, f32.astype(np.float16))
 
 
-def test_local_cluster_equals_threads_and_runs_in_workers(archive, ingested, tmp_path):
-    from distributed import Client, LocalCluster
-
+def test_local_cluster_equals_threads_and_runs_in_workers(archive, tmp_path, cluster_client, cfg):
     root, _ = archive
-    path, _, cfg = ingested
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ingest([root], tmp_path / "local.zarr", cfg, client=client)
-            built = client.run(embed.loaded_models)
-            pids = client.run(os.getpid)
+    path = tmp_path / "threads.zarr"
+    client = cluster_client
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ingest([root], path, cfg)
+        ingest([root], tmp_path / "local.zarr", cfg, client=client)
+    built = client.run(embed.loaded_models)
+    pids = client.run(os.getpid)
     assert os.getpid() not in pids.values()
-    assert all("resnet18@cpu" in models for models in built.values()), built  # both workers did model work
+    assert all(f"{cfg.model.arch}@cpu" in models for models in built.values()), built  # both workers did model work
     a, b = open_store(path), open_store(tmp_path / "local.zarr")
     for name in ("uid", "valid", "row", "col", "image", "lon", "lat"):
         np.testing.assert_array_equal(a[name].values, b[name].values)

@@ -82,14 +82,15 @@ def test_wheel_installed_elsewhere_serves_the_page(flights, ingest_store, tmp_pa
     assert res.returncode == 0, res.stderr[-2000:]
     [wheel] = dist.glob("aerial_search-*.whl")
     venv = tmp_path / "elsewhere" / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=300)  # fmt: skip  (this environment's pip installs into it: --python)
     py = venv / "bin" / "python"
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     # the dependencies (torch, dask, ...) from this environment, the package only from the wheel
     Path(site, "deps-from-test-env.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    res = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
+                          str(wheel)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     away = tmp_path / "elsewhere" / "work"
     away.mkdir()

@@ -8,30 +8,18 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import textured, write_tif
 
 from pipeline import Config, grid, ingest, open_store
 from pipeline.cli import main
 from pipeline.search import Filters, SearchError, SearchIndex
 
-PX = 0.5  # metres per pixel of the synthetic flight
-X0, Y0 = 400000.0, 3300000.0
-SHIFT_R, SHIFT_C = 200, 300  # image b is image a shifted by this many pixels: overlapping flights
-
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flight")
-    base = textured(1000, 1000, seed=11)
-    write_tif(root / "a.tif", base[:, :768, :768], transform=(PX, 0, X0, 0, -PX, Y0))
-    b = base[:, SHIFT_R : SHIFT_R + 640, SHIFT_C : SHIFT_C + 700]
-    write_tif(root / "b.tif", b, transform=(PX, 0, X0 + SHIFT_C * PX, 0, -PX, Y0 - SHIFT_R * PX))
-    far = textured(512, 768, seed=12)
-    far[:, :, :200] = 0  # some dropped windows
-    write_tif(root / "c_far.tif", far, transform=(PX, 0, X0 + 50000, 0, -PX, Y0))
-    write_tif(root / "d_nocrs.tif", textured(512, 512, seed=13), crs=None, transform=None)
-    shutil.copy(root / "d_nocrs.tif", root / "e_copy.tif")  # identical fingerprints: ties
-    return root
+def archive(flights):
+    """The shared archive (conftest.write_flights): two overlapping flights a and b, a far image
+    with dropped windows (c_far), a geographic one (d_geo), one without a CRS (e_nocrs) and its
+    identical copy (f_copy: ties)."""
+    return flights
 
 
 def _cfg(dtype="float32", chunk_tiles=4):
@@ -47,11 +35,9 @@ def _cfg(dtype="float32", chunk_tiles=4):
 
 
 @pytest.fixture(scope="module")
-def stores(archive, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stores")
-    ingest([archive], out / "f32.zarr", _cfg())
-    ingest([archive], out / "f16.zarr", _cfg("float16", chunk_tiles=7))
-    return {"float32": out / "f32.zarr", "float16": out / "f16.zarr"}
+def stores(flights, ingest_store):
+    return {"float32": ingest_store(flights, chunk_tiles=4),
+            "float16": ingest_store(flights, dtype="float16", chunk_tiles=7)}  # fmt: skip
 
 
 def load(path):
@@ -95,10 +81,44 @@ def check(res, uids, dists):
     np.testing.assert_allclose(res.value, dists, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def _memory_vectors(n: int = 240, d: int = 24) -> np.ndarray:
+    x = np.maximum(np.random.default_rng(5).standard_normal((n, d)), 0).astype(np.float32)
+    x[200:212] = x[:12]  # exact duplicates: ties, broken by uid
+    return x
+
+
+@pytest.mark.parametrize("chunk", [3, 32, 512])
 @pytest.mark.parametrize("split_every", [2, 3, 16])
+@pytest.mark.parametrize("k", [1, 12, 60, 1000])
+def test_engine_without_a_store_equals_numpy(chunk, split_every, k):
+    """The whole engine (blocks, per-chunk top-k, the tree of merges, finalize, threshold mode)
+    on fingerprints in memory (pipeline.search.memory), against a NumPy brute force: chunk sizes
+    from one row to the whole set, fan-ins, k below a chunk, above it and beyond the set."""
+    from pipeline.search import Queries
+    from pipeline.search.memory import memory_dataset
+
+    x = _memory_vectors()
+    uid = grid.pack_uid(np.arange(len(x)), 0, 0)
+    index = SearchIndex(memory_dataset(x, chunk=chunk), split_every=split_every)
+    q = np.concatenate([x[[0, 3]], np.random.default_rng(k).standard_normal((2, x.shape[1])).astype(np.float32)])
+    d = np.sqrt(((x[None].astype(np.float64) - q[:, None]) ** 2).sum(-1))
+    for j, res in enumerate(index.search(Queries.from_fingerprints(q), k)):
+        order = np.lexsort((uid, d[j]))[:k]
+        np.testing.assert_array_equal(res.uid, uid[order])
+        np.testing.assert_allclose(res.value, d[j, order], rtol=1e-5, atol=1e-6)
+    cut = float(np.median(d))
+    for j, res in enumerate(index.search(Queries.from_fingerprints(q), None, max_distance=cut, limit=k)):
+        passed = np.flatnonzero(d[j] <= cut)
+        assert res.total == len(passed)
+        np.testing.assert_array_equal(res.uid, uid[passed[np.lexsort((uid[passed], d[j, passed]))][:k]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("k", [1, 10, 40])
-def test_topk_equals_brute_force(stores, dtype, split_every, k):
+def test_topk_equals_brute_force(stores, dtype, k):
+    """The engine on real stores (chunk sizes 4 and 7, the small arrays in chunks of 16 times
+    that, overlap exclusion, statuses); chunk x split_every x k is covered without a store above."""
+    split_every = 3
     ds, s = load(stores[dtype])
     index = SearchIndex(ds, split_every=split_every)
     assert ds["fingerprint"].encoding["chunks"][0] < k or k < 10  # k larger than a chunk
@@ -176,7 +196,7 @@ def test_bbox_and_image_filters(stores):
 def test_ties_broken_by_uid_and_k_beyond_candidates(stores):
     ds, s = load(stores["float32"])
     index = SearchIndex(ds)
-    d_id, e_id = 3, 4  # identical images: every d tile has an exact twin in e
+    d_id, e_id = 4, 5  # identical images (e_nocrs, f_copy): every d tile has an exact twin in e
     q = int(np.flatnonzero(s["image"] == d_id)[4])
     twin = np.flatnonzero((s["image"] == e_id) & (s["row"] == s["row"][q]) & (s["col"] == s["col"][q]))[0]
     np.testing.assert_array_equal(s["fingerprint"][q], s["fingerprint"][twin])
@@ -192,9 +212,7 @@ def test_ties_broken_by_uid_and_k_beyond_candidates(stores):
         index.search(queries, 0)
 
 
-def test_persisted_index_and_local_cluster_equal_threads(stores):
-    from distributed import Client, LocalCluster
-
+def test_persisted_index_and_local_cluster_equal_threads(stores, cluster_client):
     from pipeline.cluster import Runtime
 
     ds, s = load(stores["float32"])
@@ -203,11 +221,9 @@ def test_persisted_index_and_local_cluster_equal_threads(stores):
     queries, _ = plain.queries_from_uids(uids)
     ref = plain.search(queries, 7)
     mem = SearchIndex(ds).persist().search(queries, 7)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            rt = Runtime("client", client=client, progress=False)
-            dist = SearchIndex(ds, runtime=rt, split_every=2).search(queries, 7)
-            dist_mem = SearchIndex(ds, runtime=rt).persist().search(queries, 7)
+    rt = Runtime("client", client=cluster_client, progress=False)
+    dist = SearchIndex(ds, runtime=rt, split_every=2).search(queries, 7)
+    dist_mem = SearchIndex(ds, runtime=rt).persist().search(queries, 7)
     for a, b, c, d in zip(ref, mem, dist, dist_mem):
         for other in (b, c, d):
             np.testing.assert_array_equal(a.uid, other.uid)
@@ -233,7 +249,7 @@ def test_cli_json_sheet_and_lonlat(stores, tmp_path, capsys):
     from pipeline.render import GAP, LABEL_H, read_tile
 
     ds, s = load(stores["float32"])
-    q = int(np.flatnonzero(s["valid"] & (s["image"] == 3))[0])  # no CRS: lon/lat null in JSON
+    q = int(np.flatnonzero(s["valid"] & (s["image"] == 4))[0])  # no CRS: lon/lat null in JSON
     out_json, out_png = tmp_path / "r.json", tmp_path / "sheet.png"
     k = 4
     rc = main(["search", "--store", str(stores["float32"]), "-k", str(k), "--uid", str(int(s["uid"][q])),
@@ -246,7 +262,7 @@ def test_cli_json_sheet_and_lonlat(stores, tmp_path, capsys):
     assert [r["uid"] for r in doc["results"]] == [str(int(u)) for u in uids]
     np.testing.assert_allclose([r["distance"] for r in doc["results"]], d, rtol=1e-4)
     first = doc["results"][0]
-    if first["image_path"].endswith(("d_nocrs.tif", "e_copy.tif")):
+    if first["image_path"].endswith(("e_nocrs.tif", "f_copy.tif")):
         assert first["lon"] is None and first["lat"] is None
     img = np.asarray(Image.open(out_png).convert("RGB"))
     cols = k + 1

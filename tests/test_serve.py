@@ -30,17 +30,9 @@ UPLOAD_LIMIT = 300_000
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    base = textured(900, 1300, seed=101)
-    write_tif(root / "a.tif", base[:, :768, :768], transform=(PX, 0, 400000.0, 0, -PX, 3300000.0))
-    write_tif(root / "b.tif", base[:, 100:740, 500:1268], transform=(PX, 0, 400250.0, 0, -PX, 3299950.0))
-    write_tif(root / "c_far.tif", textured(512, 768, seed=102), transform=(PX, 0, 460000.0, 0, -PX, 3300000.0))
-    write_tif(root / "d_nocrs.tif", textured(512, 512, seed=103), crs=None, transform=None)
-    path = root / "s.zarr"
-    assert main(["ingest", str(root), "--store", str(path), "--model", "probe", "--chunk-px", "384",
-                 "--chunk-tiles", "8", "--no-progress"]) == 0  # fmt: skip
-    return path
+def store(flights, ingest_store):
+    """The shared archive's store (conftest): a, b, c_far, d_geo (EPSG:4326), e_nocrs, f_copy."""
+    return ingest_store(flights)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +194,9 @@ def test_footprints_are_the_windows_through_each_images_transform(client, tiles,
     a = uid_of(tiles, 0, 4)
     doc = ok(client.get("/api/search", params={"uid": a, "k": 5, "footprints": True}))
     feats = doc["footprints"]["features"]
+    assert len(feats) == 1 + sum(r["lon"] is not None for r in doc["results"])  # none for images without a CRS
+    doc = ok(client.get("/api/search", params={"uid": a, "k": 5, "footprints": True, "images": "?.tif"}))  # a, b
+    feats = doc["footprints"]["features"]
     placed = [r for r in doc["results"] if r["lon"] is not None]  # results of images without a CRS have none
     assert len(placed) >= 3 and [f["properties"]["role"] for f in feats] == ["query"] + ["result"] * len(placed)
     i = np.flatnonzero(tiles["uid"] == int(a))[0]
@@ -228,7 +223,7 @@ def _paths(store):
 # ---- the store and its pixels -----------------------------------------------------------------
 
 
-def test_info_and_images(client, store):
+def test_info_and_images(client, store, tiles):
     import rasterio
     from rasterio.warp import transform_bounds
 
@@ -239,14 +234,15 @@ def test_info_and_images(client, store):
     for key in ("images", "tiles", "slots", "feature_dim", "lonlat_bounds", "model"):
         assert info[key] == expect[key], key
     assert info["server"]["index_in_memory"] is True
-    assert info["server"]["images_without_crs"] == 1
+    assert info["server"]["images_without_crs"] == 2
     fc = ok(client.get("/api/images"))
-    assert len(fc["features"]) == 4
+    assert len(fc["features"]) == 6
     for f in fc["features"]:
         p = f["properties"]
         with rasterio.open(p["path"]) as src:
             assert (p["width"], p["height"]) == (src.width, src.height)
-            assert p["tiles"] == grid.windows_per_axis(src.height) * grid.windows_per_axis(src.width)
+            kept = int((tiles["valid"] & (tiles["image"] == list(_PATHS.values()).index(p["path"]))).sum())
+            assert p["tiles"] == kept <= grid.windows_per_axis(src.height) * grid.windows_per_axis(src.width)
             if src.crs is None:
                 assert f["geometry"] is None and p["crs"] is None
                 continue
@@ -261,7 +257,7 @@ def test_tile_png_is_the_window_read_by_rasterio(client, tiles):
     from PIL import Image
     from rasterio.windows import Window
 
-    for image in (0, 3):  # with and without a CRS
+    for image in (0, 4):  # with and without a CRS
         uid = uid_of(tiles, image, 2)
         i = np.flatnonzero(tiles["uid"] == int(uid))[0]
         resp = client.get(f"/api/tiles/{uid}.png")
@@ -493,7 +489,7 @@ def test_batcher_answers_waiting_queries_in_one_pass(service, tiles):
 
 
 def test_concurrent_requests_get_their_own_answers(client, tiles):
-    uids = [uid_of(tiles, i % 3, 1 + i) for i in range(12)]
+    uids = [uid_of(tiles, i % 3, 1 + i % 10) for i in range(12)]
     expect = {u: ok(client.get("/api/search", params={"uid": u, "k": 4})) for u in uids}
     got: dict[str, dict] = {}
     threads = [threading.Thread(target=lambda u=u: got.__setitem__(u, client.get(
@@ -605,17 +601,21 @@ def test_serve_weights_and_device_flags(tmp_path):
     w.unlink()
     tiles = {n: open_store(path)[n].values for n in ("uid", "valid", "image")}
     uid = uid_of(tiles, 0, 1)
-    for args, status in (([], 400), (["--weights", str(copy), "--device", "cpu"], 200)):
-        proc, url, _ = start_serve(["--store", str(path), "--port", "0", *args])
-        try:
-            png = httpx.get(f"{url}/api/tiles/{uid}.png").content
-            resp = httpx.post(url + "/api/search/image?include_overlapping=true&k=1", content=png, timeout=60)
-            assert resp.status_code == status, resp.text
-            if status == 400:
-                assert "--weights" in resp.json()["error"]
-            else:
-                best = resp.json()["results"][0]
-                assert best["uid"] == uid and best["distance"] < 1e-3
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    without = Service.open(str(path))  # no copy named: the upload says which flag (in process: no second server)
+    try:
+        client = TestClient(create_app(without))
+        png = client.get(f"/api/tiles/{uid}.png").content
+        resp = client.post("/api/search/image?include_overlapping=true&k=1", content=png)
+        assert resp.status_code == 400 and "--weights" in resp.json()["error"], resp.text
+    finally:
+        without.close()
+    proc, url, _ = start_serve(["--store", str(path), "--port", "0", "--weights", str(copy), "--device", "cpu"])
+    try:
+        assert httpx.get(f"{url}/api/tiles/{uid}.png").content == png
+        resp = httpx.post(url + "/api/search/image?include_overlapping=true&k=1", content=png, timeout=60)
+        assert resp.status_code == 200, resp.text
+        best = resp.json()["results"][0]
+        assert best["uid"] == uid and best["distance"] < 1e-3
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -165,7 +165,8 @@ class Runtime:
                         yield Event(item, None, [])
                 if not owner:
                     break
-                done, _ = wait(list(owner), return_when="FIRST_COMPLETED")
+                with self.client.as_current():  # wait() asks for the default client: this one, not another
+                    done, _ = wait(list(owner), return_when="FIRST_COMPLETED")
                 for f in done:
                     key, i = owner.pop(f)
                     entry = items.get(key)
