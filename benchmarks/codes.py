@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,9 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import harness
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BLOCK = 1 << 20
 
@@ -86,8 +84,8 @@ def recall_and_bytes(path: str, queries: int = 100, k: int = 10, timing: bool = 
                 t0 = time.perf_counter()
                 coded.search(qq, k, labels=ll)
                 tc.append(time.perf_counter() - t0)
-        out["exact_ms"] = statistics.median(te) * 1e3
-        out["codes_ms"] = statistics.median(tc) * 1e3
+        out["exact_ms"] = harness.median(te) * 1e3
+        out["codes_ms"] = harness.median(tc) * 1e3
         out["speedup"] = out["exact_ms"] / out["codes_ms"]
     return out
 
@@ -106,9 +104,7 @@ def encode(path: str, kind: str) -> float:
     """Seconds to fit and write ``kind`` codes with the command's defaults (replacing others)."""
     from pipeline.derived import encode_store
 
-    t0 = time.perf_counter()
-    encode_store(path, kind)
-    return time.perf_counter() - t0
+    return harness.timed(lambda: encode_store(path, kind), repeat=1).median
 
 
 def faiss_pq(path: str, threads: int, queries: int = 100, k: int = 10, r: int = 100, sample: int = 100_000) -> dict:
@@ -148,8 +144,8 @@ def faiss_pq(path: str, threads: int, queries: int = 100, k: int = 10, r: int = 
         t0 = time.perf_counter()
         index.search(qx[i : i + 1], r)
         times.append(time.perf_counter() - t0)
-    rounds = [statistics.median(times[a : a + 10]) for a in (0, 10, 20)]
-    return {"scan_ms": statistics.median(rounds) * 1e3, "recall_at_10_no_rerank": recall, "threads": threads}
+    rounds = [harness.median(times[a : a + 10]) for a in (0, 10, 20)]
+    return {"scan_ms": harness.median(rounds) * 1e3, "recall_at_10_no_rerank": recall, "threads": threads}
 
 
 def random_codes(n: int, seed: int = 0):
@@ -226,8 +222,7 @@ def main() -> None:
         return
 
     res: dict = json.loads(Path(args.merge).read_text()) if args.merge else {}
-    res |= {"machine": f"{threads} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
-                 "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    res.pop("record", None)  # the merged run's record replaces it
     data = os.environ.get("AERIAL_SEARCH_DATA")
     if not args.skip_real:
         if not data:
@@ -277,12 +272,12 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--scan-only", who, "--codes-n", str(args.codes_n)],
                                  check=True, capture_output=True, text=True).stdout  # fmt: skip
             scans[who] = json.loads(out.strip().splitlines()[-1])
-        med = {w: statistics.median(t) for w, t in scans.items()}
+        med = {w: harness.median(t) for w, t in scans.items()}
         res["codes_100m"] = {"codes": args.codes_n, "bytes_per_tile": 64, "threads": threads, "runs_s": scans,
                              "median_s": med, "engine_over_faiss": med["engine"] / med["faiss"]}  # fmt: skip
         print(f"{args.codes_n:,} codes, {threads} threads: engine {med['engine']:.2f} s, faiss IndexBinaryFlat "
               f"{med['faiss']:.2f} s per query ({med['engine'] / med['faiss']:.2f}x), 64 bytes per tile")  # fmt: skip
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    harness.write(args.out, res)
 
 
 if __name__ == "__main__":

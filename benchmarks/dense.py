@@ -27,13 +27,12 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import harness
 import numpy as np
 
 
@@ -66,12 +65,11 @@ def linked_sources(work: Path, copies: int) -> tuple[Path, int]:
     return folder, windows
 
 
-def ingest_seconds(sources: Path, store: Path, *extra: str) -> float:
+def ingest_process(sources: Path, store: Path, *extra: str) -> None:
+    """The README's ingest as a new process (ResNet-18, random weights: the same FLOPs)."""
     cmd = [sys.executable, "-m", "pipeline.cli", "ingest", str(sources), "--store", str(store), "--overwrite",
            "--model", "resnet18", "--weights", "random", "--no-progress", *extra]  # fmt: skip
-    t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
 
 
 def agreement(work: Path, weights: Path, queries: int = 100, k: int = 10) -> tuple[dict, dict]:
@@ -192,17 +190,17 @@ def main() -> None:
     weights = Path(args.weights) if args.weights else data().parent / "weights" / "squeezenet1_1-imagenet.pth"
 
     res: dict = json.loads(Path(args.merge).read_text()) if args.merge else {}
-    res |= {"machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+    res.pop("record", None)  # the merged run's record replaces it
     with tempfile.TemporaryDirectory(prefix="aerial-dense-") as tmp:
         work = Path(tmp)
         if not args.skip_speed:
             sources, windows = linked_sources(work, args.copies)
-            times: dict[str, list[float]] = {"exact": [], "dense": []}
-            for r in range(args.rounds):
-                times["exact"].append(ingest_seconds(sources, work / "exact.zarr"))
-                times["dense"].append(ingest_seconds(sources, work / "dense.zarr", "--mode", "dense"))
-                print(f"round {r + 1}: exact {times['exact'][-1]:.1f} s, dense {times['dense'][-1]:.1f} s", flush=True)
-            med = {m: statistics.median(t) for m, t in times.items()}
+            timing = harness.alternate({
+                "exact": lambda: ingest_process(sources, work / "exact.zarr"),
+                "dense": lambda: ingest_process(sources, work / "dense.zarr", "--mode", "dense"),
+            }, args.rounds)  # fmt: skip
+            times = {m: list(t.runs) for m, t in timing.items()}
+            med = {m: t.median for m, t in timing.items()}
             res["speed"] = {"model": "resnet18 (random weights: same FLOPs)", "windows": windows, "runs": times,
                             "median_s": med, "exact_over_dense": med["exact"] / med["dense"],
                             "windows_per_s": {m: windows / s for m, s in med.items()}}  # fmt: skip
@@ -217,7 +215,7 @@ def main() -> None:
                   f"overlap dense/exact {a['top10_overlap_mean']:.3f} (target >= 0.8; min {a['top10_overlap_min']:.1f}), "
                   f"fingerprint cosine mean {a['cosine_mean']:.3f} (min {a['cosine_min']:.3f})")  # fmt: skip
         res["exact_stability"] = stability(stores, weights)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    harness.write(args.out, res)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def build(work: Path, n: int, k: int) -> dict:
@@ -102,9 +96,9 @@ def latency(work: Path, n: int, group: int, repeat: int) -> dict:
             plain.append(t1 - t0)
             seeds_s.append(t2 - t1)
             diff.append(t3 - t2)
-    return {"tiles": n, "graph": f"{group - 1}-NN of groups of {group}", "seeds": 1000, "plain_ms": statistics.median(plain) * 1e3,
-            "seeds_search_ms": statistics.median(seeds_s) * 1e3, "diffusion_ms": statistics.median(diff) * 1e3,
-            "diffusion_over_plain": statistics.median(diff) / statistics.median(plain)}  # fmt: skip
+    return {"tiles": n, "graph": f"{group - 1}-NN of groups of {group}", "seeds": 1000, "plain_ms": harness.median(plain) * 1e3,
+            "seeds_search_ms": harness.median(seeds_s) * 1e3, "diffusion_ms": harness.median(diff) * 1e3,
+            "diffusion_over_plain": harness.median(diff) / harness.median(plain)}  # fmt: skip
 
 
 def main() -> None:
@@ -118,7 +112,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+    res: dict = {}
     if not args.skip_build:
         b = res["build"] = build(work, args.build_n, 30)
         print(f"k-NN graph, {b['tiles']:,} tiles, k = 30: {b['seconds']:.0f} s ({b['tiles_per_s']:.0f} tiles/s); "
@@ -126,7 +120,7 @@ def main() -> None:
     q = res["query"] = latency(work, args.n, 30, args.repeat)
     print(f"{q['tiles']:,} tiles: plain search {q['plain_ms']:.0f} ms, diffusion {q['diffusion_ms']:.0f} ms per query "
           f"({q['diffusion_over_plain']:.1f}x; its exact top-1,000 seeds alone {q['seeds_search_ms']:.0f} ms)")  # fmt: skip
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    harness.write(args.out, res)
 
 
 if __name__ == "__main__":

@@ -37,24 +37,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
+from ingest import synthetic_tif
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = harness.ROOT
 
-from ingest import synthetic_tif  # noqa: E402
-
+# One whole ingest in a fresh process; harness.child puts the tree's pipeline first on its path.
 CHILD = r"""
 import glob, json, sys, time, warnings
 warnings.simplefilter("ignore")
-sys.path.insert(0, {tree!r})
 import numpy as np
 import torch  # imported before the clock starts, for both trees: the model's cost is not measured
 from pipeline import Config, ingest
@@ -138,27 +133,20 @@ def decode_floor(archives: dict, windows: dict, work: Path, repeat: int) -> dict
         out["large_ingest_runs_s"].append(
             run_child(ROOT, archives[large_name], work / "floor-large.zarr", False)["seconds"]
         )
-    out["large_ingest_windows_per_s"] = windows[large_name] / statistics.median(out["large_ingest_runs_s"])
+    out["large_ingest_windows_per_s"] = windows[large_name] / harness.median(out["large_ingest_runs_s"])
     rows = []
     for name, paths in archives.items():
         listing = work / "floor.paths.json"
         listing.write_text(json.dumps(paths))
         hows = ["rasterio", "pillow"] if name == "ucmerced" else ["rasterio"]  # JPEGs: also a faster decoder
         for how in hows:
-            runs = []
-            for _ in range(repeat):
-                res = subprocess.run(
-                    [sys.executable, "-c", FLOOR_CHILD, str(listing), how], capture_output=True, text=True
-                )
-                if res.returncode:
-                    raise RuntimeError(res.stderr[-3000:])
-                runs.append(json.loads(res.stdout.strip().splitlines()[-1])["seconds"])
-            sec = statistics.median(runs)
+            runs = [harness.child(FLOOR_CHILD, args=(listing, how))["seconds"] for _ in range(repeat)]
+            sec = harness.median(runs)
             row = {"archive": name, "reader": how, "files": len(paths), "windows": windows[name], "runs_s": runs,
                    "seconds": sec, "windows_per_s": windows[name] / sec,
                    "over_large_ingest": windows[name] / sec / out["large_ingest_windows_per_s"]}  # fmt: skip
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            harness.show(row)
     out["rows"] = rows
     return out
 
@@ -177,23 +165,20 @@ def decoders(paths: list[str], work: Path, repeat: int, before: Path | None = No
             res = run_child(tree, paths, work / f"decoder-{name}.zarr", False, extra)
             runs[name].append(res["seconds"])
             windows = res["windows"]
-    med = {d: statistics.median(r) for d, r in runs.items()}
+    med = {d: harness.median(r) for d, r in runs.items()}
     out = {"windows": windows, "runs_s": runs, "median_s": med, "windows_per_s": {d: windows / s for d, s in med.items()},
-           "gdal_over_auto": med["gdal"] / med["auto"], "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+           "gdal_over_auto": med["gdal"] / med["auto"]}  # fmt: skip
     if before is not None:
         out["before_over_auto"] = med["before"] / med["auto"]
-    print(json.dumps(out), flush=True)
+    harness.show(out)
     return out
 
 
 def run_child(tree: Path, paths: list[str], store: Path, old: bool, extra: dict | None = None) -> dict:
     listing = store.with_suffix(".paths.json")
     listing.write_text(json.dumps(paths))
-    code = CHILD.format(tree=str(tree), paths=str(listing), store=str(store), old=old, extra=extra or {})
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(res.stderr[-3000:])
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    code = CHILD.format(paths=str(listing), store=str(store), old=old, extra=extra or {})
+    return harness.child(code, tree)
 
 
 def windows_per_second(archives: dict, trees: dict, work: Path, repeat: int) -> list[dict]:
@@ -209,11 +194,11 @@ def windows_per_second(archives: dict, trees: dict, work: Path, repeat: int) -> 
         assert len(set(windows.values())) == 1, f"{name}: the trees disagree on the windows: {windows}"
         row = {"archive": name, "images": len(paths), "windows": windows[next(iter(windows))]}
         for label in trees:
-            s = statistics.median(runs[label])
+            s = harness.median(runs[label])
             row[f"{label}_s"], row[f"{label}_windows_per_s"] = s, row["windows"] / s
             row[f"{label}_runs_s"] = runs[label]
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        harness.show(row)
     return rows
 
 
@@ -314,9 +299,9 @@ def simulated_device(work: Path, rate: float, n_batches: int) -> list[dict]:
                 for in_flight in (1, 2, 3):
                     c = cfg.override(**{"cluster.batches_in_flight": in_flight})
                     with get_task_stream(client) as ts:
-                        t0 = time.perf_counter()
-                        report = ingest(paths, work / f"sim-{in_flight}.zarr", c, client=client, overwrite=True)
-                        seconds = time.perf_counter() - t0
+                        t = harness.timed(lambda: ingest(paths, work / f"sim-{in_flight}.zarr", c, client=client,
+                                                         overwrite=True), repeat=1)  # fmt: skip
+                    report, seconds = t.value, t.median
                     busy = sum(  # every task's compute time: reads, the simulated device, writes
                         span["stop"] - span["start"]
                         for task in ts.data
@@ -327,7 +312,7 @@ def simulated_device(work: Path, rate: float, n_batches: int) -> list[dict]:
                                  "rate_tiles_per_s": rate, "seconds": seconds, "work_s": busy,
                                  "work_per_worker_s": busy / 2, "over_work_per_worker": seconds / (busy / 2),
                                  "device_s": report.windows / rate, "worker_busy_fraction": busy / (2 * seconds)})  # fmt: skip
-                    print(json.dumps(rows[-1]), flush=True)
+                    harness.show(rows[-1])
     return rows
 
 
@@ -364,49 +349,37 @@ def main() -> None:
         archives["ucmerced"] = sorted(str(p) for p in Path(data, "ucmerced").glob("*/*") if p.is_file())
     archives[f"{args.small_files} chips"] = small_archive(work / "chips", args.small_files)
     if args.now_only:  # this tree's whole-ingest rows and driver time, beside the recorded before/after
-        out = json.loads(Path(args.out).read_text())
-        out["now"] = {"date": time.strftime("%Y-%m-%d"),
-                      "windows_per_s": windows_per_second(archives, {"after": (ROOT, False)}, work, args.repeat),
-                      "driver_time": {name: driver_time_per_image(paths) for name, paths in archives.items()}}  # fmt: skip
-        Path(args.out).write_text(json.dumps(out, indent=2))
-        print(json.dumps(out["now"]["driver_time"], indent=1))
+        now = {"windows_per_s": windows_per_second(archives, {"after": (ROOT, False)}, work, args.repeat),
+               "driver_time": {name: driver_time_per_image(paths) for name, paths in archives.items()}}  # fmt: skip
+        harness.update(args.out, "now", now)
+        print(json.dumps(now["driver_time"], indent=1))
         return
     if args.decoders_only:
-        out = json.loads(Path(args.out).read_text())
         before = None
         if args.against != ap.get_default("against"):  # a commit that has the stand-in model
-            before = work / f"tree-{args.against}"
-            if not before.exists():
-                subprocess.run(
-                    ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.against], check=True
-                )
-        out["decoders_ucmerced"] = decoders(archives["ucmerced"], work, args.repeat, before)
-        Path(args.out).write_text(json.dumps(out, indent=2))
+            before = harness.worktree(args.against, work)
+        harness.update(args.out, "decoders_ucmerced", decoders(archives["ucmerced"], work, args.repeat, before))
         return
     if args.floor_only:
-        out = json.loads(Path(args.out).read_text())
-        windows = {r["archive"]: r["windows"] for r in out["windows_per_s"]}
-        out["decode_floor"] = decode_floor(archives, windows, work, args.repeat) | {"date": time.strftime("%Y-%m-%d")}
-        Path(args.out).write_text(json.dumps(out, indent=2))
-        print_floor(out["decode_floor"])
+        windows = {r["archive"]: r["windows"] for r in json.loads(Path(args.out).read_text())["windows_per_s"]}
+        floor = decode_floor(archives, windows, work, args.repeat)
+        harness.update(args.out, "decode_floor", floor)
+        print_floor(floor)
         return
-    out: dict = {"machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+    out: dict = {}
     trees = {"after": (ROOT, False)}
     if not args.skip_compare:
-        old = work / f"tree-{args.against}"
-        if not old.exists():
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.against], check=True)
-        trees = {"before": (old, True), "after": (ROOT, False)}
+        trees = {"before": (harness.worktree(args.against, work), True), "after": (ROOT, False)}
     out["windows_per_s"] = windows_per_second(archives, trees, work, args.repeat)
     out["driver_time"] = {name: driver_time_per_image(paths) for name, paths in archives.items()}
     print(json.dumps(out["driver_time"], indent=1), flush=True)
     out["planning_latency"] = planning_with_latency(archives[f"{args.small_files} chips"])
-    print(json.dumps(out["planning_latency"]), flush=True)
+    harness.show(out["planning_latency"])
     out["simulated_device"] = simulated_device(work, args.rate, args.batches)
     if args.floor:
         windows = {r["archive"]: r["windows"] for r in out["windows_per_s"]}
         out["decode_floor"] = decode_floor(archives, windows, work, args.repeat)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    harness.write(args.out, out)
     print_table(out)
     if args.floor:
         print_floor(out["decode_floor"])

@@ -17,21 +17,13 @@ extrapolation from this 2-core machine (a guess for many cores; GDAL decodes wit
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import statistics
-import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import numpy as np  # noqa: E402
+import harness
+import numpy as np
 
 TARGET = 15_000  # tiles/s of one H100 running the bare model (the target)
 
@@ -82,19 +74,13 @@ def write(path: Path, px: int, profile: dict) -> Path:
 
 
 def feed(source: str, threads: int, work: Path, repeat: int) -> dict:
-    from pipeline import Config, ingest
+    from pipeline import Config
 
     cfg = Config().override(**{"model.arch": "standin", "cluster.threads": threads, "cluster.progress": False})
-    times, windows = [], 0
-    for k in range(repeat):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t0 = time.perf_counter()
-            report = ingest([source], work / f"feed-{threads}-{k}.zarr", cfg, overwrite=True)
-            times.append(time.perf_counter() - t0)
-        windows = report.windows
-    s = statistics.median(times)
-    return {"threads": threads, "seconds": s, "windows": windows, "windows_per_s": windows / s, "runs_s": times}
+    t = harness.timed_ingest([source], work, f"feed-{threads}", cfg, repeat)
+    windows = t.value.windows
+    return {"threads": threads, "seconds": t.median, "windows": windows, "windows_per_s": windows / t.median,
+            "runs_s": list(t.runs)}  # fmt: skip
 
 
 def s3_server(files: dict[str, Path]):
@@ -148,12 +134,10 @@ def main() -> None:
             row["threads_for_15000"] = math.ceil(TARGET / per_thread)
             row["scaling_2_over_1"] = row["by_threads"][1]["windows_per_s"] / row["by_threads"][0]["windows_per_s"]
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            harness.show({"format": name, "threads_for_15000": row["threads_for_15000"]})
     if server is not None:
         server.stop()
-    out = {"rows": rows, "px": args.px, "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
-           "target_tiles_per_s": TARGET}  # fmt: skip
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    harness.write(args.out, {"rows": rows, "px": args.px, "target_tiles_per_s": TARGET})
     print(f"\n{'format':<20} {'1 thread w/s':>12} {'2 threads w/s':>13} {'2/1':>5} {'threads for 15k/GPU':>20}")
     for r in rows:
         a, b = r["by_threads"]

@@ -9,23 +9,18 @@ that the script itself is checked where no GPU is. Writes a JSON report.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
+from ingest import synthetic_tif  # benchmarks/ingest.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ingest import synthetic_tif  # noqa: E402  (benchmarks/ingest.py)
-
-from pipeline import Config, ingest  # noqa: E402
-from pipeline.embed import ModelSpec, Runner  # noqa: E402
+from pipeline import Config, ingest
+from pipeline.embed import ModelSpec, Runner
 
 
 def bare(device: str, amp: str, channels_last: bool, batch: int, seconds: float) -> float:
@@ -103,7 +98,7 @@ def main() -> None:
                 print(f"bare  amp={amp:<4} channels_last={cl!s:<5} batch={b:<4} {tps:10.1f} tiles/s", flush=True)
     best = max(report["bare"], key=lambda r: r["tiles_per_s"])
     report["best_bare"] = best
-    save = lambda: Path(args.out).write_text(json.dumps(report, indent=2))  # noqa: E731
+    save = lambda: harness.write(args.out, report)  # noqa: E731
     save()  # after each section: a run cut short by a time limit still leaves its figures
 
     px = 1024 if args.quick else args.image_px
@@ -120,9 +115,8 @@ def main() -> None:
             })  # fmt: skip
             ingest([tif], Path(tmp) / "warm.zarr", cfg, overwrite=True)  # model build and cudnn autotuning
             with GpuUtilization(args.device) as util:
-                t0 = time.perf_counter()
-                rep = ingest([tif], Path(tmp) / "e2e.zarr", cfg, overwrite=True)
-                seconds = time.perf_counter() - t0
+                t = harness.timed(lambda: ingest([tif], Path(tmp) / "e2e.zarr", cfg, overwrite=True), repeat=1)
+                rep, seconds = t.value, t.median
             row = {"io_threads": threads, "image_px": px, "tiles": rep.tiles, "seconds": seconds,
                    "tiles_per_s": rep.tiles / seconds, "over_best_bare": rep.tiles / seconds / best["tiles_per_s"],
                    "gpu_utilization_pct": util.summary(),
@@ -137,9 +131,8 @@ def main() -> None:
         cfg = cfg.override(**{"model.mode": "dense"})
         ingest([tif], Path(tmp) / "warm-dense.zarr", cfg, overwrite=True)
         with GpuUtilization(args.device) as util:
-            t0 = time.perf_counter()
-            rep = ingest([tif], Path(tmp) / "dense.zarr", cfg, overwrite=True)
-            seconds = time.perf_counter() - t0
+            t = harness.timed(lambda: ingest([tif], Path(tmp) / "dense.zarr", cfg, overwrite=True), repeat=1)
+            rep, seconds = t.value, t.median
         from pipeline.store import open_store
 
         a, b = open_store(Path(tmp) / "e2e.zarr"), open_store(Path(tmp) / "dense.zarr")

@@ -10,9 +10,7 @@ checks the script here). Writes a JSON report, section by section.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -21,15 +19,12 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import harness
 import numpy as np
+from ingest import synthetic_tif  # benchmarks/ingest.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ingest import synthetic_tif  # noqa: E402  (benchmarks/ingest.py)
-
-from pipeline import Config, embed, ingest, store, tiles  # noqa: E402
-from pipeline.ingest import graph, staging  # noqa: E402
+from pipeline import Config, embed, ingest, store, tiles
+from pipeline.ingest import graph, staging
 
 
 class Stages:
@@ -137,7 +132,7 @@ def main() -> None:
     report: dict = {"device": args.device, "cores": cores, "torch": torch.__version__}
     if cuda:
         report["gpu"] = torch.cuda.get_device_name(0)
-    save = lambda: Path(args.out).write_text(json.dumps(report, indent=2))  # noqa: E731
+    save = lambda: harness.write(args.out, report)  # noqa: E731
     px = 1024 if args.quick else 8192
     many = sorted({1, min(4, cores), cores})
     model = {"model.weights": "random", "model.device": args.device, "model.batch_size": 16 if args.quick else 512,
@@ -153,16 +148,14 @@ def main() -> None:
         def run(name: str, over: dict, threads: int, stages: bool = True) -> dict:
             cfg = Config().override(**{**model, **over, "cluster.threads": threads})
             ingest(tifs, Path(tmp) / "warm.zarr", cfg, overwrite=True)
+            once = lambda: ingest(tifs, Path(tmp) / "s.zarr", cfg, overwrite=True)  # noqa: E731
             if stages:
                 with instrumented(cuda and over.get("model.device", args.device) != "cpu") as st:
-                    t0 = time.perf_counter()
-                    rep = ingest(tifs, Path(tmp) / "s.zarr", cfg, overwrite=True)
-                    dt = time.perf_counter() - t0
+                    t = harness.timed(once, repeat=1)
                 stage = st.summary()
             else:
-                t0 = time.perf_counter()
-                rep = ingest(tifs, Path(tmp) / "s.zarr", cfg, overwrite=True)
-                dt, stage = time.perf_counter() - t0, None
+                t, stage = harness.timed(once, repeat=1), None
+            rep, dt = t.value, t.median
             row = {"name": name, "threads": threads, "tiles": rep.tiles, "seconds": round(dt, 3),
                    "tiles_per_s": round(rep.tiles / dt, 1), "stages": stage}  # fmt: skip
             print(

@@ -84,6 +84,25 @@ def alternate(contenders: dict[str, Callable[[], Any]], rounds: int = 3) -> dict
     return {name: Timing(tuple(r), last[name]) for name, r in runs.items()}
 
 
+def timed_ingest(sources: Sequence[str], work: Path, name: str, cfg: Any, repeat: int = 3) -> Timing:
+    """Whole ingests of ``sources`` (the API call: planning to the last commit, process start
+    excluded), each into a fresh store ``work/NAME-K.zarr``, warnings silenced; the value is the
+    last run's ``IngestReport``."""
+    import itertools
+    import warnings
+
+    from pipeline import ingest
+
+    k = itertools.count()
+
+    def one() -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ingest(list(sources), Path(work) / f"{name}-{next(k)}.zarr", cfg, overwrite=True)
+
+    return timed(one, repeat)
+
+
 # --------------------------------------------------------------------------------------------
 # Trees and child processes
 
@@ -113,21 +132,30 @@ def tree_env(tree: Path | str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def child(code: str, tree: Path | str | None = None, timeout: float | None = None, **env: str) -> dict[str, Any]:
-    """Run ``code`` in a fresh Python process (importing ``pipeline`` from ``tree``) and return
-    the JSON object its last stdout line prints."""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=tree_env(tree, **env),
-                         timeout=timeout)  # fmt: skip
+def child(
+    code: str, tree: Path | str | None = None, args: Sequence[str] = (), timeout: float | None = None, **env: str
+) -> Any:  # fmt: skip
+    """Run ``code`` in a fresh Python process (importing ``pipeline`` from ``tree``; ``args`` as its
+    ``sys.argv[1:]``) and return the JSON value its last stdout line prints."""
+    res = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                         env=tree_env(tree, **env), timeout=timeout)  # fmt: skip
     if res.returncode:
         raise RuntimeError(f"benchmark child failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def wall(argv: Sequence[str], tree: Path | str | None = None, **env: str) -> tuple[float, subprocess.CompletedProcess]:
-    """Seconds a whole command takes, process start included, and its result."""
+def wall(
+    argv: Sequence[str], tree: Path | str | None = None, env: dict[str, str] | None = None, check: bool = False,
+    cwd: Path | str | None = None,
+) -> tuple[float, subprocess.CompletedProcess]:  # fmt: skip
+    """Seconds a whole command takes, process start included, and its result (``check``: a
+    failure raises with the command's stderr)."""
     t0 = time.perf_counter()
-    res = subprocess.run(list(argv), capture_output=True, text=True, env=tree_env(tree, **env))
-    return time.perf_counter() - t0, res
+    res = subprocess.run(list(argv), capture_output=True, text=True, env=tree_env(tree, **(env or {})), cwd=cwd)
+    seconds = time.perf_counter() - t0
+    if check and res.returncode:
+        raise RuntimeError(f"{' '.join(map(str, argv))} exited {res.returncode}:\n{res.stderr[-3000:]}")
+    return seconds, res
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,13 +29,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import harness
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import Config, ingest  # noqa: E402
-from pipeline.embed import ModelSpec, embed_batch, get_model  # noqa: E402
-from pipeline.resources import cpu_count, keep_freed_memory, set_torch_threads  # noqa: E402
+from pipeline import Config, ingest
+from pipeline.embed import ModelSpec, embed_batch, get_model
+from pipeline.resources import cpu_count, keep_freed_memory, set_torch_threads
 
 
 def synthetic_tif(path: Path, h: int, w: int, block: int = 2048, seed: int = 0) -> Path:
@@ -74,10 +73,9 @@ def bare_model(n: int, batch: int, streams: int, torch_threads: int) -> float:
     windows = rng.integers(0, 256, (n, 3, 256, 256), dtype=np.uint8)
     embed_batch(windows[:batch], spec)  # warm-up (allocator, kernels)
     parts = np.array_split(windows, streams)
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
-        list(pool.map(lambda w: embed_batch(w, spec), parts))
-    return n / (time.perf_counter() - t0)
+        t = harness.timed(lambda: list(pool.map(lambda w: embed_batch(w, spec), parts)), repeat=1)
+    return n / t.median
 
 
 def end_to_end(tif: Path, workdir: Path, batch: int, dask_threads: int, torch_threads: int) -> dict:
@@ -85,11 +83,8 @@ def end_to_end(tif: Path, workdir: Path, batch: int, dask_threads: int, torch_th
         "model.weights": "random", "model.batch_size": batch, "model.torch_threads": torch_threads,
         "read.chunk_px": 512, "cluster.threads": dask_threads, "cluster.progress": False,
     })  # fmt: skip
-    store = workdir / f"e2e-{batch}-{dask_threads}.zarr"
-    t0 = time.perf_counter()
-    report = ingest([tif], store, cfg, overwrite=True)
-    seconds = time.perf_counter() - t0
-    return {"tiles": report.tiles, "seconds": seconds, "tiles_per_s": report.tiles / seconds}
+    t = harness.timed_ingest([str(tif)], workdir, f"e2e-{batch}-{dask_threads}", cfg, repeat=1)
+    return {"tiles": t.value.tiles, "seconds": t.median, "tiles_per_s": t.value.tiles / t.median}
 
 
 def peak_rss_gib() -> float:
@@ -178,7 +173,7 @@ def main() -> None:
                     f"peak RSS {rss['peak_rss_gib']:.2f} GiB for {rss['windows']} windows in {rss['seconds']:.0f} s "
                     f"(target < 3 GiB), malloc {malloc}"
                 )
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    harness.write(args.out, results)
     print(f"\nwritten {args.out}")
 
 

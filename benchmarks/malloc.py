@@ -22,16 +22,15 @@ layers and FLOPs as ImageNet's, whose file cannot be downloaded here), and Squee
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import harness
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,12 +90,7 @@ def main() -> None:
         ],  # fmt: skip
     }
     exe = str(Path(sys.executable).parent / "aerial-search")
-    out = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-        "libc": " ".join(platform.libc_ver()),
-        "rows": [],
-    }
+    out = {"libc": " ".join(platform.libc_ver()), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name, flags in rows.items():
             runs: dict[str, list[dict]] = {"system": [], "keep": []}
@@ -111,12 +105,12 @@ def main() -> None:
             row = {"row": name, "runs": runs, "max_fingerprint_diff": max(diffs)}
             for setting, rs in runs.items():
                 for key in ("ingest_s", "user_s", "sys_s", "peak_rss_gib"):
-                    row[f"{setting}_{key}"] = statistics.median(r[key] for r in rs)
+                    row[f"{setting}_{key}"] = harness.median([r[key] for r in rs])
             row["speedup"] = row["system_ingest_s"] / row["keep_ingest_s"]
             row["system_kernel_share"] = row["system_sys_s"] / (row["system_user_s"] + row["system_sys_s"])
             out["rows"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+            harness.show({k: v for k, v in row.items() if k != "runs"})
+    harness.write(args.out, out)
     print()
     print(
         "| run | ingest s, system / kept | speedup | CPU s user + kernel, system | kept | peak RSS GiB, system / kept |"

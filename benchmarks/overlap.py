@@ -16,35 +16,20 @@ imported first.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from feed import FORMATS, write  # noqa: E402
+import harness
+from feed import FORMATS, write
 
 
 def rate(source: str, threads: int, standin_rate: float, work: Path, repeat: int) -> float:
-    from pipeline import Config, ingest
+    from pipeline import Config
 
     cfg = Config().override(**{"model.arch": "standin", "model.standin_rate": standin_rate, "model.batch_size": 64,
                                "cluster.threads": threads, "cluster.progress": False})  # fmt: skip
-    times, windows = [], 0
-    for k in range(repeat):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t0 = time.perf_counter()
-            windows = ingest([source], work / f"o-{threads}-{standin_rate}-{k}.zarr", cfg, overwrite=True).windows
-            times.append(time.perf_counter() - t0)
-    return windows / statistics.median(times)
+    t = harness.timed_ingest([source], work, f"o-{threads}-{standin_rate}", cfg, repeat)
+    return t.value.windows / t.median
 
 
 def main() -> None:
@@ -63,16 +48,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         feeds = {t: rate(source, t, 0.0, Path(tmp), args.repeat) for t in (1, 2)}
-        print(json.dumps({"feed_windows_per_s": feeds}), flush=True)
+        harness.show({"feed_windows_per_s": feeds})
         for r in args.rates:
             for t in (1, 2):
                 got = rate(source, t, r, Path(tmp), args.repeat)
                 row = {"R": r, "threads": t, "feed": feeds[t], "windows_per_s": got,
                        "over_ceiling": got / min(r, feeds[t]), "serial_sum": 1 / (1 / feeds[1] + 1 / r)}  # fmt: skip
                 rows.append(row)
-                print(json.dumps(row), flush=True)
-    out = {"feeds": feeds, "rows": rows, "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
-    Path(args.out).write_text(json.dumps(out, indent=2))
+                harness.show(row)
+    harness.write(args.out, {"feeds": feeds, "rows": rows})
     print(f"\n{'R tiles/s':>9} {'threads':>7} | {'feed':>6} {'w/s':>6} {'/ min(R, feed)':>14} {'serial sum':>10}")
     for r in rows:
         print(f"{r['R']:>9.0f} {r['threads']:>7} | {r['feed']:>6.0f} {r['windows_per_s']:>6.0f} "

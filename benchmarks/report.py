@@ -14,24 +14,18 @@ Writes report.json, one PNG per table, and prints the Markdown tables for RESULT
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+import harness
 import numpy as np
+from search import synthetic_store  # benchmarks/search.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from search import synthetic_store  # noqa: E402  (benchmarks/search.py)
-
-from pipeline import Config, ingest  # noqa: E402
-from pipeline.embed import ModelSpec, WeightsError, describe_weights  # noqa: E402
-from pipeline.locations import store_bytes  # noqa: E402
-from pipeline.render import bar_chart  # noqa: E402
-from pipeline.search import Queries, SearchIndex  # noqa: E402
+from pipeline import Config, ingest
+from pipeline.embed import ModelSpec, WeightsError, describe_weights
+from pipeline.locations import store_bytes
+from pipeline.render import bar_chart
+from pipeline.search import Queries, SearchIndex
 
 PAPER_SEARCH_S = {10: 3.24, 5: 3.28, 2: 3.05}
 PAPER_COMPRESSION = {"uint8 tiles": 23, "float32 tiles": 175}
@@ -89,16 +83,9 @@ def search_vs_k(work: Path) -> list[dict]:
     q = Queries.from_fingerprints(np.maximum(np.random.default_rng(3).standard_normal((1, 512)), 0).astype(np.float32))
     rows = []
     for k in (10, 5, 2):
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            index.search(q, k)
-            times.append(time.perf_counter() - t0)
-        cold = SearchIndex.open(str(path))
-        t0 = time.perf_counter()
-        cold.search(q, k)
-        store_s = time.perf_counter() - t0
-        ours = float(np.median(times))
+        ours = harness.timed(lambda: index.search(q, k), repeat=7).median
+        cold = SearchIndex.open(str(path))  # opened untimed, as before: the search reads the store
+        store_s = harness.timed(lambda: cold.search(q, k), repeat=1).median
         rows.append(
             {
                 "k": k,
@@ -143,7 +130,7 @@ def main() -> None:
         report["compression"] = compression(data / "aerial", arch, backbones[arch], Path(tmp))
         report["search_vs_k"] = search_vs_k(Path(tmp))
     report["retrieval"] = retrieval(data / "ucmerced", backbones, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    harness.write(out / "report.json", report)
 
     c = report["compression"]
     bar_chart("compression: tile bytes / fingerprint bytes (paper: 23x uint8, 175x float32)",

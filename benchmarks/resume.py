@@ -13,24 +13,20 @@ Writes benchmarks/resume.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pipeline import locations, open_store  # noqa: E402
-from pipeline.ingest import staging  # noqa: E402
+from pipeline import locations, open_store
+from pipeline.ingest import staging
 
 
 def command(data: Path, store: Path, weights: Path) -> list[str]:
@@ -39,9 +35,7 @@ def command(data: Path, store: Path, weights: Path) -> list[str]:
 
 
 def timed(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-    return time.perf_counter() - t0
+    return harness.wall(cmd, check=True)[0]
 
 
 def same(a: Path, b: Path) -> bool:
@@ -68,7 +62,7 @@ def main() -> None:
             clean = work / f"clean-{rep}.zarr"
             t_clean = timed(command(data, clean, weights))
             target = work / f"killed-{rep}.zarr"
-            proc = subprocess.Popen(command(data, target, weights), cwd=ROOT, stdout=subprocess.DEVNULL,
+            proc = subprocess.Popen(command(data, target, weights), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)  # fmt: skip
             time.sleep(args.at * t_clean)
             proc.send_signal(signal.SIGKILL)
@@ -78,17 +72,16 @@ def main() -> None:
             row = {"clean_s": t_clean, "killed_at_s": args.at * t_clean, "staged_units_at_kill": staged,
                    "rerun_s": t_rerun, "rerun_over_clean": t_rerun / t_clean, "store_equal": same(target, clean)}  # fmt: skip
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            harness.show(row)
             shutil.rmtree(clean)
             shutil.rmtree(target)
     summary = {
         "command": " ".join(["aerial-search", *command(data, Path("S"), weights)[3:]]),
-        "median_rerun_over_clean": statistics.median(r["rerun_over_clean"] for r in rows),
+        "median_rerun_over_clean": harness.median([r["rerun_over_clean"] for r in rows]),
         "all_stores_equal": all(r["store_equal"] for r in rows),
         "runs": rows,
-        "date": time.strftime("%Y-%m-%d"),
     }
-    Path(args.out).write_text(json.dumps(summary, indent=2))
+    harness.write(args.out, summary)
     print(f"\nrerun / clean, median of {len(rows)}: {summary['median_rerun_over_clean']:.2f} (target < 0.8); "
           f"stores equal to the clean one: {summary['all_stores_equal']}")  # fmt: skip
 

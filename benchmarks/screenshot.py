@@ -3,7 +3,7 @@ save the page with its results as a small PNG.
 
     python benchmarks/screenshot.py --store demo/demo.zarr      # after `aerial-search demo`
 
-Needs `npm ci` (Leaflet) and Chromium (`apt-get install chromium`).
+Needs Chromium (`apt-get install chromium`); the page and its Leaflet come with the package.
 """
 
 from __future__ import annotations

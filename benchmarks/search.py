@@ -18,19 +18,18 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import grid  # noqa: E402
-from pipeline.resources import cpu_count  # noqa: E402
-from pipeline.search import Queries, SearchIndex  # noqa: E402
-from pipeline.store import META_CHUNK_FACTOR, SCHEMA_VERSION, consolidate, fingerprint_compressors, open_store  # noqa: E402
+from pipeline import grid
+from pipeline.resources import cpu_count
+from pipeline.schema import META_CHUNK_FACTOR, SCHEMA_VERSION
+from pipeline.search import Queries, SearchIndex
+from pipeline.store import consolidate, fingerprint_compressors, open_store
 
 DIM = 512
 IMAGE_SIDE = 10_240  # px: 79 x 79 windows per synthetic image
@@ -120,12 +119,9 @@ def _current(path: Path) -> bool:
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:
-    out, times = None, []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    """The median seconds of ``repeat`` runs and the last result (harness.timed, no warm-up)."""
+    t = harness.timed(fn, repeat)
+    return t.median, t.value
 
 
 def numpy_reference(x: np.ndarray, sqnorm: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -170,7 +166,6 @@ def child_store_search(path: str, k: int, seed: int) -> None:
 
 CHILD_TIMING = """
 import json, statistics, sys, time
-sys.path.insert(0, {tree!r})
 import numpy as np
 from pipeline.search import Queries, SearchIndex
 index = SearchIndex.open({store!r}).persist()
@@ -193,11 +188,7 @@ def compare_commits(rev: str, sizes: list[int], work: Path, repeat: int, rounds:
     times so that machine drift hits both; medians over all timed searches. Several processes
     matter: on the 2-core machine a process's 1M x 100 searches run at either ~2.6 s or ~3.9 s
     for its whole life (BLAS thread placement), whichever commit it runs."""
-    root = Path(__file__).resolve().parent.parent
-    old_tree = work / f"tree-{rev}"
-    if not old_tree.exists():
-        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(old_tree), rev], check=True)
-    trees = {"old": str(old_tree), "new": str(root)}
+    trees = {"old": harness.worktree(rev, work), "new": harness.ROOT}
     rows = []
     for n in sizes:
         path = synthetic_store(work / f"synth-{n}-float32.zarr", n, "float32")
@@ -207,22 +198,21 @@ def compare_commits(rev: str, sizes: list[int], work: Path, repeat: int, rounds:
             for _ in range(rounds):
                 for name in ("old", "new"):
                     reps = repeat if n >= 1_000_000 else max(repeat, 50)  # small N: ms each, so more
-                    code = CHILD_TIMING.format(tree=trees[name], store=str(path), m=m, dim=DIM, k=10, repeat=reps)
-                    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-                    doc = json.loads(res.stdout.strip().splitlines()[-1])
+                    code = CHILD_TIMING.format(store=str(path), m=m, dim=DIM, k=10, repeat=reps)
+                    doc = harness.child(code, trees[name])
                     times[name] += doc["times"]
                     uids[name] = doc["uids"]
             assert uids["old"] == uids["new"], "old and new commits disagree on the results"
-            med = {name: statistics.median(t) for name, t in times.items()}
-            per_process = {name: [statistics.median(t[i : i + len(t) // rounds]) for i in range(0, len(t), len(t) // rounds)]
+            med = {name: harness.median(t) for name, t in times.items()}
+            per_process = {name: [harness.median(t[i : i + len(t) // rounds]) for i in range(0, len(t), len(t) // rounds)]
                            for name, t in times.items()}  # fmt: skip
             row = {"n": n, "queries": m, "k": 10, "old_rev": rev, "old_ms": med["old"] * 1e3, "new_ms": med["new"] * 1e3,
                    "new_over_old": med["new"] / med["old"], "new_minus_old_ms": (med["new"] - med["old"]) * 1e3,
                    "timed_searches_each": len(times["new"]),
                    "per_process_median_ms": {k2: [round(v * 1e3, 2) for v in vs] for k2, vs in per_process.items()}}  # fmt: skip
             rows.append(row)
-            print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
-    out.write_text(json.dumps({"rows": rows, "note": "medians over all timed searches of all rounds"}, indent=2))
+            harness.show(row)
+    harness.write(out, {"rows": rows, "note": "medians over all timed searches of all rounds"}, against=rev)
     print(f"\n{'N':>11} {'q':>4} | {'old ms':>9} {'new ms':>9} | new/old  new-old ms")
     for r in rows:
         print(f"{r['n']:>11,} {r['queries']:>4} | {r['old_ms']:9.2f} {r['new_ms']:9.2f} | "
@@ -242,9 +232,8 @@ def classifier_pass(work: Path, n: int, repeat: int, out: Path) -> None:
     uids = open_store(path)["uid"].values
     pos = index.queries_from_uids([int(u) for u in uids[[10, 20_000, 400_000, 700_000, 999_000]]])[0]
     neg = index.queries_from_uids([int(u) for u in uids[[50, 60_000, 500_000, 800_000, 990_000]]])[0]
-    t0 = time.perf_counter()
-    model = fit(index, ExampleSet(pos, neg), background=200)
-    fit_s = time.perf_counter() - t0
+    fitting = harness.timed(lambda: fit(index, ExampleSet(pos, neg), background=200), repeat=1)
+    model, fit_s = fitting.value, fitting.median
     scorer = model.scorer()
     index.search(queries, 10)
     index.run(scorer, Exclusions.none(), k=10)
@@ -252,8 +241,8 @@ def classifier_pass(work: Path, n: int, repeat: int, out: Path) -> None:
     classify_s, _ = timed(lambda: index.run(scorer, Exclusions.none(), k=10), repeat)
     row = {"n": n, "single_query_search_s": search_s, "classifier_pass_s": classify_s,
            "classifier_over_search": classify_s / search_s, "fit_s": fit_s, "repeat": repeat}  # fmt: skip
-    print(json.dumps(row), flush=True)
-    out.write_text(json.dumps(row, indent=2))
+    harness.show(row)
+    harness.write(out, row)
 
 
 def main() -> None:
@@ -322,8 +311,7 @@ def main() -> None:
                 assert set(fi[0].tolist()) == set(ref[0].tolist()), "faiss and NumPy disagree"
             children = []
             for _ in range(max(3, min(repeat, 5))):  # fresh processes: the median of 3 or more
-                out = subprocess.run([sys.executable, __file__, "--child", str(path), str(k), "1"],
-                                     capture_output=True, text=True, check=True)  # fmt: skip
+                _, out = harness.wall([sys.executable, __file__, "--child", str(path), str(k), "1"], check=True)
                 children.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 assert children[-1]["uids"] == [str(u) for u in res.uid], "store path and in-memory path disagree"
             total = [c["open_s"] + c["search_s"] for c in children]
@@ -333,7 +321,7 @@ def main() -> None:
             row["store_open_s"] = child["open_s"]
             row["store_read_gb_per_s"] = child["fingerprint_bytes"] / child["search_s"] / 1e9
             rows.append(row)
-            print(json.dumps({k2: (round(v, 5) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
+            harness.show(row)
         if n == 1_000_000 and x is not None:
             qb = np.maximum(np.random.default_rng(2).standard_normal((100, DIM)), 0).astype(np.float32)
             row = {"n": n, "dtype": dtype, "k": 10, "queries": 100}
@@ -344,13 +332,10 @@ def main() -> None:
             if fidx is not None:
                 row["faiss_s"], _ = timed(lambda: fidx.search(qb, 10), 3)
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            harness.show(row)
         x = sqnorm = fidx = index = None  # free memory before the next size
-    meta = {"date": time.strftime("%Y-%m-%d"), "threads": cpu_count(), "repeat": args.repeat,
-            "faiss_threads": cpu_count() if faiss is not None else None}  # fmt: skip
-    Path(args.out).write_text(
-        json.dumps({**meta, "rows": rows, "page_cache": "warm (stores were just written or read)"}, indent=2)
-    )
+    meta = {"threads": cpu_count(), "repeat": args.repeat, "faiss_threads": cpu_count() if faiss is not None else None}
+    harness.write(args.out, {**meta, "rows": rows, "page_cache": "warm (stores were just written or read)"})
     print_table(rows)
 
 

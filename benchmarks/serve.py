@@ -20,22 +20,19 @@ Printed: p50 / p95 latency per contender, the 1-client p50 over the in-process p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
+from search import synthetic_store
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search import synthetic_store  # noqa: E402
-
-from pipeline.search import SearchIndex  # noqa: E402
+from pipeline.search import SearchIndex
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -142,8 +139,8 @@ def main() -> None:
             batch = uids[r * args.per_round : (r + 1) * args.per_round]
             inproc += in_process(index, batch)
             http1 += one_client(url, batch)
-            print(f"round {r + 1}: in-process p50 {statistics.median(inproc) * 1e3:.1f} ms, "
-                  f"1 client p50 {statistics.median(http1) * 1e3:.1f} ms", flush=True)  # fmt: skip
+            print(f"round {r + 1}: in-process p50 {harness.median(inproc) * 1e3:.1f} ms, "
+                  f"1 client p50 {harness.median(http1) * 1e3:.1f} ms", flush=True)  # fmt: skip
         index = None  # free the in-process copy before the concurrent run
         many = many_clients(url, uids, args.clients, args.per_client)
     finally:
@@ -151,8 +148,6 @@ def main() -> None:
         proc.wait(30)
 
     res = {
-        "machine": f"{os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
         "tiles": args.n,
         "server_start_s": load_s,
         "in_process_persist_s": persist_s,
@@ -168,7 +163,7 @@ def main() -> None:
         },  # fmt: skip
         "http1_p50_over_in_process_p50": pct(http1, 50) / pct(inproc, 50),
     }
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    harness.write(args.out, res)
     print(f"\n{args.n:,} tiles, {os.cpu_count()} cores")
     print(f"{'contender':<22} {'p50 ms':>8} {'p95 ms':>8} {'n':>5}")
     for name in ("in_process", "http_1_client", f"http_{args.clients}_clients"):

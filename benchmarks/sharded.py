@@ -19,18 +19,13 @@ worker processes (the machine's cores split between them) over the synthetic 1M-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
-import statistics
-import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def moved(client) -> int:
@@ -86,9 +81,9 @@ def measure(path: str, workers: int, repeat: int, codes: bool) -> dict:
                     "persist_s": persist_s,
                     "blocks": len(keys),
                     "bytes_held_per_worker": per_worker,
-                    "latency_ms_median": statistics.median(times) * 1e3,
+                    "latency_ms_median": harness.median(times) * 1e3,
                     "latency_ms_all": [t * 1e3 for t in times],
-                    "bytes_moved_per_query_median": statistics.median(per_query),
+                    "bytes_moved_per_query_median": harness.median(per_query),
                     "bytes_held_total": sum(per_worker.values()),
                 }
                 client.cancel(futures_of(index._blocks))
@@ -111,7 +106,7 @@ def main() -> None:
     path = synthetic_store(Path(args.workdir) / f"synth-{args.n}-float32.zarr", args.n, "float32")
     meta = (open_store(path).attrs.get("postprocess") or {}).get("codes")
     codes = bool(meta) and not meta.get("stale")
-    res = {"machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"), "tiles": args.n, "runs": []}
+    res = {"tiles": args.n, "runs": []}
     for workers in (1, 2):
         r = measure(str(path), workers, args.repeat, codes)
         res["runs"].append(r)
@@ -122,7 +117,7 @@ def main() -> None:
                 print(f"{workers} worker(s) x {r['threads_per_worker']} threads, {name}: {m['latency_ms_median']:.0f} ms "
                       f"per query, {m['bytes_moved_per_query_median'] / 1024:.1f} KiB moved per query; "
                       f"held per worker: {held}", flush=True)  # fmt: skip
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    harness.write(args.out, res)
 
 
 if __name__ == "__main__":

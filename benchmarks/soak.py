@@ -22,14 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
+from ingest import synthetic_tif
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ingest import synthetic_tif  # noqa: E402
-
-from pipeline import Config, faults, ingest, open_store  # noqa: E402
+from pipeline import Config, faults, ingest, open_store
 
 
 def compare(a: Path, b: Path) -> tuple[bool, int]:
@@ -139,8 +136,8 @@ def main() -> None:
                     print(f"run {run}: worker killed={fired} identical={same} lost tiles={lost} "
                           f"searches={len(answers)} (during partial states {partial}) wrong={wrong}", flush=True)  # fmt: skip
         stats["seconds"] = time.perf_counter() - t0
-    print(json.dumps(stats))
-    Path(args.out).write_text(json.dumps(stats, indent=2))
+    harness.show(stats)
+    harness.write(args.out, stats)
 
 
 if __name__ == "__main__":
