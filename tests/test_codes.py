@@ -9,30 +9,23 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import copy_store
 
 from pipeline.cli import main
 from pipeline.codes import BinaryCodes, hamming
 from pipeline.errors import SearchError
 from pipeline.search import SearchIndex
 from pipeline.store import open_store
-from tests.conftest import textured, write_tif
-
-PX = 0.5
 
 
 @pytest.fixture(scope="module")
-def coded(tmp_path_factory):
-    """A store of three images (random weights), with 128-bit codes."""
-    root = tmp_path_factory.mktemp("codes")
-    base = textured(900, 1300, seed=201)
-    write_tif(root / "a.tif", base[:, :768, :768], transform=(PX, 0, 400000.0, 0, -PX, 3300000.0))
-    write_tif(root / "b.tif", base[:, 100:740, 500:1268], transform=(PX, 0, 400250.0, 0, -PX, 3299950.0))
-    write_tif(root / "c.tif", textured(512, 768, seed=202), transform=(PX, 0, 460000.0, 0, -PX, 3300000.0))
-    path = root / "s.zarr"
-    assert main(["ingest", str(root / "a.tif"), str(root / "c.tif"), "--store", str(path), "--model", "probe",
-                 "--chunk-px", "384", "--chunk-tiles", "8", "--no-progress"]) == 0  # fmt: skip
+def coded(flights, ingest_store, tmp_path_factory):
+    """A store of two images of the shared archive (a flight and the far image), with 128-bit
+    codes; b.tif, the other flight over a's ground, is what growth tests add."""
+    shared = ingest_store([flights / "a.tif", flights / "c_far.tif"])
+    path = copy_store(shared, tmp_path_factory.mktemp("codes") / "s.zarr")
     assert main(["postprocess", "--store", str(path), "--codes", "binary", "--bits", "128"]) == 0
-    return root, path
+    return flights, path
 
 
 def _load(path):

@@ -4,5 +4,5 @@
   requests parsed and refused with one-line errors, searches batched on one thread);
 - :mod:`pipeline.serve.basemap`: footprints, XYZ tiles and previews read from the archive;
 - :mod:`pipeline.serve.app`: the FastAPI routes, the token guard, body caps, the page;
-- ``static/``: the page (plain JavaScript on Leaflet, which ``npm ci`` installs).
+- ``static/``: the page (plain JavaScript on Leaflet, shipped in ``static/vendor/leaflet``: package data).
 """
