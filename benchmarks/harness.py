@@ -125,7 +125,9 @@ def worktree(rev: str, work: Path) -> Path:
 
 def tree_env(tree: Path | str | None = None, **extra: str) -> dict[str, str]:
     """The environment of a child that imports ``pipeline`` from ``tree`` (default: the installed
-    package, this tree in a development install)."""
+    package, this tree in a development install). The child must also run in ``tree``
+    (:func:`child` and :func:`wall` do): ``python -c`` puts its working directory before
+    ``PYTHONPATH``, so a child started in another checkout would import that one's package."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
@@ -138,7 +140,7 @@ def child(
     """Run ``code`` in a fresh Python process (importing ``pipeline`` from ``tree``; ``args`` as its
     ``sys.argv[1:]``) and return the JSON value its last stdout line prints."""
     res = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                         env=tree_env(tree, **env), timeout=timeout)  # fmt: skip
+                         env=tree_env(tree, **env), timeout=timeout, cwd=tree)  # fmt: skip
     if res.returncode:
         raise RuntimeError(f"benchmark child failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -151,7 +153,8 @@ def wall(
     """Seconds a whole command takes, process start included, and its result (``check``: a
     failure raises with the command's stderr)."""
     t0 = time.perf_counter()
-    res = subprocess.run(list(argv), capture_output=True, text=True, env=tree_env(tree, **(env or {})), cwd=cwd)
+    res = subprocess.run(list(argv), capture_output=True, text=True, env=tree_env(tree, **(env or {})),
+                         cwd=cwd if cwd is not None else tree)  # fmt: skip
     seconds = time.perf_counter() - t0
     if check and res.returncode:
         raise RuntimeError(f"{' '.join(map(str, argv))} exited {res.returncode}:\n{res.stderr[-3000:]}")
