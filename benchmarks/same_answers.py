@@ -118,6 +118,9 @@ def main() -> int:
     work = Path(args.workdir)
     old = harness.worktree(args.against, work)
     trees = {args.against: old, "this tree": harness.ROOT}
+    for name, tree in trees.items():  # each command line below imports its own tree's package
+        where = harness.child("import json, pipeline; print(json.dumps(pipeline.__file__))", tree)
+        assert Path(where).is_relative_to(tree), (name, where)
     demo = work / "demo"
     if not (demo / "demo.zarr" / "zarr.json").exists():
         shutil.rmtree(demo, ignore_errors=True)
