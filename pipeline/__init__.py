@@ -15,9 +15,10 @@ and ``search --uid`` import neither torch nor distributed).
 Layout: kernels (NumPy / torch on one chunk: ``grid``, ``geo``, ``tiles``, ``embed``, ``post``,
 ``search.kernels``) under graph builders (dask graphs, never computed there: ``ingest.graph``,
 ``search.graph``) under drivers (``ingest.driver``, ``search.index``, ``derived``, ``evaluate``,
-``demo``) under the CLI (``cli`` + one module per command in ``commands``). ``store`` owns the
-Zarr schema, ``cluster`` creates every client, ``resources`` and ``errors`` are leaves. The
-contracts are checked by import-linter (``pyproject.toml``) in the test suite.
+``demo``) under the CLI (``cli`` + one module per command in ``commands``). ``schema`` is the
+store's one table of variables, ``store`` the only code that reads and writes Zarr, ``cluster``
+creates every client, ``backbones``, ``resources`` and ``errors`` are leaves. The contracts are
+checked by import-linter (``pyproject.toml``) in the test suite.
 """
 
 from __future__ import annotations

@@ -206,7 +206,9 @@ def runtime(cfg: ClusterConfig, client: Any = None) -> Runtime:
     """Start (or attach to) the scheduler ``cfg`` names.
 
     - ``threads``: the local threaded scheduler (default). ``cfg.threads`` dask threads
-      (0: as many as cores) and ``cores // threads`` torch threads each.
+      (0: as many as cores) and ``cores // threads`` torch threads each. While the runtime is
+      open, dask computes that name no scheduler run on those threads (:func:`local_scheduler`,
+      a process-wide dask setting, restored on close).
     - ``sync``: everything in the calling thread (debugging).
     - ``local``, ``local-cuda``, ``kubernetes``, ``slurm``, ``pbs``: a cluster from
       :func:`make_cluster` and a Client on it, both closed with the runtime.
