@@ -7,6 +7,10 @@
   ``split_every`` at a time by :func:`~pipeline.search.topk.merge_topk` until one remains,
   then :func:`~pipeline.search.topk.finalize`.
 - :func:`nearest_centre_graph`: the valid tile whose centre is nearest a lon/lat point.
+
+With ``on_device`` the map runs :mod:`pipeline.search.device`'s kernels over the device blocks of
+a persisted index (:meth:`pipeline.search.index.SearchIndex.persist` with ``device``) instead of
+the NumPy ones; the reductions are the same.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from pipeline.errors import SearchError
 from pipeline.geo import local_metres
-from pipeline.search import kernels, topk
+from pipeline.search import device, kernels, topk
 from pipeline.search.kernels import BLOCK_VARS, CODE_BLOCK_VARS, Exclusions, Filters
 from pipeline.search.scorers import Scorer
 
@@ -85,6 +89,7 @@ def topk_graph(
     half_m: np.ndarray,
     split_every: int = 8,
     usable: np.ndarray | None = None,
+    on_device: bool = False,
 ) -> Delayed:
     """The per-chunk map and the tree reduction to the global top-k, as one ``Delayed``
     yielding ``len(scorer)`` sorted RESULT_DTYPE arrays.
@@ -96,8 +101,13 @@ def topk_graph(
     if split_every < 2:
         raise SearchError(f"split_every must be >= 2 (the fan-in of the top-k tree), got {split_every}")
     name = f"topk-{uuid.uuid4().hex}"
-    leaves = {i: (kernels.chunk_topk, b.key, scorer, k, filters, exclude, half_m, usable) for i, b in enumerate(blocks)}
+    leaves = {i: (_map(on_device).chunk_topk, b.key, scorer, k, filters, exclude, half_m, usable) for i, b in enumerate(blocks)}
     return _topk_tree(name, leaves, k, len(scorer), split_every, list(blocks))
+
+
+def _map(on_device: bool) -> Any:
+    """The module of the per-block map: the device kernels or the NumPy ones (same signatures)."""
+    return device if on_device else kernels
 
 
 def _topk_tree(name: str, leaves: dict[int, tuple], k: int, m: int, split_every: int, deps: list) -> Delayed:
@@ -137,13 +147,14 @@ def rerank_graph(
     scorer: Scorer,
     k: int,
     split_every: int = 8,
+    on_device: bool = False,
 ) -> Delayed:
     """The exact second pass of a codes search: one :func:`~pipeline.search.kernels.rerank_block`
     task per block that holds candidates (``candidates[i] = (rows, member)``), reduced like
     :func:`topk_graph`. Blocks without candidates are not in the graph, so they are not read."""
     name = f"rerank-{uuid.uuid4().hex}"
     leaves = {
-        i: (kernels.rerank_block, blocks[i].key, rows, member, scorer, k) for i, (rows, member) in candidates.items()
+        i: (_map(on_device).rerank_block, blocks[i].key, rows, member, scorer, k) for i, (rows, member) in candidates.items()
     }
     return _topk_tree(name, leaves, k, len(scorer), split_every, [blocks[i] for i in sorted(candidates)])
 
@@ -158,6 +169,7 @@ def threshold_graph(
     half_m: np.ndarray,
     split_every: int = 8,
     usable: np.ndarray | None = None,
+    on_device: bool = False,
 ) -> Delayed:
     """Every tile scoring at most ``max_score``, per column: a ``Delayed`` of (the best ``limit``,
     sorted; how many passed in all). The same map and tree as :func:`topk_graph`, with the
@@ -165,7 +177,7 @@ def threshold_graph(
     if split_every < 2:
         raise SearchError(f"split_every must be >= 2 (the fan-in of the reduction tree), got {split_every}")
     name = f"threshold-{uuid.uuid4().hex}"
-    leaves = {i: (kernels.chunk_threshold, b.key, scorer, max_score, limit, filters, exclude, half_m, usable)
+    leaves = {i: (_map(on_device).chunk_threshold, b.key, scorer, max_score, limit, filters, exclude, half_m, usable)
               for i, b in enumerate(blocks)}  # fmt: skip
     return _tree(name, leaves, (topk.merge_threshold, limit), topk.finalize_threshold,
                  (topk.empty_threshold, len(scorer)), split_every, list(blocks))  # fmt: skip

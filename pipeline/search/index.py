@@ -28,10 +28,13 @@ import numpy as np
 from pipeline import codes, geo, grid, post, resources, schema, store
 from pipeline.cluster import local_get
 from pipeline.errors import SearchError
+from pipeline.search import device as device_mod
 from pipeline.search import graph, kernels, scorers, topk
 from pipeline.search.kernels import ExampleSet, Exclusions, Filters, Queries
 from pipeline.search.results import Result
 from pipeline.search.scorers import CentroidScorer, L2Scorer, NearestScorer, Scorer
+
+DEVICE_BLOCK_ROWS = 1 << 23  # rows per device block on a GPU: one scan pass each, a few tasks per query
 
 
 @dataclass
@@ -52,6 +55,8 @@ class SearchIndex:
     codes: bool = False  # scan the store's binary codes, then re-rank candidates exactly
     rerank: int | None = None  # candidates per query with codes (default max(10 k, 100))
     last_scan: dict[str, Any] = field(default_factory=dict, repr=False)  # bytes the last codes search read
+    index_device: str = ""  # where persist() put the blocks ("": NumPy blocks in host memory)
+    index_dtype: str = ""  # the search space's dtype in memory when persist() converted it
     _blocks: list | None = field(default=None, repr=False)
     _blocks_hold_codes: bool = False
     _block_rows: int = 0
@@ -163,46 +168,85 @@ class SearchIndex:
         """Whether :meth:`persist` holds the blocks (in this process or on the cluster)."""
         return self._blocks is not None
 
-    def persist(self, block_rows: int | None = None) -> SearchIndex:
+    def persist(self, block_rows: int | None = None, device: str | None = None, dtype: str | None = None) -> SearchIndex:
         """Load every chunk once (with precomputed norms) and keep it in memory or cluster memory.
 
         ``block_rows``: rows per in-memory block. Default: one block per dask thread (on a
-        cluster, per worker thread, the blocks spread over the workers), at most 2**20 rows.
+        cluster, per worker thread, the blocks spread over the workers), at most 2**20 rows; on a
+        GPU, blocks of up to :data:`DEVICE_BLOCK_ROWS`. ``device`` (auto | cpu | cuda): hold the
+        blocks as torch tensors there and search them with :mod:`pipeline.search.device`
+        (``auto``: CUDA where torch sees a GPU; on a cluster each worker resolves it, so GPU
+        workers keep their blocks on their own GPU). ``dtype`` (float32 | float16): the search
+        space's dtype in memory (default the store's); float16 halves a float32 store, scores
+        still accumulate in float32. Refuses, naming the numbers, when the index does not fit.
         """
         import uuid
 
         client = getattr(self.runtime, "client", None)
         chunk = int(self.ds["fingerprint"].data.chunksize[0]) or 1
         n = self.ds.sizes["tile"]
+        if dtype is not None and dtype not in device_mod.DTYPES:
+            raise SearchError(f"--index-dtype must be one of {', '.join(device_mod.DTYPES)}, got {dtype!r}")
+        local_device = device_mod.resolve(device) if device and client is None else device
         if block_rows is None:
             # One block per dask thread (BLAS threads inside each block do the rest): measured
             # at 1M x 512 on 2 cores, 2 blocks ran at 1.1x NumPy's single matrix-vector product,
             # 8 blocks at 1.6x. On a cluster, every worker thread's share, so that a query costs
             # a few tasks per thread rather than one per store chunk (benchmarks/sharded.py:
             # 122 chunk-sized blocks of 1M tiles cost ~3x the scan in scheduling). Capped so
-            # per-query temporaries stay bounded.
+            # per-query temporaries stay bounded. A GPU scans a block in one pass: large blocks.
             if client is not None:
-                threads = sum(client.nthreads().values()) or 1
+                threads = len(client.nthreads()) if device else sum(client.nthreads().values()) or 1
             else:
                 threads = getattr(self.runtime, "dask_threads", 0) or resources.cpu_count()
-            block_rows = min(max(chunk, -(-n // threads)), 1 << 20)
+            cap = DEVICE_BLOCK_ROWS if (local_device or "").startswith("cuda") or (client is not None and device) else 1 << 20
+            block_rows = min(max(chunk, -(-n // max(threads, 1))), cap)
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
-        if not dba and self.postprocess.method == "none" and self.ds["fingerprint"].dtype == np.float16:
-            scorers.use_torch_conversion()  # every query converts the float16 blocks again: the faster way pays
         meta = self.check_codes() if self.codes else {}
         with_codes, kind = ("also" if meta else ""), meta.get("kind", "binary")
+        if local_device:
+            device_mod.check_fits(n, self.device_bytes_per_tile(dtype, meta), local_device, f"store {self.path}")
+        elif not dba and self.postprocess.method == "none" and (dtype or self.ds["fingerprint"].dtype) == np.float16:
+            scorers.use_torch_conversion()  # every query converts the float16 blocks again: the faster way pays
         blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows, postprocess=None if dba else self.postprocess,
                                     use_dba=dba, codes=with_codes, code_kind=kind)  # fmt: skip
+        if dtype and not device:
+            blocks = [dask.delayed(kernels.as_dtype, pure=True)(b, dtype) for b in blocks]
         self._block_rows = block_rows
         self._blocks_hold_codes = bool(with_codes)
+        self.index_device, self.index_dtype = (local_device or device or ""), (dtype or "")
         if client is not None:
+            if device:
+                blocks = [dask.delayed(device_mod.to_device, pure=False)(b, device, dtype) for b in blocks]
             self._blocks = client.persist(blocks)
+            return self
+        tag = uuid.uuid4().hex
+        if local_device:  # a wave of blocks at a time: host memory holds a few blocks, not the index
+            threads = getattr(self.runtime, "dask_threads", 0) or resources.cpu_count()
+            loaded = []
+            for a in range(0, len(blocks), threads):
+                hosts = dask.compute(*blocks[a : a + threads], scheduler=local_get())
+                loaded += [device_mod.to_device(h, local_device, dtype) for h in hosts]
+                del hosts
         else:
-            tag = uuid.uuid4().hex
             loaded = dask.compute(*blocks, scheduler=local_get())
-            self._blocks = [dask.delayed(b, name=f"index-{tag}-{i}", traverse=False) for i, b in enumerate(loaded)]
+        self._blocks = [dask.delayed(b, name=f"index-{tag}-{i}", traverse=False) for i, b in enumerate(loaded)]
         return self
+
+    def device_bytes_per_tile(self, dtype: str | None = None, codes_meta: dict[str, Any] | None = None) -> int:
+        """Bytes one tile of this index takes on a device (:func:`pipeline.search.device.bytes_per_tile`):
+        the search space in ``dtype`` (default the store's), its norm, the codes when held, the metadata."""
+        space = self.ds["fingerprint_dba"] if self.uses_dba else self.ds["fingerprint"]
+        dt = dtype or str(space.dtype)
+        meta = codes_meta or {}
+        code_bytes = int(meta.get("bits", 0)) // 8
+        return device_mod.bytes_per_tile(self._space_dims(), dt, code_bytes, meta.get("kind") == "pq")
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the persisted blocks are device blocks (:mod:`pipeline.search.device`)."""
+        return bool(self.index_device) and self._blocks is not None
 
     def _compute(self, *collections: Any) -> tuple[Any, ...]:
         if self.runtime is not None:
@@ -214,7 +258,8 @@ class SearchIndex:
         if self.codes:
             return self._topk_codes(scorer, k, filters, exclude)
         return self._compute(
-            graph.topk_graph(self.blocks(), scorer, k, filters, exclude, self.half_m, self.split_every, self.usable)
+            graph.topk_graph(self.blocks(), scorer, k, filters, exclude, self.half_m, self.split_every, self.usable,
+                             self.on_device)  # fmt: skip
         )[0]
 
     def _topk_codes(self, scorer: Scorer, k: int, filters: Filters, exclude: Exclusions) -> list[np.ndarray]:
@@ -244,6 +289,7 @@ class SearchIndex:
                 self.half_m,
                 self.split_every,
                 self.usable,
+                self.on_device and self._blocks_hold_codes,
             )  # fmt: skip
         )[0]
         slots = [self.slots_of(c["uid"]) for c in first]
@@ -255,7 +301,7 @@ class SearchIndex:
             member = np.stack([np.isin(rows, s) for s in slots], axis=1)
             candidates[int(b)] = (rows - b * per, member)
         blocks = self.blocks()
-        out = self._compute(graph.rerank_graph(blocks, candidates, scorer, k, self.split_every))[0]
+        out = self._compute(graph.rerank_graph(blocks, candidates, scorer, k, self.split_every, self.on_device))[0]
         n, dim = self.ds.sizes["tile"], self.ds.sizes["feature"]
         if self.in_memory:  # the candidates' rows of the index in memory
             rerank_bytes = len(allslots) * self._space_dims() * 4
@@ -449,6 +495,7 @@ class SearchIndex:
                     self.half_m,
                     self.split_every,
                     self.usable,
+                    self.on_device,
                 )  # fmt: skip
             )[0]
             totals = [int(c) for c in counts]

@@ -136,10 +136,16 @@ class NearestScorer:
 
     def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
         x = as_float32(block["fingerprint"][rows]).astype(np.float64)
-        sq = np.einsum("ij,ij->i", x, x)
 
-        def nearest(e: np.ndarray) -> np.ndarray:  # float64 expansion: memory (rows, examples)
-            return np.sqrt(_sq_dists(x, sq, e.astype(np.float64)).min(axis=1))
+        def nearest(e: np.ndarray) -> np.ndarray:
+            # Direct differences, one example at a time: each row's value depends on that row
+            # alone (not on which rows are scored together, as a matrix product's blocking
+            # would), and an example's own tile is at distance exactly 0.
+            best = np.full(len(x), np.inf)
+            for ex in e.astype(np.float64):
+                diff = x - ex
+                np.minimum(best, np.einsum("ij,ij->i", diff, diff), out=best)
+            return np.sqrt(best)
 
         s = nearest(self.positives[j])
         if len(self.negatives[j]) and self.weights[j]:
@@ -210,7 +216,8 @@ class LinearScorer:
 
     def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
         x = as_float32(block["fingerprint"][rows]).astype(np.float64)
-        return -(x @ self.coef[j].astype(np.float64) + float(self.intercept[j]))
+        # einsum, not a matrix product: each row's value independent of the rows scored with it
+        return -(np.einsum("ij,j->i", x, self.coef[j].astype(np.float64)) + float(self.intercept[j]))
 
     def report(self, score: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(np.asarray(score, dtype=np.float64)))  # sigmoid(-score)

@@ -1,0 +1,103 @@
+"""Hamming distances on a device: binary codes as int32 words ``(n, W)`` against query codes
+``(m, W)``, as int32 ``(n, m)``.
+
+Two implementations of one formula (XOR, then the SWAR popcount of each 32-bit word, summed):
+
+- ``torch``: elementwise torch ops over row slices; runs on any device (CI runs it on the CPU).
+  Each step is a pass over an ``(rows, W)`` temporary: on a GPU about ten passes of memory
+  traffic per code, so it bounds what a scan of 1e9 codes can reach.
+- ``triton``: one fused Triton kernel on CUDA that reads each code once, keeps its words in
+  registers and loops over the queries: one pass of memory traffic, whatever ``m``.
+
+:func:`hamming` takes ``triton`` on CUDA where Triton is installed, else ``torch``; ``method``
+forces one (``benchmarks/gpu_search.py`` measures both). With ``TRITON_INTERPRET=1`` set before
+Triton is imported, the kernel runs on the CPU (slowly): the tests check it against NumPy there.
+torch and Triton are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+TORCH_ROWS = 1 << 22  # rows per slice of the torch path: bounds its (rows, W) temporaries
+
+
+def _popcount32(v: Any) -> Any:
+    """Set bits of each int32 (SWAR; the masks clear the sign bits that arithmetic shifts bring in)."""
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) >> 24) & 0xFF
+
+
+def hamming_torch(words: Any, queries: Any) -> Any:
+    """int32 ``(n, m)`` Hamming distances by torch elementwise ops."""
+    import torch
+
+    n, m = words.shape[0], queries.shape[0]
+    out = torch.empty((n, m), dtype=torch.int32, device=words.device)
+    for a in range(0, n, TORCH_ROWS):
+        w = words[a : a + TORCH_ROWS]
+        for j in range(m):
+            out[a : a + len(w), j] = _popcount32(w ^ queries[j]).sum(1, dtype=torch.int32)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel() -> Any:
+    """The Triton kernel, compiled on first use (Triton imported here, not at import time)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def hamming_kernel(words, queries, out, n, m, W: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, WP)
+        inside = (rows[:, None] < n) & (cols[None, :] < W)
+        w = tl.load(words + rows[:, None] * W + cols[None, :], mask=inside, other=0)
+        for j in range(m):
+            q = tl.load(queries + j * W + cols, mask=cols < W, other=0)
+            v = w ^ q[None, :]
+            v = v - ((v >> 1) & 0x55555555)
+            v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+            v = (v + (v >> 4)) & 0x0F0F0F0F
+            v = ((v * 0x01010101) >> 24) & 0xFF
+            tl.store(out + rows * m + j, tl.sum(v, axis=1), mask=rows < n)
+
+    return hamming_kernel
+
+
+def hamming_triton(words: Any, queries: Any, block: int = 128) -> Any:
+    """int32 ``(n, m)`` Hamming distances by the fused Triton kernel."""
+    import torch
+    import triton
+
+    n, w = words.shape
+    m = queries.shape[0]
+    out = torch.empty((n, m), dtype=torch.int32, device=words.device)
+    if n and m:
+        grid = (triton.cdiv(n, block),)
+        _kernel()[grid](words.contiguous(), queries.contiguous(), out, n, m, W=w,
+                        WP=triton.next_power_of_2(w), BLOCK=block)  # fmt: skip
+    return out
+
+
+def available(method: str, device: str) -> bool:
+    """Whether ``method`` (torch | triton) runs on ``device`` here."""
+    if method == "torch":
+        return True
+    if not device.startswith("cuda") and not os.environ.get("TRITON_INTERPRET"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def hamming(words: Any, queries: Any, method: str | None = None) -> Any:
+    """int32 ``(n, m)`` Hamming distances; ``method`` None: triton on CUDA where installed, else torch."""
+    method = method or os.environ.get("AERIAL_SEARCH_POPCOUNT") or ("triton" if words.is_cuda and available("triton", "cuda") else "torch")
+    return hamming_triton(words, queries) if method == "triton" else hamming_torch(words, queries)
