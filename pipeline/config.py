@@ -5,7 +5,7 @@ fails at start-up with a message naming the key, not hours into an ingest. YAML 
 :func:`load_config`; the rest of the package receives these objects.
 
 The YAML layout mirrors the classes: top-level sections ``model``, ``tiling``, ``read``,
-``store`` and ``cluster`` (see ``configs/default.yaml``, which documents every key).
+``store``, ``cluster`` and ``search`` (see ``configs/default.yaml``, which documents every key).
 """
 
 from __future__ import annotations
@@ -185,6 +185,23 @@ SCHEDULERS = ("threads", "sync", "local", "local-cuda", "kubernetes", "slurm", "
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """Where searches run (:mod:`pipeline.search.device`): ``search``, ``classify``, ``heatmap``,
+    ``serve``, ``postprocess`` and ``evaluate`` read this."""
+
+    device: str = "auto"  # auto (a CUDA GPU when one is visible, else the NumPy engine) | cpu (torch) | cuda | cuda:N
+    dtype: str = ""  # the search space's dtype in memory: "" = the store's | float32 | float16
+
+    def __post_init__(self) -> None:
+        _require(
+            self.device in ("auto", "cpu", "cuda", "numpy") or self.device.startswith("cuda:"),
+            "search.device",
+            f"{self.device!r} is not auto, cpu, cuda, cuda:N or numpy",
+        )
+        _require(self.dtype in ("", "float32", "float16"), "search.dtype", f"{self.dtype!r} is not float32 or float16")
+
+
+@dataclass(frozen=True)
 class Config:
     """All settings. Build with ``Config()`` for the defaults or :func:`load_config`."""
 
@@ -193,6 +210,7 @@ class Config:
     read: ReadConfig = field(default_factory=ReadConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,13 +27,16 @@ def fit_store(path: str, method: str, dims: int = 128, sample: int = 200_000, se
     return t
 
 
-def augment_store(path: str, depth: int, alpha: float = 1.0, batch: int = 256, runtime: Any = None) -> int:
+def augment_store(path: str, depth: int, alpha: float = 1.0, batch: int = 256, runtime: Any = None, device: str = "",
+                  dtype: str = "") -> int:  # fmt: skip
     """Database-side augmentation: write ``fingerprint_dba`` (tile, post_feature), each valid
     tile's post-processed fingerprint alpha-QE-expanded with its ``depth`` nearest tiles
     (overlapping tiles excluded, as in search), through the search engine in batches of
-    ``batch`` queries. Returns the number of tiles augmented. Search uses the array in place of
+    ``batch`` queries (on ``device`` in ``dtype`` when given, as :meth:`SearchIndex.persist` holds
+    them). Returns the number of tiles augmented. Search uses the array in place of
     the post-processed raw fingerprints while it is current; adding images marks it stale."""
     index = SearchIndex.open(path, runtime)
+    index.device, index.dtype = device, dtype
     index.use_dba = False  # neighbours come from the post-processed raw fingerprints, never an old DBA
     ds = index.ds
     valid = np.flatnonzero(ds["valid"].values)
@@ -110,11 +113,13 @@ def encode_store(
     return info
 
 
-def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None) -> dict:
+def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None, device: str = "", dtype: str = "") -> dict:
     """The k-NN graph as derived arrays: every valid tile's ``k`` nearest valid tiles (overlapping
     ones excluded, as in search) by Euclidean distance after the store's post-processing (not
     DBA), with their cosine similarity, found by the search engine itself in batches of
-    ``batch`` queries (many queries per pass over the store; memory bounded by the batch).
+    ``batch`` queries (many queries per pass over the store; memory bounded by the batch), on
+    ``device`` in ``dtype`` when given (:mod:`pipeline.search.device`: each batch is one matrix
+    product per block on the GPU).
     Written by :func:`pipeline.store.write_knn`; returns the ``postprocess.knn`` record, with the
     time it took."""
     import time
@@ -123,6 +128,7 @@ def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None) -> dict:
         raise ValueError(f"--knn needs at least 1 neighbour, got {k}")
     t0 = time.perf_counter()
     index = SearchIndex.open(path, runtime)
+    index.device, index.dtype = device, dtype
     index.use_dba = False
     ds = index.ds
     n = ds.sizes["tile"]
@@ -148,6 +154,6 @@ def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None) -> dict:
             den = norms[nb] * norms[r]
             out_sim[r, :m] = np.divide(x[nb] @ x[r], den, out=np.zeros(m, np.float32), where=den > 0)
     seconds = time.perf_counter() - t0
-    info = {"k": int(k), "tiles": int(len(valid)), "seconds": round(seconds, 3)}
+    info = {"k": int(k), "tiles": int(len(valid)), "seconds": round(seconds, 3), **index.index_description()}
     store.write_knn(path, n, k, info, ((a, out_uid[a : a + z], out_sim[a : a + z]) for a in range(0, n, z)))
     return info

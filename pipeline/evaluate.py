@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,15 +68,28 @@ def retrieval_metrics(ranked_labels: np.ndarray, query_labels: np.ndarray) -> di
     return out
 
 
+INDEX: ContextVar[tuple[str, str]] = ContextVar("INDEX", default=("", ""))  # (device, dtype) of evaluate's searches
+
+
+def engine(x: np.ndarray, split_every: int = 8) -> Any:
+    """The search engine over in-memory fingerprints ``x``, on the device and dtype of
+    :data:`INDEX` (``evaluate --index-device/--index-dtype``), persisted there when set."""
+    from pipeline.search import SearchIndex
+
+    device, dtype = INDEX.get()
+    index = SearchIndex(memory_dataset(x), split_every=split_every, device=device, dtype=dtype)
+    return index.persist() if device else index
+
+
 def rank_all(x: np.ndarray, queries: np.ndarray | None = None, split_every: int = 8) -> np.ndarray:
     """Row indices of every database item ranked for each query (the query itself excluded).
 
     ``x`` (n, d) database; ``queries`` (m, d) for the rows ``0..m-1`` of ``x`` (default ``x``).
     Returns int (m, n - 1), nearest first, through :class:`SearchIndex`.
     """
-    from pipeline.search import Queries, SearchIndex
+    from pipeline.search import Queries
 
-    index = SearchIndex(memory_dataset(x), split_every=split_every)
+    index = engine(x, split_every)
     q = x if queries is None else queries
     m = len(q)
     qs = Queries(
@@ -196,14 +210,13 @@ def evaluate_examples(
     """
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline.search import SearchIndex
     from pipeline.search.scorers import CentroidScorer, LinearScorer, NearestScorer
 
     rows = []
     classes = np.unique(labels)
     for opts in options:
         x = post.fit(opts.post, raw, opts.dims).apply(raw)
-        index = SearchIndex(memory_dataset(x))
+        index = engine(x)
         scores: dict[str, list[dict]] = {m: [] for m in EXAMPLE_METHODS}
         for c in classes:
             inside, outside = np.flatnonzero(labels == c), np.flatnonzero(labels != c)
@@ -255,9 +268,21 @@ def evaluate(
     out: Path | None = None,
     tune_grid: bool = False,
     n_examples: int = 0,
+    index_device: str = "",
+    index_dtype: str = "",
 ) -> dict:
     """Fingerprint the dataset once, then report every option (and a tuned one when asked; and
-    example sets of ``n_examples`` positives and negatives against single examples)."""
+    example sets of ``n_examples`` positives and negatives against single examples). Rankings
+    run on ``index_device`` in ``index_dtype`` (:data:`INDEX`; default the NumPy engine, float32)."""
+    token = INDEX.set((index_device, index_dtype))
+    try:
+        return _evaluate(dataset, spec, options, out, tune_grid, n_examples)
+    finally:
+        INDEX.reset(token)
+
+
+def _evaluate(dataset: str, spec: ModelSpec, options: list[Options], out: Path | None, tune_grid: bool,
+              n_examples: int) -> dict:  # fmt: skip
     paths, labels, classes = list_dataset(dataset)
     t0 = time.perf_counter()
     raw = fingerprint_images(paths, spec)
@@ -268,6 +293,8 @@ def evaluate(
         "model": spec.arch,
         "weights": describe_weights(spec.arch, spec.weights, spec.seed)["weights_id"],
         "fingerprint_seconds": time.perf_counter() - t0,
+        "index_device": INDEX.get()[0] or "numpy",
+        "index_dtype": INDEX.get()[1] or "float32",
         "runs": [],
     }
     half_b = ~_halves(labels)

@@ -4,7 +4,9 @@ the score of the window whose top-left corner is at row ``128 i``, col ``128 j``
 Each pixel is centred on its window's centre: the map's transform is the image's transform
 x ``translation(64, 64)`` x ``scale(128)`` (map pixel ``(j + 0.5, i + 0.5)`` lands on image pixel
 ``(128 j + 128, 128 i + 128)``), in the image's CRS. Windows that are not valid (mostly nodata)
-are nodata (NaN). Values are what the scorer reports: the Euclidean distance of a single query,
+are nodata (NaN). Scores are exact (float64), or the device's float32 scores with
+``--index-device``; ``--index-dtype float16`` scores the fingerprints as float16 holds them.
+Values are what the scorer reports: the Euclidean distance of a single query,
 an example set's score, a classifier's probability. Each map comes with a PNG overview and a
 colour bar.
 """
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import grid
-from pipeline.search.kernels import make_block
+from pipeline.search.kernels import as_dtype, make_block
 from pipeline.search.scorers import Scorer
 
 
@@ -36,8 +38,18 @@ def image_scores(index: Any, scorer: Scorer, image_id: int) -> np.ndarray:
     arrays = [ds[fp_var][sl].values, ds["valid"][sl].values, ds["uid"][sl].values, ds["lon"][sl].values,
               ds["lat"][sl].values]  # fmt: skip
     block = make_block(*arrays, with_norms=False, postprocess=None if index.uses_dba else index.postprocess)
+    if index.dtype:
+        block = as_dtype(block, index.dtype)
     valid = np.flatnonzero(block["valid"])
-    values = scorer.report(scorer.exact(block, valid, 0)) if len(valid) else np.zeros(0)
+    if not len(valid):
+        values = np.zeros(0)
+    elif index.device:  # the device's float32 scores of every window (the map is of all of them)
+        from pipeline.search import device
+
+        on = device.to_device(block, index.device)
+        values = scorer.report(device.slice_scores(on, scorer, 0, len(on))[:, 0].double().cpu().numpy()[valid])
+    else:
+        values = scorer.report(scorer.exact(block, valid, 0))
     _, rows, cols = grid.unpack_uid(block["uid"][valid])
     out[rows // grid.STRIDE, cols // grid.STRIDE] = values
     return out

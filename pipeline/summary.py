@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline import locations, schema, store
 from pipeline.cluster import local_scheduler
+from pipeline.search.device import bytes_per_tile
 
 
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -43,6 +44,7 @@ def _summarize(path: str | os.PathLike[str], ds) -> dict[str, Any]:
         "derived": {name: schema.stale_reason(ds, name) or "current" for name in schema.DERIVED_TILE_VARS if schema.has_derived(ds, name)},
         "software": prov.get("software"),
         "lonlat_bounds": _bounds(ds, valid),
+        "index_device_bytes": device_bytes(ds, prov),
         "failed": [
             [str(p), str(e)] for p, e, st in zip(ds["image_path"].values, ds["error"].values, status) if st == "failed"
         ],
@@ -56,3 +58,29 @@ def _bounds(ds, valid: np.ndarray) -> list[float] | None:
     if not ok.any():
         return None
     return [float(lon[ok].min()), float(lat[ok].min()), float(lon[ok].max()), float(lat[ok].max())]
+
+
+def device_bytes(ds, prov: dict[str, Any]) -> dict[str, int]:
+    """Device bytes a persisted index of this store needs (``search --index-device``,
+    :func:`pipeline.search.device.bytes_per_tile`): its search space (post-processed, or the
+    current DBA array) held as float32 or float16, with norms and per-tile metadata; with
+    the codes beside it when the store has them; and the k-NN graph (uint64 uids and float32
+    similarities) when built. Every slot is held, padding included."""
+    post = prov.get("postprocess") or {}
+    dims = int(ds.sizes["feature"])
+    if "fingerprint_dba" in ds and not schema.stale_reason(ds, "fingerprint_dba"):
+        dims = int(ds["fingerprint_dba"].shape[1])
+    elif post.get("method") == "pca" and post.get("dims"):
+        dims = int(post["dims"])
+    n = int(ds.sizes["tile"])
+    out = {"tiles": n, "dims": dims, "float32": n * bytes_per_tile(dims, "float32"),
+           "float16": n * bytes_per_tile(dims, "float16")}  # fmt: skip
+    codes = post.get("codes") or {}
+    if "codes" in ds and codes:
+        code_bytes, pq = int(codes.get("bits", 0)) // 8, codes.get("kind") == "pq"
+        out["float32_with_codes"] = n * bytes_per_tile(dims, "float32", code_bytes, pq)
+        out["float16_with_codes"] = n * bytes_per_tile(dims, "float16", code_bytes, pq)
+    knn = post.get("knn") or {}
+    if "knn_uid" in ds and knn:
+        out["knn_graph"] = n * int(knn.get("k", 0)) * (8 + 4)
+    return out

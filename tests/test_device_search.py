@@ -102,7 +102,7 @@ def test_float16_index_dtype_is_exact_where_float16_is_and_near_elsewhere():
     ints = np.random.default_rng(2).integers(0, 9, (400, 16)).astype(np.float32)  # float16 holds them exactly
     host32 = SearchIndex(memory_dataset(ints, chunk=64)).persist()
     dev16 = SearchIndex(memory_dataset(ints, chunk=64)).persist(device="cpu", dtype="float16")
-    assert dev16.index_dtype == "float16" and dev16._blocks[0].compute().x.dtype == torch.float16
+    assert dev16.dtype == "float16" and dev16._blocks[0].compute().x.dtype == torch.float16
     assert_same(every_scorer(host32, ints, 25), every_scorer(dev16, ints, 25))
     x = vectors(d=32) * 3.3
     host32 = SearchIndex(memory_dataset(x, chunk=64)).persist()
@@ -288,3 +288,114 @@ def test_triton_popcount_on_cuda_equals_a_bit_count():
     w, qw = (torch.from_numpy(device_mod._int32_words(a)).cuda() for a in (c, q))
     for method in ("torch", "triton"):
         np.testing.assert_array_equal(popcount.hamming(w, qw, method).cpu().numpy(), hamming(c, q))
+
+
+# ---- through the command line ------------------------------------------------------------------
+
+
+def run_json(argv, tmp_path):
+    out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
+    assert main([*argv, "--json", str(out)]) == 0, argv
+    import json
+
+    return json.loads(out.read_text())
+
+
+def uids_of(doc):
+    return [r["uid"] for r in doc["results"]]
+
+
+def test_search_and_classify_index_flags_and_config(stores, tmp_path):
+    store = str(stores["float32"])
+    ds = open_store(store)
+    u = [str(int(v)) for v in ds["uid"].values[ds["valid"].values][[3, 20, 41]]]
+    plain = run_json(["search", "--store", store, "--uid", u[0], "-k", "8"], tmp_path)
+    assert "index_device" not in plain["query"]  # the default here (no GPU): the NumPy engine, JSON as before
+    dev = run_json(["search", "--store", store, "--uid", u[0], "-k", "8", "--index-device", "cpu"], tmp_path)
+    assert uids_of(dev) == uids_of(plain) and [r["distance"] for r in dev["results"]] == [r["distance"] for r in plain["results"]]
+    assert dev["query"]["index_device"] == "cpu" and dev["query"]["index_dtype"] == "float32"
+    half = ["--index-dtype", "float16", "--max-distance", "1e9", "--limit", "12"]
+    h_np = run_json(["search", "--store", store, "--uid", u[0], "--index-device", "numpy", *half], tmp_path)
+    h_dev = run_json(["search", "--store", store, "--uid", u[0], "--index-device", "cpu", *half], tmp_path)
+    assert uids_of(h_np) == uids_of(h_dev) and h_dev["query"]["index_dtype"] == h_np["query"]["index_dtype"] == "float16"
+    assert h_np["query"]["index_device"] == "numpy" and h_dev["total_passed"] == h_np["total_passed"]
+    cfg = tmp_path / "device.yaml"
+    cfg.write_text("search:\n  device: cpu\n  dtype: float16\n")
+    by_config = run_json(["search", "--store", store, "--uid", u[0], "-k", "12", "--config", str(cfg)], tmp_path)
+    assert by_config["query"]["index_device"] == "cpu" and uids_of(by_config) == uids_of(h_dev)
+    fit = ["classify", "--store", store, "--positive", u[1], "--positive", u[2], "--negative", u[0], "-k", "6",
+           "--background", "20"]  # fmt: skip
+    want = run_json(fit, tmp_path)
+    got = run_json([*fit, "--index-device", "cpu", "--index-dtype", "float32"], tmp_path)
+    assert uids_of(got) == uids_of(want) and got["query"]["index_device"] == "cpu"
+    assert main(["search", "--store", store, "--uid", u[0], "--index-device", "tpu"]) == 2
+
+
+def test_heatmap_postprocess_and_info_with_the_index_flags(stores, flights, tmp_path, capsys):
+    import json
+
+    import rasterio
+
+    store = stores["float32"]
+    ds = open_store(store)
+    u = str(int(ds["uid"].values[ds["valid"].values][5]))
+    assert main(["heatmap", "--store", str(store), "--uid", u, "--out", str(tmp_path / "a")]) == 0
+    assert main(["heatmap", "--store", str(store), "--uid", u, "--out", str(tmp_path / "b"), "--index-device", "cpu",
+                 "--index-dtype", "float32"]) == 0  # fmt: skip
+    for tif in sorted((tmp_path / "a").glob("*.tif")):
+        with rasterio.open(tif) as a, rasterio.open(tmp_path / "b" / tif.name) as b:
+            np.testing.assert_allclose(b.read(1), a.read(1), rtol=1e-5, atol=1e-4, equal_nan=True)
+    paths = {}
+    for name, flags in (("numpy", []), ("cpu", ["--index-device", "cpu", "--index-dtype", "float32"])):
+        paths[name] = copy_store(store, tmp_path / f"{name}.zarr")
+        capsys.readouterr()
+        assert main(["postprocess", "--store", str(paths[name]), "--knn", "4", "--dba", "2", *flags]) == 0
+        assert f"float32 on {name}" in capsys.readouterr().out
+    a, b = open_store(paths["numpy"]), open_store(paths["cpu"])
+    np.testing.assert_array_equal(a["knn_uid"].values, b["knn_uid"].values)
+    np.testing.assert_allclose(a["fingerprint_dba"].values, b["fingerprint_dba"].values, rtol=1e-6, atol=1e-6)
+    assert main(["info", "--store", str(paths["cpu"]), "--json"]) == 0
+    need = json.loads(capsys.readouterr().out)["index_device_bytes"]
+    index = SearchIndex.open(str(paths["cpu"]))
+    assert need["float32"] == need["tiles"] * index.device_bytes_per_tile("float32")
+    assert need["float16"] == need["tiles"] * index.device_bytes_per_tile("float16")
+    assert need["knn_graph"] == need["tiles"] * 4 * 12
+
+
+def test_evaluate_with_the_index_flags_ranks_as_the_numpy_engine(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from conftest import textured
+
+    for c, seed in (("fields", 1), ("roofs", 2)):
+        (tmp_path / "set" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(textured(256, 256, seed=seed * 10 + i).transpose(1, 2, 0)).save(tmp_path / "set" / c / f"{i}.png")
+    runs = {}
+    for name, flags in (("numpy", []), ("cpu", ["--index-device", "cpu", "--index-dtype", "float32"])):
+        out = tmp_path / name
+        assert main(["evaluate", str(tmp_path / "set"), "--model", "probe", "--options", "l2", "--out", str(out), *flags]) == 0
+        runs[name] = json.loads((out / "metrics.json").read_text())
+    assert runs["cpu"]["index_device"] == "cpu" and runs["numpy"]["index_device"] == "numpy"
+    assert runs["cpu"]["runs"] == runs["numpy"]["runs"]
+
+
+def test_serve_holds_the_index_on_the_device_and_answers_as_the_cli(stores, tmp_path):
+    pytest.importorskip("fastapi")
+    import httpx
+    from test_serve import start_serve
+
+    store = str(stores["float32"])
+    ds = open_store(store)
+    u = str(int(ds["uid"].values[ds["valid"].values][9]))
+    proc, url, lines = start_serve(["--store", store, "--port", "0", "--index-device", "cpu", "--index-dtype", "float16"])
+    try:
+        assert any("float16 on cpu" in line for line in lines), lines
+        doc = httpx.get(url + "/api/search", params={"uid": u, "k": 5}).json()
+        want = run_json(["search", "--store", store, "--uid", u, "-k", "5", "--index-dtype", "float16"], tmp_path)
+        assert uids_of(doc) == uids_of(want) and doc["query"]["index_dtype"] == "float16"
+    finally:
+        proc.terminate()
+        proc.wait(30)

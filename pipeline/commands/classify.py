@@ -10,11 +10,13 @@ from pipeline.commands.common import (
     add_common,
     add_examples,
     add_filters,
+    add_index,
     add_outputs,
     example_pixels,
     example_refs,
     filters_of,
     k_or_threshold,
+    use_index,
     write_outputs,
 )
 from pipeline.config import Config
@@ -38,6 +40,7 @@ def add_parser(sub) -> None:
     g.add_argument("--raw", action="store_true", help="fit on raw fingerprints, ignoring the store's post-processing")
     add_filters(p)
     add_outputs(p, "--min-score")
+    add_index(p)
     add_common(p)
     add_cluster(p)
 
@@ -59,7 +62,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
             "classify needs positive examples (--positive, --examples with label 'positive') or --load MODEL"
         )
     with runtime(cfg.cluster) as rt:
-        index = SearchIndex.open(args.store, rt)
+        index = use_index(SearchIndex.open(args.store, rt), cfg)
         index.use_post = not args.raw
         filters = filters_of(args, index)
         if args.load:

@@ -57,6 +57,45 @@ def add_cluster(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="cluster.progress", action="store_false", default=None)
 
 
+def add_index(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("index: where the scan runs")
+    g.add_argument("--index-device", dest="search.device",
+                   help="auto (default: a CUDA GPU when one is visible, else the NumPy engine; on a local-cuda "
+                        "cluster its GPU workers) | numpy | cpu (torch on the CPU) | cuda | cuda:N")  # fmt: skip
+    g.add_argument("--index-dtype", dest="search.dtype", choices=["float32", "float16"],
+                   help="the search space's dtype in memory (default the store's): float16 halves a float32 store, "
+                        "scores still accumulate in float32; named in the JSON query")  # fmt: skip
+
+
+def index_device(cfg) -> str:
+    """The torch device searches run on for ``search.device`` (``""``: the NumPy engine). ``auto``
+    takes a GPU only where one is visible (no torch import on a machine without one), and a
+    local-cuda cluster's GPU workers; other clusters keep the NumPy engine unless told ``cuda``."""
+    device = cfg.search.device
+    if device == "numpy":
+        return ""
+    if device != "auto":
+        return device
+    if cfg.cluster.scheduler == "local-cuda":
+        return "cuda"
+    if cfg.cluster.scheduler not in ("threads", "sync"):
+        return ""
+    from pipeline.cluster import visible_gpus
+
+    if not visible_gpus():
+        return ""
+    from pipeline.search import device as device_mod
+
+    return device_mod.resolve("auto").replace("cpu", "")
+
+
+def use_index(index, cfg):
+    """Set the index's device and dtype from the ``search`` settings (``--index-device``,
+    ``--index-dtype``); returns the index."""
+    index.device, index.dtype = index_device(cfg), cfg.search.dtype
+    return index
+
+
 def add_filters(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters")
     g.add_argument("--include-overlapping", action="store_true", help="keep the query tiles and tiles overlapping them")

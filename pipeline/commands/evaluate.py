@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.commands.common import add_model
+from pipeline.commands.common import add_index, add_model, index_device
 from pipeline.config import Config
 
 DEFAULT_OPTIONS = ("none",)
@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
                    help="also compare example sets of N positives + N negatives (centroid, nearest, classifier) "
                         "with single-example queries")  # fmt: skip
     add_model(p)
+    add_index(p)
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
@@ -38,7 +39,8 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         cfg.model, describe_weights(cfg.model.arch, cfg.model.weights, cfg.model.seed)["weights_sha256"]
     )
     report = evaluate.evaluate(args.dataset, spec, options, Path(args.out), tune_grid=args.tune,
-                               n_examples=args.n_examples)  # fmt: skip
+                               n_examples=args.n_examples, index_device=index_device(cfg),
+                               index_dtype=cfg.search.dtype)  # fmt: skip
     print(evaluate.table(report))
     print(f"\nwritten {Path(args.out) / 'metrics.json'}, per_class_ap.png, best_worst.png")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.common import add_cluster, add_common, add_examples, example_refs, float_list
+from pipeline.commands.common import add_cluster, add_common, add_examples, add_index, example_refs, float_list, use_index
 from pipeline.config import Config
 from pipeline.errors import SearchError
 
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     g.add_argument("--negative-weight", type=float, help="w (default 0.5 with negatives)")
     g.add_argument("--raw", action="store_true", help="ignore the store's post-processing")
     g.add_argument("--weights", dest="query_weights", help="local copy of the store's weights file (--image)")
+    add_index(p)
     add_common(p)
     add_cluster(p)
 
@@ -39,7 +40,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     if sum(given) != 1:
         raise SearchError("give one query: --uid, --image, --lonlat, --load MODEL, or --positive/--negative/--examples")
     with runtime(cfg.cluster) as rt:
-        index = SearchIndex.open(args.store, rt)
+        index = use_index(SearchIndex.open(args.store, rt), cfg)
         index.use_post = not args.raw
         if args.load:
             from pipeline.classify import Classifier

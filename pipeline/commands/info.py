@@ -43,6 +43,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     for name, state in summary.get("derived", {}).items():
         print(f"derived       {name}: {state}")
     print(f"on disk       {summary['bytes_on_disk'] / 1e6:.2f} MB")
+    dev = summary["index_device_bytes"]
+    extra = "".join(f", {k.replace('_', ' ')} {v / 1e6:.2f} MB" for k, v in dev.items() if k not in ("tiles", "dims", "float32", "float16"))
+    print(f"device index  float32 {dev['float32'] / 1e6:.2f} MB, float16 {dev['float16'] / 1e6:.2f} MB{extra} "
+          f"(search --index-device)")  # fmt: skip
     if summary["lonlat_bounds"]:
         w, s, e, n = summary["lonlat_bounds"]
         print(f"lon/lat box   W {w:.5f} S {s:.5f} E {e:.5f} N {n:.5f}")

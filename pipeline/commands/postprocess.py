@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.commands.common import add_index, index_device
 from pipeline.config import Config
 
 
@@ -26,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--codes-sample", type=int, default=100_000, help="codes: fit on at most this many tiles")
     p.add_argument("--knn", type=int, default=0,
                    help="also write the k-NN graph (knn_uid / knn_sim) with this many neighbours (search --diffusion)")  # fmt: skip
+    add_index(p)
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
@@ -41,7 +43,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         dims = "" if t.dims is None else f" ({t.dims} dims)"
         print(f"{args.store}: post-processing {t.method}{dims} saved; search applies it")
     if args.dba:
-        n = augment_store(args.store, args.dba, args.alpha)
+        n = augment_store(args.store, args.dba, args.alpha, device=index_device(cfg), dtype=cfg.search.dtype)
         print(
             f"{args.store}: fingerprint_dba written for {n} tiles ({args.dba} neighbours); "
             f"adding images marks it stale until this command is run again"
@@ -54,11 +56,14 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
             f"({info['bits'] // 8} bytes each, fitted on {info['fitted_on_tiles']}); search --codes scans them"
         )
     if args.knn:
-        info = build_knn(args.store, args.knn)
+        device = index_device(cfg)
+        info = build_knn(args.store, args.knn, batch=4096 if device.startswith("cuda") else 512, device=device,
+                         dtype=cfg.search.dtype)  # fmt: skip
         n, sec = info["tiles"], info["seconds"]
         per_million = sec * (1e6 / max(n, 1)) ** 2  # every tile searches every tile: n^2
         print(
-            f"{args.store}: k-NN graph written ({args.knn} neighbours of {n} tiles) in {sec:.1f} s, {n / sec:.0f} tiles/s; "
+            f"{args.store}: k-NN graph written ({args.knn} neighbours of {n} tiles) in {sec:.1f} s, {n / sec:.0f} tiles/s "
+            f"({info['index_dtype']} on {info['index_device']}); "
             f"the graph costs n^2 distance evaluations: a million tiles would take about {per_million / 3600:.1f} h "
             f"on this machine (search --diffusion uses it; adding images marks it stale)"
         )

@@ -15,11 +15,13 @@ from pipeline.commands.common import (
     add_common,
     add_examples,
     add_filters,
+    add_index,
     add_outputs,
     example_pixels,
     example_refs,
     filters_of,
     float_list,
+    use_index,
     k_or_threshold,
     write_outputs,
 )
@@ -64,6 +66,7 @@ def add_parser(sub) -> None:
     g.add_argument("--diffusion-k", type=int, help="--diffusion: neighbours per tile used (default: all stored)")
     g.add_argument("--weights", dest="query_weights", help="local copy of the store's weights file (checked by sha256)")
     g.add_argument("--device", dest="model.device", help="auto | cpu | cuda for --image queries")
+    add_index(p)
     add_common(p)
     add_cluster(p)
 
@@ -83,7 +86,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     if args.diffusion and (pos or neg):
         raise SearchError("--diffusion re-ranks single queries (--uid, --image, --lonlat); not example sets")
     with runtime(cfg.cluster) as rt:
-        index = SearchIndex.open(args.store, rt, split_every=args.split_every)
+        index = use_index(SearchIndex.open(args.store, rt, split_every=args.split_every), cfg)
         index.use_post = not args.raw
         index.codes, index.rerank = args.codes, args.rerank
         if args.rerank is not None and not args.codes:

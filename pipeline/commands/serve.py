@@ -9,7 +9,7 @@ import os
 import socket
 import time
 
-from pipeline.commands.common import add_cluster, add_common
+from pipeline.commands.common import add_cluster, add_common, add_index, index_device
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 
@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest query image upload (default 20 MB)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages of this origin to call the API (repeatable; default: none)")  # fmt: skip
+    add_index(p)
     add_common(p)
     add_cluster(p)
 
@@ -77,10 +78,12 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     with runtime(cfg.cluster) as rt:
         start = time.perf_counter()
         service = Service.open(args.store, rt, weights=args.query_weights, device=cfg.model.device,
-                               max_upload=int(args.max_upload_mb * (1 << 20)))  # fmt: skip
+                               max_upload=int(args.max_upload_mb * (1 << 20)), index_device=index_device(cfg),
+                               index_dtype=cfg.search.dtype)  # fmt: skip
         tiles = int(service.tiles_per_image.sum())
-        print(f"index of {tiles:,} tiles in {len(service.rings)} images loaded in {time.perf_counter() - start:.1f} s",
-              flush=True)  # fmt: skip
+        held = service.index.index_description()
+        print(f"index of {tiles:,} tiles in {len(service.rings)} images loaded in {time.perf_counter() - start:.1f} s "
+              f"({held['index_dtype']} on {held['index_device']})", flush=True)  # fmt: skip
         app = create_app(service, token, args.cors_origin)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

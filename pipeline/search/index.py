@@ -55,8 +55,8 @@ class SearchIndex:
     codes: bool = False  # scan the store's binary codes, then re-rank candidates exactly
     rerank: int | None = None  # candidates per query with codes (default max(10 k, 100))
     last_scan: dict[str, Any] = field(default_factory=dict, repr=False)  # bytes the last codes search read
-    index_device: str = ""  # where persist() put the blocks ("": NumPy blocks in host memory)
-    index_dtype: str = ""  # the search space's dtype in memory when persist() converted it
+    device: str = ""  # search on this torch device (pipeline.search.device); "": the NumPy engine
+    dtype: str = ""  # the search space's dtype in memory (float32 | float16); "": the store's
     _blocks: list | None = field(default=None, repr=False)
     _blocks_hold_codes: bool = False
     _block_rows: int = 0
@@ -148,7 +148,7 @@ class SearchIndex:
         if self._blocks is not None:
             return self._blocks
         dba = self.uses_dba
-        return graph.store_blocks(self.ds, postprocess=None if dba else self.postprocess, use_dba=dba)
+        return self._on_device(graph.store_blocks(self.ds, postprocess=None if dba else self.postprocess, use_dba=dba))
 
     def code_blocks(self, kind: str) -> list:
         """Blocks for the codes pass over the store's ``kind`` codes: the persisted ones (which
@@ -156,7 +156,25 @@ class SearchIndex:
         (also when the index was persisted before codes were asked for)."""
         if self._blocks is not None and self._blocks_hold_codes:
             return self._blocks
-        return graph.store_blocks(self.ds, codes="only", code_kind=kind)
+        return self._on_device(graph.store_blocks(self.ds, codes="only", code_kind=kind))
+
+    def _on_device(self, blocks: list) -> list:
+        """Lazy blocks of a search on :attr:`device` without :meth:`persist`: each store block
+        goes up to the device in its task, is searched there and dropped (memory: a few blocks).
+        Without a device, :attr:`dtype` still converts each block (what a persisted index holds)."""
+        if not self.device:
+            if self.dtype:
+                return [dask.delayed(kernels.as_dtype, pure=True)(b, self.dtype) for b in blocks]
+            return blocks
+        if not self.device.startswith("cuda") or getattr(self.runtime, "client", None) is None:
+            self.device = device_mod.resolve(self.device)  # refused here, not inside a task, without a GPU
+        put = dask.delayed(device_mod.to_device, pure=True)
+        return [put(b, self.device, self.dtype or None) for b in blocks]
+
+    @property
+    def on_device(self) -> bool:
+        """Whether searches run :mod:`pipeline.search.device`'s kernels (persisted or lazy device blocks)."""
+        return bool(self.device)
 
     @property
     def block_rows(self) -> int:
@@ -187,6 +205,7 @@ class SearchIndex:
         n = self.ds.sizes["tile"]
         if dtype is not None and dtype not in device_mod.DTYPES:
             raise SearchError(f"--index-dtype must be one of {', '.join(device_mod.DTYPES)}, got {dtype!r}")
+        device, dtype = device or self.device or None, dtype or self.dtype or None
         local_device = device_mod.resolve(device) if device and client is None else device
         if block_rows is None:
             # One block per dask thread (BLAS threads inside each block do the rest): measured
@@ -215,7 +234,7 @@ class SearchIndex:
             blocks = [dask.delayed(kernels.as_dtype, pure=True)(b, dtype) for b in blocks]
         self._block_rows = block_rows
         self._blocks_hold_codes = bool(with_codes)
-        self.index_device, self.index_dtype = (local_device or device or ""), (dtype or "")
+        self.device, self.dtype = (local_device or device or ""), (dtype or "")
         if client is not None:
             if device:
                 blocks = [dask.delayed(device_mod.to_device, pure=False)(b, device, dtype) for b in blocks]
@@ -242,11 +261,6 @@ class SearchIndex:
         meta = codes_meta or {}
         code_bytes = int(meta.get("bits", 0)) // 8
         return device_mod.bytes_per_tile(self._space_dims(), dt, code_bytes, meta.get("kind") == "pq")
-
-    @property
-    def on_device(self) -> bool:
-        """Whether the persisted blocks are device blocks (:mod:`pipeline.search.device`)."""
-        return bool(self.index_device) and self._blocks is not None
 
     def _compute(self, *collections: Any) -> tuple[Any, ...]:
         if self.runtime is not None:
@@ -289,7 +303,7 @@ class SearchIndex:
                 self.half_m,
                 self.split_every,
                 self.usable,
-                self.on_device and self._blocks_hold_codes,
+                self.on_device,
             )  # fmt: skip
         )[0]
         slots = [self.slots_of(c["uid"]) for c in first]
@@ -507,6 +521,8 @@ class SearchIndex:
         labels = labels or [{} for _ in raw]
         if self.codes:
             labels = [{**lab, "scan": dict(self.last_scan)} for lab in labels]
+        if self.device or self.dtype:
+            labels = [{**lab, **self.index_description()} for lab in labels]
         table = self.geometry
         return [
             Result.from_topk(
@@ -514,6 +530,13 @@ class SearchIndex:
             )  # fmt: skip
             for r, lab, total in zip(raw, labels, totals)
         ]
+
+    def index_description(self) -> dict[str, str]:
+        """What JSON results say of the index searched: ``index_device`` (the torch device, or
+        ``numpy``) and ``index_dtype`` (the search space's dtype in memory)."""
+        space = self.ds["fingerprint_dba"] if self.uses_dba else self.ds["fingerprint"]
+        dtype = self.dtype or ("float32" if self.postprocess.method != "none" and not self.uses_dba else str(space.dtype))
+        return {"index_device": self.device or "numpy", "index_dtype": dtype}
 
     def _topk_diverse(self, scorer: Scorer, exclude: Exclusions, k: int, filters: Filters) -> list[np.ndarray]:
         pool = k * 9  # a result suppresses at most its 8 same-image neighbours

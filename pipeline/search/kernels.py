@@ -372,8 +372,8 @@ def make_block(
 def as_dtype(block: Block, dtype: str) -> Block:
     """A persisted block whose search space is held as ``dtype`` (``--index-dtype``), its norms
     those of the values held. float16 is refused beyond its range rather than turned into inf."""
-    x = block["fingerprint"]
-    if x.dtype == np.dtype(dtype):
+    x = block.get("fingerprint")
+    if x is None or x.dtype == np.dtype(dtype):
         return block
     if dtype == "float16" and len(x) and float(np.abs(x).max()) > float(np.finfo(np.float16).max):
         raise SearchError("the search space exceeds float16's range (65504); persist it as float32")

@@ -229,9 +229,11 @@ class Service:
         self.basemap = Basemap(index.image_paths, self.rings, self.bands, self.scale)
 
     @classmethod
-    def open(cls, store: str, runtime: Any = None, **kwargs: Any) -> Service:
-        """Open ``store`` and hold its index in (cluster) memory."""
-        return cls(SearchIndex.open(store, runtime).persist(), **kwargs)
+    def open(cls, store: str, runtime: Any = None, index_device: str = "", index_dtype: str = "", **kwargs: Any) -> Service:
+        """Open ``store`` and hold its index in (cluster) memory, or on ``index_device``
+        (:meth:`SearchIndex.persist`) in ``index_dtype``: waiting queries then go up as one batch."""
+        index = SearchIndex.open(store, runtime)
+        return cls(index.persist(device=index_device or None, dtype=index_dtype or None), **kwargs)
 
     def close(self) -> None:
         self.batcher.close()
