@@ -365,9 +365,8 @@ def test_heatmap_postprocess_and_info_with_the_index_flags(stores, flights, tmp_
 def test_evaluate_with_the_index_flags_ranks_as_the_numpy_engine(tmp_path):
     import json
 
-    from PIL import Image
-
     from conftest import textured
+    from PIL import Image
 
     for c, seed in (("fields", 1), ("roofs", 2)):
         (tmp_path / "set" / c).mkdir(parents=True)

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.common import add_cluster, add_common, add_examples, add_index, example_refs, float_list, use_index
+from pipeline.commands.common import (
+    add_cluster,
+    add_common,
+    add_examples,
+    add_index,
+    example_refs,
+    float_list,
+    use_index,
+)
 from pipeline.config import Config
 from pipeline.errors import SearchError
 

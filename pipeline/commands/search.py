@@ -21,8 +21,8 @@ from pipeline.commands.common import (
     example_refs,
     filters_of,
     float_list,
-    use_index,
     k_or_threshold,
+    use_index,
     write_outputs,
 )
 from pipeline.config import Config
