@@ -47,7 +47,7 @@ def image_scores(index: Any, scorer: Scorer, image_id: int) -> np.ndarray:
         from pipeline.search import device
 
         on = device.to_device(block, index.device)
-        values = scorer.report(device.slice_scores(on, scorer, 0, len(on))[:, 0].double().cpu().numpy()[valid])
+        values = scorer.report(device.slice_scores(on, scorer, 0, len(on))[0].double().cpu().numpy()[valid])
     else:
         values = scorer.report(scorer.exact(block, valid, 0))
     _, rows, cols = grid.unpack_uid(block["uid"][valid])

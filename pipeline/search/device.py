@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +198,40 @@ def to_device(block: Block, device: str = "auto", dtype: str | None = None) -> D
     return out
 
 
+def assemble(parts: Iterable[Block], n: int, device: str = "auto", dtype: str | None = None) -> DeviceBlock:
+    """One device block of ``n`` rows filled in order from host blocks (each put there by
+    :func:`to_device`'s rules): the host holds one part at a time and the device no second copy
+    of the block, so an index of a GPU's size loads from store chunks of a few MB."""
+    import torch
+
+    out: DeviceBlock | None = None
+    a = 0
+    for part in parts:
+        d = to_device(part, device, dtype)
+        if out is None:
+            def alloc(t: Any, cols: bool = False) -> Any:
+                if t is None:
+                    return None
+                shape = (t.shape[0], n) if cols else (n, *t.shape[1:])
+                return torch.empty(shape, dtype=t.dtype, device=t.device)
+
+            out = DeviceBlock(d.device, alloc(d.uid), alloc(d.lon), alloc(d.lat), alloc(d.valid), True, alloc(d.x),
+                              alloc(d.sqnorm), alloc(d.words), alloc(d.code_cols, True), d.code_bytes)  # fmt: skip
+        b = a + len(d)
+        if b > n:
+            raise SearchError(f"device block of {n} rows given {b} rows")
+        for name in ("uid", "lon", "lat", "valid", "x", "sqnorm", "words"):
+            if getattr(out, name) is not None:
+                getattr(out, name)[a:b] = getattr(d, name)
+        if out.code_cols is not None:
+            out.code_cols[:, a:b] = d.code_cols
+        out.all_valid &= d.all_valid
+        a = b
+    if out is None or a != n:
+        raise SearchError(f"device block of {n} rows filled with {a}")
+    return out
+
+
 def _int32_words(codes: np.ndarray) -> np.ndarray:
     """uint8 codes ``(n, B)`` as int32 words ``(n, ceil(B / 4))``, zero-padded (zeros XOR zeros)."""
     pad = -codes.shape[1] % 4
@@ -256,36 +291,51 @@ def _upload(scorer: Scorer, device: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Scores on the device: (rows, m) float32, lower is better
+# Scores on the device: (m, rows) float32, one row per query, lower is better
 
 
-def _dots(x: Any, q: Any) -> Any:
-    """``x @ q.T`` float32 for rows ``x`` (float32 or float16) and float32 ``q`` (float32 sums)."""
+def _dots(q: Any, x: Any) -> Any:
+    """``q @ x.T`` float32 ``(m, rows)`` for float32 ``q`` and rows ``x`` (float32 or float16),
+    with float32 sums."""
     import torch
 
     if x.dtype == torch.float32:
-        return x @ q.T
-    if x.is_cuda:
+        return q @ x.T
+    if x.is_cuda and mixed_precision(str(x.device)):
         hi = q.half()
         lo = (q - hi.float()).half()
+        d = torch.mm(torch.cat([hi, lo]), x.T, out_dtype=torch.float32)
+        return d[: len(q)] + d[len(q) :]
+    return torch.cat([q @ x[a : a + CAST_ROWS].float().T for a in range(0, len(x), CAST_ROWS)], dim=1)
+
+
+_MIXED: dict[str, bool] = {}
+
+
+def mixed_precision(device: str) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` multiplies float16 matrices with float32
+    sums on ``device`` (CUDA, torch >= 2.8); without it float16 rows are widened a slice at a time."""
+    import torch
+
+    if device not in _MIXED:
         try:
-            d = torch.mm(x, torch.cat([hi, lo]).T, out_dtype=torch.float32)
-            return d[:, : len(q)] + d[:, len(q) :]
-        except (TypeError, RuntimeError):  # a torch without the mixed-precision product
-            pass
-    return torch.cat([x[a : a + CAST_ROWS].float() @ q.T for a in range(0, len(x), CAST_ROWS)])
+            a = torch.ones((2, 8), dtype=torch.float16, device=device)
+            _MIXED[device] = bool(torch.mm(a, a.T, out_dtype=torch.float32).dtype == torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MIXED[device] = False
+    return _MIXED[device]
 
 
-def _sq_dists(x: Any, sq: Any, e: Any, ee: Any) -> Any:
-    d2 = _dots(x, e)
+def _sq_dists(e: Any, ee: Any, x: Any, sq: Any) -> Any:
+    d2 = _dots(e, x)
     d2 *= -2.0
-    d2 += sq[:, None]
-    d2 += ee[None, :]
+    d2 += sq[None, :]
+    d2 += ee[:, None]
     return d2
 
 
 def slice_scores(block: DeviceBlock, scorer: Scorer, a: int, b: int) -> Any:
-    """The scorer's float32 scores of rows ``a:b`` of the block, ``(b - a, m)``, on its device."""
+    """The scorer's float32 scores of rows ``a:b`` of the block, ``(m, b - a)``, on its device."""
     import torch
 
     from pipeline.search import popcount
@@ -295,29 +345,29 @@ def slice_scores(block: DeviceBlock, scorer: Scorer, a: int, b: int) -> Any:
         return popcount.hamming(block.words[a:b], t["codes"]).float()
     if isinstance(scorer, scorers.PQScorer):
         tables, cols = t["tables"], block.code_cols[:, a:b].long()
-        out = torch.empty((b - a, len(tables)), dtype=torch.float32, device=block.device)
+        out = torch.empty((len(tables), b - a), dtype=torch.float32, device=block.device)
         for j in range(len(tables)):
             acc = tables[j, 0][cols[0]]
             for s in range(1, cols.shape[0]):
                 acc += tables[j, s][cols[s]]  # the host's order of float32 sums: the same values
-            out[:, j] = acc
+            out[j] = acc
         return out
     x, sq = block.x[a:b], block.sqnorm[a:b]
     if isinstance(scorer, scorers.L2Scorer):
-        return _sq_dists(x, sq, t["q"], t["qq"])
+        return _sq_dists(t["q"], t["qq"], x, sq)
     if isinstance(scorer, scorers.LinearScorer):
-        s = _dots(x, t["q"])
-        s += t["b"][None, :]
+        s = _dots(t["q"], x)
+        s += t["b"][:, None]
         return s
     finite = torch.where(torch.isfinite(sq), sq, torch.zeros_like(sq))
-    cols = []
+    rows = []
     for c, (p, pp, n, nn) in enumerate(t["sets"]):
-        s = _sq_dists(x, finite, p, pp).amin(1).clamp_(min=0.0).sqrt_()
+        s = _sq_dists(p, pp, x, finite).amin(0).clamp_(min=0.0).sqrt_()
         if n is not None:
-            s -= scorer.weights[c] * _sq_dists(x, finite, n, nn).amin(1).clamp_(min=0.0).sqrt_()
-        cols.append(s)
-    out = torch.stack(cols, 1)
-    out[~torch.isfinite(sq)] = float("inf")
+            s -= scorer.weights[c] * _sq_dists(n, nn, x, finite).amin(0).clamp_(min=0.0).sqrt_()
+        rows.append(s)
+    out = torch.stack(rows)
+    out[:, ~torch.isfinite(sq)] = float("inf")
     return out
 
 
@@ -341,12 +391,12 @@ def margin(scorer: Scorer, value: Any) -> Any:
 
 def mask(s: Any, block: DeviceBlock, a: int, filters: Filters, exclude: Exclusions, half_m: np.ndarray,
          usable: np.ndarray | None) -> None:  # fmt: skip
-    """Set the scores ``s`` of rows ``a:a + len(s)`` to +inf, in place, where a tile may not
-    answer a column: :func:`pipeline.search.kernels.mask_scores` on the device (overlap of the
+    """Set the scores ``s`` (m, rows) of rows ``a:a + rows`` to +inf, in place, where a tile may
+    not answer a query: :func:`pipeline.search.kernels.mask_scores` on the device (overlap of the
     same image by pixels, of other images by ground footprints, :func:`pipeline.geo.local_metres`)."""
     import torch
 
-    b = a + len(s)
+    b = a + s.shape[1]
     need_loc = (usable is not None and not usable.all()) or filters.image_ids is not None
     need_loc = need_loc or (not filters.include_overlapping and len(exclude) > 0)
     if need_loc:
@@ -365,7 +415,7 @@ def mask(s: Any, block: DeviceBlock, a: int, filters: Filters, exclude: Exclusio
     if filters.image_ids is not None:
         ok = both(torch.isin(image, torch.as_tensor(np.asarray(filters.image_ids, np.int64), device=block.device)))
     if ok is not None:
-        s[~ok] = float("inf")
+        s[:, ~ok] = float("inf")
     if filters.include_overlapping or not len(exclude):
         return
     half = torch.as_tensor(np.asarray(half_m, np.float64), device=block.device)
@@ -378,7 +428,7 @@ def mask(s: Any, block: DeviceBlock, a: int, filters: Filters, exclude: Exclusio
             dx, dy = local_metres(lon, lat, lon_b, lat_b)
             reach = half_rows + half_b
             hit |= (image != im) & (dx.abs() < reach) & (dy.abs() < reach)
-        s[hit, int(exclude.column[e])] = float("inf")
+        s[int(exclude.column[e]), hit] = float("inf")
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,45 +447,49 @@ def _masked(block: DeviceBlock, scorer: Scorer, a: int, filters: Filters, exclud
     return s
 
 
-def _near_kth(s: Any, k: int, scorer: Scorer) -> tuple[Any, Any]:
-    """Per column of ``s`` (rows, m): (rows, cols) of every finite score within ``2 * margin`` of
-    the column's k-th smallest (all finite ones when it has fewer than k)."""
+def _cut(s: Any, k: int, scorer: Scorer) -> Any:
+    """Per query (row of ``s``): ``2 * margin`` above its k-th smallest score (float32's largest
+    value when it has fewer than k finite scores: every finite one)."""
     import torch
 
-    kk = min(k, s.shape[0])
-    kth = torch.topk(s, kk, dim=0, largest=False, sorted=False).values.amax(0)
-    big = torch.finfo(torch.float32).max
-    cut = torch.where(torch.isfinite(kth), kth + 2 * margin(scorer, kth), torch.full_like(kth, big))
-    return torch.nonzero(s <= cut[None, :], as_tuple=True)
+    kth = torch.topk(s, min(k, s.shape[1]), dim=1, largest=False, sorted=False).values.amax(1)
+    big = torch.full_like(kth, torch.finfo(torch.float32).max)
+    return torch.where(torch.isfinite(kth), kth + 2 * margin(scorer, kth), big)
+
+
+def _per_query(hit: Any, s: Any, a: int) -> list[tuple[Any, Any]]:
+    """(rows + a, scores) of the True entries of ``hit`` (m, rows), split by query (nonzero's
+    row-major order groups them so)."""
+    import torch
+
+    q, r = torch.nonzero(hit, as_tuple=True)
+    counts = torch.bincount(q, minlength=hit.shape[0]).tolist()
+    return list(zip((r + a).split(counts), s[q, r].split(counts)))
+
+
+def _trim(rows: Any, vals: Any, k: int, scorer: Scorer) -> tuple[Any, Any]:
+    """The union of the slices' candidates of one query cut to the global ``2 * margin`` band."""
+    if len(rows) <= k:
+        return rows, vals
+    keep = vals <= _cut(vals[None, :], k, scorer)[0]
+    return rows[keep], vals[keep]
 
 
 def _candidates(block: DeviceBlock, scorer: Scorer, k: int, filters: Filters, exclude: Exclusions,
                 half_m: np.ndarray, usable: np.ndarray | None) -> list[tuple[Any, Any]]:  # fmt: skip
-    """Per column: (rows, device scores) holding its k best, over the row slices."""
+    """Per query: (rows, device scores) holding its k best, over the row slices."""
     import torch
 
-    m = len(scorer)
-    rows_parts: list[list] = [[] for _ in range(m)]
-    for a in _slices(block, m):
+    parts: list[list] = [[] for _ in range(len(scorer))]
+    for a in _slices(block, len(scorer)):
         s = _masked(block, scorer, a, filters, exclude, half_m, usable)
-        r, c = _near_kth(s, k, scorer)
-        v = s[r, c]
-        for j in range(m):
-            pick = c == j
-            rows_parts[j].append((r[pick] + a, v[pick]))
-    out = []
-    for j in range(m):
-        rows = torch.cat([p[0] for p in rows_parts[j]])
-        vals = torch.cat([p[1] for p in rows_parts[j]])
-        if len(rows) > k:  # the union of the slices' candidates: trim to the global cut
-            keep = _near_kth(vals[:, None], k, scorer)[0]
-            rows, vals = rows[keep], vals[keep]
-        out.append((rows, vals))
-    return out
+        for j, got in enumerate(_per_query(s <= _cut(s, k, scorer)[:, None], s, a)):
+            parts[j].append(got)
+    return [_trim(torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps]), k, scorer) for ps in parts]
 
 
 def _results(block: DeviceBlock, scorer: Scorer, rows: np.ndarray, j: int, values: np.ndarray | None) -> np.ndarray:
-    """RESULT_DTYPE of ``rows`` for column ``j``: ``values`` where the device is exact, else the
+    """RESULT_DTYPE of ``rows`` for query ``j``: ``values`` where the device is exact, else the
     CPU engine's exact scores of those rows."""
     host = block.host_rows(rows)
     res = np.empty(len(rows), dtype=RESULT_DTYPE)
@@ -459,7 +513,7 @@ def _by_score_uid(rows: Any, vals: Any, uid: Any, k: int) -> tuple[Any, Any]:
 
 def chunk_topk(block: DeviceBlock, scorer: Scorer, k: int, filters: Filters, exclude: Exclusions,
                half_m: np.ndarray, usable: np.ndarray | None = None) -> list[np.ndarray]:  # fmt: skip
-    """:func:`pipeline.search.kernels.chunk_topk` of a device block: per column, the unsorted
+    """:func:`pipeline.search.kernels.chunk_topk` of a device block: per query, the unsorted
     partial top-k as RESULT_DTYPE."""
     out = []
     for j, (rows, vals) in enumerate(_candidates(block, scorer, k, filters, exclude, half_m, usable)):
@@ -482,35 +536,29 @@ def chunk_threshold(block: DeviceBlock, scorer: Scorer, max_score: float, limit:
 
     m, tol = len(scorer), float(margin(scorer, max_score))
     counts = np.zeros(m, dtype=np.int64)
-    picked: list[list] = [[] for _ in range(m)]
+    parts: list[list] = [[] for _ in range(m)]
     for a in _slices(block, m):
         s = _masked(block, scorer, a, filters, exclude, half_m, usable)
-        counts += (s <= max_score - tol).sum(0).cpu().numpy() if tol else (s <= max_score).sum(0).cpu().numpy()
+        counts += (s <= max_score - tol).sum(1).cpu().numpy()
         s[s > max_score + tol] = float("inf")
-        r, c = _near_kth(s, limit, scorer)
+        hit = s <= _cut(s, limit, scorer)[:, None]
         if tol:  # the band: counted after their exact scores, so always among the candidates
-            br, bc = torch.nonzero((s > max_score - tol) & torch.isfinite(s), as_tuple=True)
-            both = torch.unique(torch.stack([torch.cat([r, br]), torch.cat([c, bc])]), dim=1)
-            r, c = both[0], both[1]
-        v = s[r, c]
-        for j in range(m):
-            pick = c == j
-            picked[j].append((r[pick] + a, v[pick]))
+            hit |= (s > max_score - tol) & torch.isfinite(s)
+        for j, got in enumerate(_per_query(hit, s, a)):
+            parts[j].append(got)
     out = []
     for j in range(m):
-        rows = torch.cat([p[0] for p in picked[j]])
-        vals = torch.cat([p[1] for p in picked[j]])
+        rows = torch.cat([p[0] for p in parts[j]])
+        vals = torch.cat([p[1] for p in parts[j]])
+        band = vals > max_score - tol
         if len(rows) > limit:
-            keep = _near_kth(vals[:, None], limit, scorer)[0]
-            band = (vals > max_score - tol) & (vals <= max_score + tol)  # counted below, exactly
-            keep = torch.unique(torch.cat([keep, torch.nonzero(band).flatten()]))
-            rows, vals = rows[keep], vals[keep]
+            keep = (vals <= _cut(vals[None, :], limit, scorer)[0]) | band
+            rows, vals, band = rows[keep], vals[keep], band[keep]
         if exact_on_device(scorer):
             res = _results(block, scorer, rows.cpu().numpy(), j, vals.double().cpu().numpy())
         else:
             res = _results(block, scorer, rows.cpu().numpy(), j, None)
-            band = ((vals > max_score - tol) & (vals <= max_score + tol)).cpu().numpy()
-            counts[j] += int((res["score"][band] <= max_score).sum())
+            counts[j] += int((res["score"][band.cpu().numpy()] <= max_score).sum())
         res = res[res["score"] <= max_score]
         if len(res) > limit:
             res = res[select(res["score"], res["uid"], limit)]

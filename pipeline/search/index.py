@@ -190,8 +190,9 @@ class SearchIndex:
         """Load every chunk once (with precomputed norms) and keep it in memory or cluster memory.
 
         ``block_rows``: rows per in-memory block. Default: one block per dask thread (on a
-        cluster, per worker thread, the blocks spread over the workers), at most 2**20 rows; on a
-        GPU, blocks of up to :data:`DEVICE_BLOCK_ROWS`. ``device`` (auto | cpu | cuda): hold the
+        cluster, per worker thread, the blocks spread over the workers), at most 2**20 rows; on
+        this process's GPU, one block (filled from store chunks, :func:`device.assemble`); on a
+        cluster's GPU workers, each worker's share, at most :data:`DEVICE_BLOCK_ROWS`. ``device`` (auto | cpu | cuda): hold the
         blocks as torch tensors there and search them with :mod:`pipeline.search.device`
         (``auto``: CUDA where torch sees a GPU; on a cluster each worker resolves it, so GPU
         workers keep their blocks on their own GPU). ``dtype`` (float32 | float16): the search
@@ -218,8 +219,11 @@ class SearchIndex:
                 threads = len(client.nthreads()) if device else sum(client.nthreads().values()) or 1
             else:
                 threads = getattr(self.runtime, "dask_threads", 0) or resources.cpu_count()
-            cap = DEVICE_BLOCK_ROWS if (local_device or "").startswith("cuda") or (client is not None and device) else 1 << 20
+            cap = DEVICE_BLOCK_ROWS if client is not None and device else 1 << 20
             block_rows = min(max(chunk, -(-n // max(threads, 1))), cap)
+            if (local_device or "").startswith("cuda"):
+                block_rows = n  # a GPU scans one block in one pass; slices bound its temporaries
+
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
         meta = self.check_codes() if self.codes else {}
@@ -241,13 +245,18 @@ class SearchIndex:
             self._blocks = client.persist(blocks)
             return self
         tag = uuid.uuid4().hex
-        if local_device:  # a wave of blocks at a time: host memory holds a few blocks, not the index
+        if local_device:  # store chunks a wave at a time into each device block: host memory holds a few chunks
+            parts = graph.store_blocks(self.ds, with_norms=True, rows=chunk, postprocess=None if dba else self.postprocess,
+                                       use_dba=dba, codes=with_codes, code_kind=kind)  # fmt: skip
             threads = getattr(self.runtime, "dask_threads", 0) or resources.cpu_count()
-            loaded = []
-            for a in range(0, len(blocks), threads):
-                hosts = dask.compute(*blocks[a : a + threads], scheduler=local_get())
-                loaded += [device_mod.to_device(h, local_device, dtype) for h in hosts]
-                del hosts
+
+            def waves(group: list) -> Any:
+                for a in range(0, len(group), threads):
+                    yield from dask.compute(*group[a : a + threads], scheduler=local_get())
+
+            per = block_rows // chunk
+            loaded = [device_mod.assemble(waves(parts[g : g + per]), min(block_rows, n - g * chunk), local_device, dtype)
+                      for g in range(0, len(parts), per)]  # fmt: skip
         else:
             loaded = dask.compute(*blocks, scheduler=local_get())
         self._blocks = [dask.delayed(b, name=f"index-{tag}-{i}", traverse=False) for i, b in enumerate(loaded)]

@@ -1,5 +1,5 @@
 """Hamming distances on a device: binary codes as int32 words ``(n, W)`` against query codes
-``(m, W)``, as int32 ``(n, m)``.
+``(m, W)``, as int32 ``(m, n)`` (one row per query, as the device search lays out scores).
 
 Two implementations of one formula (XOR, then the SWAR popcount of each 32-bit word, summed):
 
@@ -33,15 +33,15 @@ def _popcount32(v: Any) -> Any:
 
 
 def hamming_torch(words: Any, queries: Any) -> Any:
-    """int32 ``(n, m)`` Hamming distances by torch elementwise ops."""
+    """int32 ``(m, n)`` Hamming distances by torch elementwise ops."""
     import torch
 
     n, m = words.shape[0], queries.shape[0]
-    out = torch.empty((n, m), dtype=torch.int32, device=words.device)
+    out = torch.empty((m, n), dtype=torch.int32, device=words.device)
     for a in range(0, n, TORCH_ROWS):
         w = words[a : a + TORCH_ROWS]
         for j in range(m):
-            out[a : a + len(w), j] = _popcount32(w ^ queries[j]).sum(1, dtype=torch.int32)
+            out[j, a : a + len(w)] = _popcount32(w ^ queries[j]).sum(1, dtype=torch.int32)
     return out
 
 
@@ -64,19 +64,19 @@ def _kernel() -> Any:
             v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
             v = (v + (v >> 4)) & 0x0F0F0F0F
             v = ((v * 0x01010101) >> 24) & 0xFF
-            tl.store(out + rows * m + j, tl.sum(v, axis=1), mask=rows < n)
+            tl.store(out + j * n + rows, tl.sum(v, axis=1), mask=rows < n)
 
     return hamming_kernel
 
 
 def hamming_triton(words: Any, queries: Any, block: int = 128) -> Any:
-    """int32 ``(n, m)`` Hamming distances by the fused Triton kernel."""
+    """int32 ``(m, n)`` Hamming distances by the fused Triton kernel."""
     import torch
     import triton
 
     n, w = words.shape
     m = queries.shape[0]
-    out = torch.empty((n, m), dtype=torch.int32, device=words.device)
+    out = torch.empty((m, n), dtype=torch.int32, device=words.device)
     if n and m:
         grid = (triton.cdiv(n, block),)
         _kernel()[grid](words.contiguous(), queries.contiguous(), out, n, m, W=w,
@@ -97,7 +97,16 @@ def available(method: str, device: str) -> bool:
     return True
 
 
+def default_method(device: str) -> str:
+    """The popcount a search on ``device`` uses: ``$AERIAL_SEARCH_POPCOUNT`` where set, else triton
+    on CUDA where installed, else torch."""
+    chosen = os.environ.get("AERIAL_SEARCH_POPCOUNT")
+    if chosen:
+        return chosen
+    return "triton" if device.startswith("cuda") and available("triton", device) else "torch"
+
+
 def hamming(words: Any, queries: Any, method: str | None = None) -> Any:
-    """int32 ``(n, m)`` Hamming distances; ``method`` None: triton on CUDA where installed, else torch."""
-    method = method or os.environ.get("AERIAL_SEARCH_POPCOUNT") or ("triton" if words.is_cuda and available("triton", "cuda") else "torch")
+    """int32 ``(m, n)`` Hamming distances; ``method`` None: :func:`default_method`."""
+    method = method or default_method(str(words.device))
     return hamming_triton(words, queries) if method == "triton" else hamming_torch(words, queries)
