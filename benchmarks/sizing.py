@@ -88,9 +88,38 @@ def measured() -> dict[str, tuple[float, str]]:
             codes["ucmerced"]["recall_at_10"],
             "MEASURED: codes.json, UC Merced recall@10 at default R",
         )
+    f.update(gpu_search(load("gpu_search.json")))
     f["lz4_ratio"] = (1.14, "MEASURED: store.py docstring, float32 fingerprints with blosc-lz4 byte shuffle")
     f["chunk_tiles"] = (8192, "the default store.chunk_tiles")
     f["source_tile_px"] = (512, "GUESS: internal tile side of the source COGs")
+    return f
+
+
+# H200 figures for when no GPU search has been measured yet: memory (GiB usable by torch) and
+# bandwidth (bytes/s); a scan at full bandwidth is the best any GPU search can do
+H200_GIB, H200_BYTES_PER_S = 139.0, 4.8e12
+
+
+def gpu_search(doc: dict) -> dict[str, tuple[float, str]]:
+    """Seconds per tile of one query on one GPU (float16 fingerprints, 512-bit codes) and the
+    GPU's memory: from the largest single-query engine row of gpu_search.json, else guessed from
+    an H200's bandwidth."""
+    from pipeline.search.device import bytes_per_tile
+
+    f: dict[str, tuple[float, str]] = {}
+    rows = [r for r in doc.get("rows", []) if r.get("path") == "engine" and r.get("queries") == 1]
+    card = doc.get("notes", {}).get("card", "a GPU")
+    for kind, key, per_tile in (("float16", "gpu_float16_s_per_tile", bytes_per_tile(512, "float16")),
+                                ("codes", "gpu_codes_s_per_tile", bytes_per_tile(0, None, 64))):  # fmt: skip
+        mine = [r for r in rows if r["kind"] == kind]
+        if mine:
+            r = max(mine, key=lambda r: r["n"])
+            f[key] = (r["ms"] / 1000 / r["n"], f"MEASURED: gpu_search.json, one query over {r['n']:.0e} {kind} on {card}")
+        else:
+            f[key] = (per_tile / H200_BYTES_PER_S,
+                      f"GUESS: {per_tile} device bytes per tile at an H200's 4.8 TB/s (gpu_search.py not yet run)")  # fmt: skip
+    gib = doc.get("notes", {}).get("gpu_memory_gib")
+    f["gpu_memory_gib"] = (gib, f"MEASURED: gpu_search.json, {card}") if gib else (H200_GIB, "GUESS: an H200")
     return f
 
 
@@ -167,6 +196,16 @@ def model(
                  f"as above with 64-byte codes + metadata in memory (CPU: {per_node:.3g}, memory: {mem_node:.3g}; "
                  f"{'CPU' if per_node < mem_node else 'memory'}-bound); re-ranking reads R = "
                  f"{v.get('rerank_candidates', 100):.0f} float rows per query from the store")  # fmt: skip
+    from pipeline.search.device import bytes_per_tile
+
+    for label, key, per_tile in (("float16", "gpu_float16_s_per_tile", bytes_per_tile(512, "float16")),
+                                 ("512-bit codes", "gpu_codes_s_per_tile", bytes_per_tile(0, None, 64))):  # fmt: skip
+        per_gpu = latency / v[key]  # tiles one GPU scans within the latency
+        mem_gpu = v["gpu_memory_gib"] * 2**30 * 0.9 / per_tile  # held on the device, 90 % of its memory
+        bound = "scan" if per_gpu < mem_gpu else "memory"
+        line(f"search on GPUs ({label} on the device), GPUs for {latency:g} s", f"{math.ceil(windows / min(per_gpu, mem_gpu)):,}",
+             f"windows / min(tiles one GPU scans in {latency:g} s: {per_gpu:.3g}, tiles in 90 % of "
+             f"{v['gpu_memory_gib']:.0f} GiB at {per_tile} bytes each: {mem_gpu:.3g}); {bound}-bound")  # fmt: skip
     chunks = windows / v["chunk_tiles"]
     line(
         "object storage: store chunks written",

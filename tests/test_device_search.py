@@ -26,6 +26,10 @@ from pipeline.store import open_store
 
 torch = pytest.importorskip("torch")
 
+# the CPU in CI; the same test on CUDA where a GPU is (the ``gpu`` marker)
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+DEVICES = ["cpu", CUDA]
+
 
 def assert_same(want, got, exact=True):
     assert len(want) == len(got)
@@ -120,12 +124,13 @@ def stores(flights, ingest_store):
             "float16": ingest_store(flights, dtype="float16", chunk_tiles=7)}  # fmt: skip
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_filters_exclusion_statuses_and_diverse_on_a_store_equal_the_numpy_engine(stores, dtype):
+def test_filters_exclusion_statuses_and_diverse_on_a_store_equal_the_numpy_engine(stores, dtype, device):
     """The shared archive: overlapping flights (ground-overlap exclusion), no-CRS images, twins
     (ties), dropped windows; bbox and image filters, an unfinished image, diverse results."""
     ds = open_store(stores[dtype])
-    host, dev = pair(ds, block_rows=14, split_every=2)
+    host, dev = pair(ds, device=device, block_rows=14, split_every=2)
     s = {n: ds[n].values for n in ("uid", "valid", "image", "lon", "lat")}
     uids = [int(u) for u in s["uid"][s["valid"]][::11]]
     queries, labels = host.queries_from_uids(uids)
@@ -158,10 +163,11 @@ def coded(flights, ingest_store, tmp_path_factory):
     return {"binary": binary, "pq": pq}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["binary", "pq"])
-def test_codes_scan_and_exact_rerank_on_the_device_equal_the_numpy_engine(coded, kind):
+def test_codes_scan_and_exact_rerank_on_the_device_equal_the_numpy_engine(coded, kind, device):
     ds = open_store(coded[kind])
-    host, dev = pair(ds, block_rows=24, split_every=3, codes=True, rerank=40)
+    host, dev = pair(ds, device=device, block_rows=24, split_every=3, codes=True, rerank=40)
     assert dev._blocks_hold_codes and dev._blocks[0].compute().code_bytes == (16 if kind == "binary" else 8)
     uids = [int(u) for u in ds["uid"].values[ds["valid"].values][::13]]
     queries, labels = host.queries_from_uids(uids)
@@ -170,7 +176,8 @@ def test_codes_scan_and_exact_rerank_on_the_device_equal_the_numpy_engine(coded,
     assert got[0].query["scan"]["rerank_from"] == "memory"
 
 
-def test_hamming_ties_at_the_cut_off_go_to_the_lowest_uids():
+@pytest.mark.parametrize("device", DEVICES)
+def test_hamming_ties_at_the_cut_off_go_to_the_lowest_uids(device):
     """Many codes at the same distance: the device selection keeps the k lowest uids among the
     tied, as kernels.chunk_topk does (1e9 codes tie by the thousand)."""
     from pipeline.search import kernels
@@ -183,7 +190,7 @@ def test_hamming_ties_at_the_cut_off_go_to_the_lowest_uids():
     block = {"codes": codes, "valid": np.ones(n, bool), "uid": uid, "lon": np.full(n, np.nan), "lat": np.full(n, np.nan)}
     scorer = HammingScorer(rng.integers(0, 4, (3, 8), dtype=np.uint8))
     args = (Filters(), Exclusions.none(), np.zeros(0))
-    dev = device_mod.to_device(block, "cpu")
+    dev = device_mod.to_device(block, device)
     for k in (1, 7, 300):
         want = kernels.chunk_topk(block, scorer, k, *args)
         got = device_mod.chunk_topk(dev, scorer, k, *args)
@@ -270,6 +277,8 @@ def test_every_scorer_on_cuda_equals_the_numpy_engine(stores, dtype):
     host = SearchIndex(memory_dataset(x, chunk=50)).persist()
     dev = SearchIndex(memory_dataset(x, chunk=50)).persist(device="cuda", dtype=dtype)
     assert_same(every_scorer(host, x, 17), every_scorer(dev, x, 17))
+    cut = float(np.median(x.sum(1)))
+    assert_same(every_scorer(host, x, None, max_score=cut, limit=40), every_scorer(dev, x, None, max_score=cut, limit=40))
     ds = open_store(stores["float32"])
     host, dev = pair(ds, device="cuda", block_rows=14, split_every=2)
     uids = [int(u) for u in ds["uid"].values[ds["valid"].values][::11]]
