@@ -105,13 +105,19 @@ class TilingConfig:
             )
 
 
+DECODERS = ("auto", "pillow", "gdal", "device")
+
+
 @dataclass(frozen=True)
 class ReadConfig:
     """How images are cut into dask chunks."""
 
     chunk_px: int = 2048  # chunk side in pixels (window origins per chunk = chunk_px / 128)
     header_threads: int = 32  # headers read at once while planning (per process; hides storage latency)
-    decoder: str = "auto"  # auto: Pillow decodes local plain-RGB JPEG/PNG pixels | gdal: GDAL decodes every file
+    # auto: device where the workers have CUDA and sources decode there, else pillow | pillow: Pillow
+    # decodes local plain-RGB JPEG/PNG pixels, GDAL the rest | gdal: GDAL decodes every file |
+    # device: JPEG GeoTIFF tiles and JPEG files decode on the workers' GPUs (pipeline.decode)
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
         _require(
@@ -121,7 +127,7 @@ class ReadConfig:
             f"window grid; got {self.chunk_px} (try {max(grid.TILE, self.chunk_px // grid.STRIDE * grid.STRIDE)})",
         )
         _require(self.header_threads >= 1, "read.header_threads", f"must be >= 1, got {self.header_threads}")
-        _require(self.decoder in ("auto", "gdal"), "read.decoder", f"must be auto or gdal, got {self.decoder!r}")
+        _require(self.decoder in DECODERS, "read.decoder", f"must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
 
 
 @dataclass(frozen=True)

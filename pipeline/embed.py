@@ -349,6 +349,8 @@ class Runner:
         buffering); :meth:`forward` makes the compute stream wait for the copy."""
         import torch
 
+        if isinstance(array, torch.Tensor):  # decoded on the device already (pipeline.decode)
+            return array.to(self.device)
         x = torch.from_numpy(np.ascontiguousarray(array))
         if not self.on_cuda:
             return x

@@ -1,7 +1,8 @@
 """Per-chunk kernels (NumPy + the model, no dask): nodata filter, windows, fingerprints.
 
 A *block* is one grid chunk with its halo as :class:`pipeline.raster.RasterReader` reads it:
-uint8 ``(4, h, w)``, R, G, B and the validity mask. Functions return one row per window the
+uint8 ``(4, h, w)``, R, G, B and the validity mask: a NumPy array, or a tensor on the device where
+the chunk was decoded there (:mod:`pipeline.decode`; its windows are then cut there too). Functions return one row per window the
 block owns, in row-major window order; several blocks (several small images) are
 fingerprinted together, their windows batched across images.
 """
@@ -9,6 +10,7 @@ fingerprinted together, their windows batched across images.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,10 +24,19 @@ def nodata_pixels(block: np.ndarray, black_level: int) -> np.ndarray:
     return (block[3] == 0) | (block[:3] <= black_level).all(axis=0)
 
 
-def keep_windows(block: np.ndarray, black_level: int, max_nodata_fraction: float) -> np.ndarray:
-    """bool ``(ny, nx)``: windows whose nodata fraction is at most ``max_nodata_fraction``."""
-    counts = grid.window_nodata_counts(nodata_pixels(block, black_level))
-    return counts <= max_nodata_fraction * grid.TILE * grid.TILE
+def keep_windows(block: Any, black_level: int, max_nodata_fraction: float) -> np.ndarray:
+    """bool ``(ny, nx)``: windows whose nodata fraction is at most ``max_nodata_fraction``. A block
+    decoded on a device (a tensor, :mod:`pipeline.decode`) is counted there; only the answer
+    comes to the host."""
+    limit = max_nodata_fraction * grid.TILE * grid.TILE
+    if isinstance(block, np.ndarray):
+        return grid.window_nodata_counts(nodata_pixels(block, black_level)) <= limit
+    nodata = (block[3] == 0) | (block[:3] <= black_level).all(dim=0)
+    h, w = nodata.shape
+    s = grid.STRIDE
+    cells = nodata.reshape(h // s, s, w // s, s).sum(dim=(1, 3))
+    counts = cells[:-1, :-1] + cells[1:, :-1] + cells[:-1, 1:] + cells[1:, 1:]
+    return (counts <= limit).cpu().numpy()
 
 
 def fingerprint_blocks(

@@ -32,6 +32,10 @@ def add_parser(sub) -> None:
                         "fingerprints close to but not equal to exact ones)")  # fmt: skip
     g.add_argument("--context-px", dest="model.context_px", type=int,
                    help="dense: pixels of surroundings read around each chunk (default 64)")  # fmt: skip
+    g.add_argument("--decoder", dest="read.decoder", choices=["auto", "pillow", "gdal", "device"],
+                   help="who decodes pixels: auto (default; device where the workers have a CUDA GPU and sources "
+                        "decode there, else pillow) | pillow (Pillow for local RGB JPEG/PNG, GDAL the rest) | "
+                        "gdal | device (JPEG GeoTIFF tiles and JPEG files on the GPU, the rest on the CPU)")  # fmt: skip
     g.add_argument("--chunk-px", dest="read.chunk_px", type=int, help="read chunk side in pixels (multiple of 128)")
     g.add_argument("--dtype", dest="store.dtype", choices=["float32", "float16"], help="fingerprint dtype in the store")
     g.add_argument("--chunk-tiles", dest="store.chunk_tiles", type=int, help="tiles per Zarr chunk")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import multiprocessing
 import os
 import threading
@@ -39,10 +40,12 @@ from pipeline.backbones import ModelSpec
 from pipeline.cluster import runtime
 from pipeline.config import Config
 from pipeline.embed import Runner, describe_weights
-from pipeline.errors import RasterError, StoreError
+from pipeline.errors import ConfigError, RasterError, StoreError
 from pipeline.ingest import graph, plan, staging
 from pipeline.lock import StoreLock
 from pipeline.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,6 +100,8 @@ def ingest(
     """
     cfg = config or Config()
     final = locations.check_writable(store_path)
+    if cfg.read.decoder == "device" and client is None and cfg.cluster.scheduler in LOCAL_KINDS:
+        _require_device_decoding(cfg, None)  # before any store is touched
     try:
         return _ingest(sources, final, cfg, overwrite, strict, client, batch_tiles)
     except OSError as e:  # disk full, read-only or vanished storage: say so, and that work is kept
@@ -128,6 +133,8 @@ def _ingest(
                 locations.discard(work)
         t0 = time.perf_counter()
         with runtime(cfg.cluster, client=client) as rt:
+            if cfg.read.decoder == "device":
+                _require_device_decoding(cfg, rt.client)
             threads = cfg.model.torch_threads or rt.torch_threads  # an explicit setting wins
             spec = ModelSpec.from_config(cfg.model, weights["weights_sha256"], torch_threads=threads)
             attrs = schema.schema_attrs(cfg, spec.arch, spec.dim, weights)
@@ -152,13 +159,16 @@ def _ingest(
                         f"store {final} holds fingerprints made differently ({diff}); fingerprints of different "
                         f"models, weights or preprocessing never mix in one store: use another --store"
                     )
-                cfg = _store_layout(_store_decoder(cfg, prior, final), prior, final)
+                cfg = _store_layout(cfg, prior, final)
                 table = store.read_table(work)
             else:
                 table = store.empty_table()
             if rt.client is None:
                 _warm_up(spec)  # torch's import and the model build run beside the header reads
             headers = _check_sources(paths, cfg, rt, remote=any(raster.is_uri(p) for p in paths))
+            usable = [h.info for h in headers if h.info is not None]
+            cfg = _decoder(cfg, prior if have_store else None, final, rt, usable)
+            attrs = schema.schema_attrs(cfg, spec.arch, spec.dim, weights)  # with the resolved decoder
             found = plan.sort_sources(headers, table, strict)
             plan.report_notes([h for h in headers if h.info is not None])
             failures = list(found.failures)
@@ -240,20 +250,77 @@ PROCESS_AFTER_S = 2.0
 SLOW_HEADER_S = 0.005  # a header read slower than this is waiting on storage, not on the CPU
 
 
-def _store_decoder(cfg: Config, attrs: dict[str, Any], final: Any) -> Config:
-    """``cfg`` with the ``read.decoder`` that made the store's fingerprints (GDAL for stores
-    older than the setting): a store grown with the other decoder would hold two decodes of the
-    same kind of file (chroma-subsampled JPEGs differ at colour edges), and a file ingested again
-    would not reproduce its own fingerprints."""
+LOCAL_KINDS = ("threads", "sync", "local", "local-cuda")  # runtimes whose workers see this machine's GPUs
+
+
+def _workers_decode_on_device(cfg: Config, client: Any) -> bool:
+    """Whether the model runs on a GPU that every worker can decode on (:func:`pipeline.decode.available`)."""
+    from pipeline import decode
+
+    if cfg.model.device == "cpu" and not os.environ.get(decode.DEVICE_ENV):
+        return False
+    if client is None:
+        return decode.available()
+    answers = client.run(decode.available)
+    return bool(answers) and all(answers.values())
+
+
+def _require_device_decoding(cfg: Config, client: Any) -> None:
+    if not _workers_decode_on_device(cfg, client):
+        where = "this machine" if client is None else "the cluster's workers"
+        raise ConfigError(
+            f"--decoder device (read.decoder: device) needs a CUDA GPU for the model on {where}, and torch sees "
+            f"none{' (or --device cpu was given)' if cfg.model.device == 'cpu' else ''}: run on GPU workers, or "
+            f"use --decoder auto (the CPU decoders)"
+        )
+
+
+def _recorded_decoder(attrs: dict[str, Any]) -> str:
+    """The decoder that made a store: ``auto`` in stores from before ``auto`` was resolved meant
+    today's ``pillow``; no record at all, GDAL (stores older than the setting)."""
     was = attrs.get("config", {}).get("read", {}).get("decoder", "gdal")
-    if was == cfg.read.decoder:
-        return cfg
-    warnings.warn(
-        f"store {final} was read with read.decoder: {was}; this run reads with {was} too, so that every "
-        f"file in the store is decoded the same way (for read.decoder: {cfg.read.decoder}, use another --store)",
-        stacklevel=4,
-    )
-    return cfg.override(**{"read.decoder": was})
+    return "pillow" if was == "auto" else was
+
+
+def _decoder(cfg: Config, prior: dict[str, Any] | None, final: Any, rt: Any, infos: list[raster.ImageInfo]) -> Config:
+    """``cfg`` with ``read.decoder`` resolved once for this ingest, which the store records.
+
+    ``auto``: ``device`` when the workers decode on a GPU and some source decodes there
+    (:func:`pipeline.decode.support`), else ``pillow``. A grown store keeps the decoder that made
+    its fingerprints: a store grown with another decoder would hold two decodes of the same kind
+    of file (chroma-subsampled JPEGs differ at colour edges), and a file ingested again would not
+    reproduce its own fingerprints. With ``device``, the files that decode on the CPU are
+    reported, one line per reason with a count of files."""
+    from pipeline import decode
+
+    asked = cfg.read.decoder
+    t = cfg.tiling
+    reasons = {i.path: decode.support(i.path, t.bands, t.scale, i.masked, i.count, i.dtype) for i in infos}
+    chosen = asked
+    if asked == "auto":
+        device_ok = any(r is None for r in reasons.values()) and _workers_decode_on_device(cfg, rt.client)
+        chosen = "device" if device_ok else "pillow"
+    if prior is not None:
+        was = _recorded_decoder(prior)
+        if was != chosen:
+            warnings.warn(
+                f"store {final} was read with read.decoder: {was}; this run reads with {was} too, so that every "
+                f"file in the store is decoded the same way (for read.decoder: {chosen}, use another --store)",
+                stacklevel=4,
+            )
+            if was == "device" and asked != "device":
+                _require_device_decoding(cfg, rt.client)
+            chosen = was
+    if chosen == "device":
+        fallback: dict[str, int] = {}
+        for why in reasons.values():
+            if why is not None:
+                fallback[why] = fallback.get(why, 0) + 1
+        on_device = sum(r is None for r in reasons.values())
+        log.info("read.decoder device: %d file(s) decode on the GPU", on_device)
+        for why, n in sorted(fallback.items(), key=lambda kv: -kv[1]):
+            warnings.warn(f"read.decoder device: {n} file(s) decoded on the CPU instead: {why}", stacklevel=4)
+    return cfg.override(**{"read.decoder": chosen})
 
 
 def _store_layout(cfg: Config, attrs: dict[str, Any], final: Any) -> Config:

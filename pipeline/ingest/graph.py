@@ -76,7 +76,8 @@ def units_of(run: Sequence[ImagePlan], cfg: Any) -> list[Unit]:
         group, g_windows, g_pixels = [], 0, 0
 
     for p in run:
-        reader = raster.RasterReader(p.info.path, t.bands, t.scale, p.info.masked, cfg.read.decoder)
+        reader = raster.RasterReader(p.info.path, t.bands, t.scale, p.info.masked, cfg.read.decoder,
+                                     on_device(p.info, cfg))  # fmt: skip
         if p.single_chunk:
             sy, sx = p.spans_y[0], p.spans_x[0]
             if group and (g_windows + p.tile_count > max_windows or g_pixels >= max_pixels):
@@ -104,13 +105,35 @@ def units_of(run: Sequence[ImagePlan], cfg: Any) -> list[Unit]:
     return units
 
 
-def read_task(unit: Unit) -> list[np.ndarray]:
-    """A unit's pixels: one uint8 ``(4, h, w)`` block (chunk + halo, plus its margins) per member."""
+def on_device(info: raster.ImageInfo, cfg: Any) -> bool:
+    """Whether the image's pixels decode on the worker's device (``read.decoder: device`` and a
+    file :func:`pipeline.decode.support` takes)."""
+    if cfg.read.decoder != "device":
+        return False
+    from pipeline import decode
+
+    t = cfg.tiling
+    return decode.support(info.path, t.bands, t.scale, info.masked, info.count, info.dtype) is None
+
+
+def read_task(unit: Unit) -> list[Any]:
+    """A unit's pixels: one uint8 ``(4, h, w)`` block (chunk + halo, plus its margins) per member;
+    members decoded on the device are tensors there, their JPEG streams decoded in one batch."""
     margins = unit.margins or ((0, 0, 0, 0),) * len(unit.members)
-    return [
-        reader.read((sy.start - t, sy.stop + b), (sx.start - lf, sx.stop + r))
-        for (reader, sy, sx), (t, b, lf, r) in zip(unit.members, margins)
-    ]
+    spans = [((sy.start - t, sy.stop + b), (sx.start - lf, sx.stop + r))
+             for (_, sy, sx), (t, b, lf, r) in zip(unit.members, margins)]  # fmt: skip
+    out: list[Any] = [None] * len(spans)
+    device = [i for i, (reader, _, _) in enumerate(unit.members) if reader.on_device]
+    if device:
+        from pipeline import decode
+
+        got = decode.read_regions([decode.Request(unit.members[i][0].path, *spans[i]) for i in device])
+        for i, block in zip(device, got):
+            out[i] = block
+    for i, ((reader, _, _), (rows, cols)) in enumerate(zip(unit.members, spans)):
+        if out[i] is None:
+            out[i] = reader.read(rows, cols)
+    return out
 
 
 def fingerprint_task(
