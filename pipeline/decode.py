@@ -185,7 +185,7 @@ def _layout_of_page(path: str, page: Any) -> TileLayout | str:
     if comp != JPEG:
         name = CODEC_NAMES.get(comp, f"TIFF compression {comp}")
         if comp in (5, 8, 32946, 50000):
-            return f"{name} compression: no device decoder carried (nvCOMP's wheels do not fit a GPU run's 64 MiB)"
+            return f"{name} compression: no GPU decoder here (nvCOMP is not a dependency), decoded on the CPU"
         return f"{name} compression: decoded on the CPU"
     photometric = PHOTOMETRIC.get(int(page.photometric))
     if photometric is None or int(page.planarconfig) != 1 or int(page.samplesperpixel) != 3 or int(page.bitspersample) != 8:
