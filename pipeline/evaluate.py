@@ -109,7 +109,7 @@ class Options:
     alpha: float = 3.0
     diffusion: int = 0  # k of the mutual k-NN graph for diffusion re-ranking (0 = off)
     diffusion_alpha: float = 0.9
-    seeds: int = 1000  # diffusion: each query's exact top-R, re-ranked (the rest follow in exact order)
+    seeds: int = 0  # diffusion: 0, the whole graph; R, each query's exact top-R re-ranked (the rest in exact order)
 
     def label(self) -> str:
         s = self.post + (f"{self.dims}" if self.post == "pca" else "")
@@ -118,7 +118,10 @@ class Options:
         if self.qe:
             s += f"+aQE{self.qe}"
         s += f" (alpha {self.alpha:g})" if (self.qe or self.dba) else ""
-        return s + (f"+diffusion{self.diffusion} (alpha {self.diffusion_alpha:g})" if self.diffusion else "")
+        if self.diffusion:
+            s += f"+diffusion{self.diffusion}" + (f"+seeds{self.seeds}" if self.seeds else "")
+            s += f" (alpha {self.diffusion_alpha:g})"
+        return s
 
 
 def run_options(raw: np.ndarray, opts: Options, fit_rows: np.ndarray | None = None) -> np.ndarray:
@@ -133,9 +136,38 @@ def run_options(raw: np.ndarray, opts: Options, fit_rows: np.ndarray | None = No
         order = rank_all(x)
         q = post.expand_queries(x, x[order[:, : opts.qe]], opts.alpha)
     order = rank_all(x, q)
-    if opts.diffusion:
+    if opts.diffusion and opts.seeds:
         order = diffuse_rankings(x, q, order, rank_all(x)[:, : opts.diffusion], opts)
+    elif opts.diffusion:
+        order = whole_graph_rankings(x, q, rank_all(x)[:, : opts.diffusion], opts)
     return order
+
+
+def whole_graph_rankings(x: np.ndarray, q: np.ndarray, graph: np.ndarray, opts: Options, batch: int = 256) -> np.ndarray:
+    """Every item ranked by diffusion over the whole mutual k-NN graph ``graph`` (row indices of
+    each item's nearest items, from the engine), each query diffusing from its own node, as
+    ``search --diffusion`` ranks a tile of the archive (:mod:`pipeline.diffusion`); unreached
+    items follow in exact distance order (to the query's fingerprint ``q``)."""
+    from pipeline import diffusion
+
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sims = np.einsum("ij,ikj->ik", xn, xn[graph])
+    s = diffusion.normalized(diffusion.mutual_graph(graph, sims, graph.shape[1]))
+    n = len(x)
+    out = np.empty((len(q), n - 1), dtype=np.int64)
+    ids = np.arange(n)
+    sq = (x.astype(np.float64) ** 2).sum(1)
+    for a in range(0, len(q), batch):
+        cols = np.arange(a, min(len(q), a + batch))
+        y = np.zeros((n, len(cols)))
+        y[cols, np.arange(len(cols))] = 1.0
+        f = diffusion.solve(s, y, opts.diffusion_alpha)
+        d2 = sq[:, None] - 2 * x.astype(np.float64) @ q[cols].astype(np.float64).T + (q[cols].astype(np.float64) ** 2).sum(1)
+        for c, i in enumerate(cols):
+            key = diffusion.rank_key(f[:, c], np.sqrt(np.maximum(d2[:, c], 0)))
+            key[i] = np.inf  # the query itself
+            out[i] = np.lexsort((ids, key))[: n - 1]
+    return out
 
 
 def diffuse_rankings(x: np.ndarray, q: np.ndarray, order: np.ndarray, graph: np.ndarray, opts: Options) -> np.ndarray:
@@ -385,11 +417,14 @@ def parse_options(text: str, diffusion_alpha: float = 0.9) -> Options:
             raise PostprocessError(f"--options {original!r}: pca dimensions must be an integer, like pca:128")
         kw["dims"] = int(dims)
     for p in parts[1:]:
-        m = re.fullmatch(r"(dba|qe|diffusion)(\d+)", p)
+        m = re.fullmatch(r"(dba|qe|diffusion|seeds)(\d+)", p)
         if not m or int(m.group(2)) < 1:
             raise PostprocessError(
                 f"--options {original!r}: unknown token {p!r}; valid tokens after the post-processing are "
-                f"dbaN, qeN and diffusionN with N >= 1 (e.g. hellinger+dba10+qe10@1, hellinger+diffusion30)"
+                f"dbaN, qeN, diffusionN and seedsN with N >= 1 (e.g. hellinger+dba10+qe10@1, hellinger+diffusion30, "
+                f"hellinger+diffusion30+seeds1000)"
             )
         kw[m.group(1)] = int(m.group(2))
+    if kw.get("seeds") and not kw.get("diffusion"):
+        raise PostprocessError(f"--options {original!r}: seedsN truncates diffusion: it needs diffusionK too")
     return Options(**kw)

@@ -85,7 +85,7 @@ def test_diffusion_with_seeds_covering_the_store_equals_the_closed_form(chips):
     index = SearchIndex.open(str(path))
     for q_row, alpha, k in ((4, 0.9, 5), (17, 0.5, 3)):
         queries, labels = index.queries_from_uids([int(uid[q_row])])
-        [res] = index.search_diffusion(queries, 8, labels=labels, alpha=alpha, graph_k=k)
+        [res] = index.search_diffusion(queries, 8, labels=labels, alpha=alpha, graph_k=k, seeds=1000)
         g = _knn(x, uid, k)
         nodes, f = _closed_form(x, q_row, g, k, alpha)
         order = np.lexsort((uid[nodes], -f))[:8]
@@ -99,7 +99,8 @@ def test_search_diffusion_through_the_cli(chips, tmp_path, capsys):
     x, uid, _ = _x(path)
     out = tmp_path / "r.json"
     base = ["search", "--store", str(path), "--uid", str(int(uid[4])), "-k", "6"]
-    assert main([*base, "--diffusion", "--alpha", "0.9", "--diffusion-k", "5", "--json", str(out)]) == 0
+    assert main([*base, "--diffusion", "--alpha", "0.9", "--diffusion-k", "5", "--diffusion-seeds", "1000",
+                 "--json", str(out)]) == 0  # fmt: skip
     doc = json.loads(out.read_text())
     nodes, f = _closed_form(x, 4, _knn(x, uid, 5), 5, 0.9)
     assert [r["uid"] for r in doc["results"]] == [str(int(u)) for u in uid[nodes[np.lexsort((uid[nodes], -f))[:6]]]]
@@ -112,7 +113,7 @@ def test_search_diffusion_through_the_cli(chips, tmp_path, capsys):
     assert main([*base, "--diffusion", "--diffusion-k", "9"]) == 2
     assert "exceeds the 5 neighbours stored" in capsys.readouterr().err
     assert main([*base, "--diffusion-k", "3"]) == 2
-    assert "--diffusion-k applies to --diffusion" in capsys.readouterr().err
+    assert "--diffusion-k and --diffusion-seeds apply to --diffusion" in capsys.readouterr().err
     assert main([*base[:-2], "--max-distance", "1", "--diffusion"]) == 2
     assert "use it with -k" in capsys.readouterr().err
 
@@ -145,8 +146,8 @@ def test_evaluate_diffusion_equals_the_closed_form_and_tokens_are_checked():
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((4, 16))
     raw = np.maximum(np.repeat(centres, 10, axis=0) + 0.6 * rng.standard_normal((40, 16)), 0).astype(np.float32) + 0.01
-    opts = evaluate.parse_options("l2+diffusion5", diffusion_alpha=0.8)
-    assert (opts.post, opts.diffusion, opts.diffusion_alpha) == ("l2", 5, 0.8)
+    opts = evaluate.parse_options("l2+diffusion5+seeds1000", diffusion_alpha=0.8)
+    assert (opts.post, opts.diffusion, opts.diffusion_alpha, opts.seeds) == ("l2", 5, 0.8, 1000)
     order = evaluate.run_options(raw, opts)
     x = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     ids = np.arange(40)
@@ -157,6 +158,91 @@ def test_evaluate_diffusion_equals_the_closed_form_and_tokens_are_checked():
     for bad in ("hellinger+dab10", "l2+diffusion", "l2+diffusion0", "l2+knn5"):
         with pytest.raises(PostprocessError, match="diffusionN"):
             evaluate.parse_options(bad)
+    with pytest.raises(PostprocessError, match="needs diffusionK"):
+        evaluate.parse_options("l2+seeds100")
+
+
+def _whole_graph(x, graph, k, alpha, y):
+    """Dense oracle of the whole-graph mode: every row a node, mutual k-NN affinities cos^3,
+    f = (I - alpha S)^-1 y solved densely."""
+    n = len(x)
+    cos = _cos(x, x)
+    a = np.zeros((n, n))
+    for v in range(n):
+        for w in graph[v, :k]:
+            if v in graph[w, :k]:
+                a[v, w] = max(cos[v, w], 0.0) ** 3
+    deg = a.sum(1)
+    inv = np.where(deg > 0, 1 / np.sqrt(np.where(deg > 0, deg, 1)), 0.0)
+    return np.linalg.solve(np.eye(n) - alpha * (inv[:, None] * a * inv[None, :]), y)
+
+
+def _whole_order(f, d, ids, skip=()):
+    key = np.where(f > 1e-12, -f, d / (1 + d))
+    key[list(skip)] = np.inf
+    order = np.lexsort((ids, key))
+    return order[: len(order) - len(skip)]
+
+
+def test_whole_graph_diffusion_equals_the_dense_closed_form(chips, tmp_path):
+    """A tile of the archive diffuses from its own node, an outside image joins its k nearest;
+    tiles the diffusion does not reach follow in distance order; filters apply to the ranking."""
+    root, path = chips
+    x, uid, _ = _x(path)
+    index = SearchIndex.open(str(path))
+    n = len(x)
+    for q_row, alpha, k in ((4, 0.9, 5), (17, 0.5, 3)):
+        queries, labels = index.queries_from_uids([int(uid[q_row])])
+        [res] = index.search_diffusion(queries, 12, labels=labels, alpha=alpha, graph_k=k)
+        f = _whole_graph(x, _knn(x, uid, k), k, alpha, np.eye(n)[q_row])
+        d = np.linalg.norm(x - x[q_row], axis=1)
+        want = _whole_order(f, d, uid, skip=[q_row])[:12]
+        np.testing.assert_array_equal(res.uid, uid[want])
+        np.testing.assert_allclose(res.value, np.where(f[want] > 1e-12, f[want], 0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(res.extra["distance"], d[want], rtol=1e-5)
+        assert res.query["diffusion"] == {"alpha": alpha, "k": k, "graph": "whole"}
+    # an outside query (a fingerprint near chip 9's) joins its k nearest tiles; an image filter
+    from pipeline.search import Filters, Queries
+
+    raw = open_store(path)["fingerprint"].values.astype(np.float64)
+    fp = raw[9] * (1 + 0.3 * np.random.default_rng(4).random(raw.shape[1]))
+    q = fp / np.linalg.norm(fp)  # the store's l2 post-processing
+    d = np.linalg.norm(x - q, axis=1)
+    near = np.lexsort((uid, d))[:5]
+    y = np.zeros(n)
+    y[near] = np.maximum(_cos(q[None], x[near])[0], 0) ** 3
+    f = _whole_graph(x, _knn(x, uid, 5), 5, 0.9, y)
+    only = index.image_ids_matching("*/c1*")
+    [res] = index.search_diffusion(Queries.from_fingerprints(fp.astype(np.float32)), 6, Filters(image_ids=tuple(only)),
+                                   graph_k=5)  # fmt: skip
+    allowed = np.isin(np.arange(n), np.asarray(only))  # one window per image: image id = row
+    want = [i for i in _whole_order(f, d, uid) if allowed[i]][:6]
+    np.testing.assert_array_equal(res.uid, uid[want])
+    # an image query through the CLI, with the filter
+    from PIL import Image
+
+    Image.fromarray(textured(256, 256, seed=309).transpose(1, 2, 0)).save(tmp_path / "q.png")
+    out = tmp_path / "r.json"
+    assert main(["search", "--store", str(path), "--image", str(tmp_path / "q.png"), "-k", "7", "--diffusion",
+                 "--diffusion-k", "5", "--images", "*/c1*", "--json", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    got = [int(r["uid"]) for r in doc["results"]]
+    assert len(got) == 7 and set(got) <= set(uid[np.asarray(only)].tolist())
+    assert all(doc["results"][i]["score"] >= doc["results"][i + 1]["score"] for i in range(6))
+
+
+def test_evaluate_whole_graph_diffusion_equals_the_dense_closed_form():
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((4, 16))
+    raw = np.maximum(np.repeat(centres, 10, axis=0) + 0.6 * rng.standard_normal((40, 16)), 0).astype(np.float32) + 0.01
+    order = evaluate.run_options(raw, evaluate.parse_options("l2+diffusion5", diffusion_alpha=0.8))
+    x = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    ids = np.arange(40)
+    graph = _knn(x, ids, 5)
+    for q in (0, 13, 39):
+        f = _whole_graph(x, graph, 5, 0.8, np.eye(40)[q])
+        d = np.linalg.norm(x.astype(np.float64) - x[q], axis=1)
+        np.testing.assert_array_equal(order[q], _whole_order(f, d, ids, skip=[q]))
 
 
 def test_evaluate_diffusion_alpha_and_tune_through_the_cli(tmp_path):

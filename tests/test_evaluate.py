@@ -131,7 +131,7 @@ def test_evaluate_three_ucmerced_classes_end_to_end(data_dir, tmp_path):
 
 
 def test_unknown_option_tokens_are_errors_that_list_the_valid_ones():
-    for text, msg in [("hellinger+dab10", "unknown token 'dab10'"), ("l2+knn30", "dbaN, qeN and diffusionN"),
+    for text, msg in [("hellinger+dab10", "unknown token 'dab10'"), ("l2+knn30", "dbaN, qeN, diffusionN and seedsN"),
                       ("l2@x", "must be a number"), ("pca:x", "integer")]:  # fmt: skip
         with pytest.raises(ValueError, match=msg):
             evaluate.parse_options(text)

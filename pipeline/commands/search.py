@@ -62,8 +62,12 @@ def add_parser(sub) -> None:
     g.add_argument("--alpha", type=float, default=None,
                    help="query expansion weight exponent (default 3); with --diffusion, its alpha (default 0.9)")  # fmt: skip
     g.add_argument("--diffusion", action="store_true",
-                   help="re-rank each query's exact top 1,000 by diffusion on the store's k-NN graph (postprocess --knn)")  # fmt: skip
+                   help="rank by diffusion over the store's whole k-NN graph (postprocess --knn): a tile of the "
+                        "archive diffuses from its own node, an image joins its k nearest tiles")  # fmt: skip
     g.add_argument("--diffusion-k", type=int, help="--diffusion: neighbours per tile used (default: all stored)")
+    g.add_argument("--diffusion-seeds", type=int,
+                   help="--diffusion: truncate to each query's exact top N tiles, re-ranked among themselves "
+                        "(a query's cost then bounded by N; default: the whole graph)")  # fmt: skip
     g.add_argument("--weights", dest="query_weights", help="local copy of the store's weights file (checked by sha256)")
     g.add_argument("--device", dest="model.device", help="auto | cpu | cuda for --image queries")
     add_index(p)
@@ -91,8 +95,8 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         index.codes, index.rerank = args.codes, args.rerank
         if args.rerank is not None and not args.codes:
             raise SearchError("--rerank applies to --codes searches only")
-        if args.diffusion_k is not None and not args.diffusion:
-            raise SearchError("--diffusion-k applies to --diffusion searches only")
+        if (args.diffusion_k is not None or args.diffusion_seeds is not None) and not args.diffusion:
+            raise SearchError("--diffusion-k and --diffusion-seeds apply to --diffusion searches only")
         filters = filters_of(args, index)
         if pos or neg:
             from pipeline.examples import answer, example_set
@@ -109,7 +113,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
                                       "--max-distance, --diverse, --qe or --codes")  # fmt: skip
                 results = index.search_diffusion(queries, k, filters, labels=labels,
                                                  alpha=0.9 if args.alpha is None else args.alpha,
-                                                 graph_k=args.diffusion_k)  # fmt: skip
+                                                 graph_k=args.diffusion_k, seeds=args.diffusion_seeds)  # fmt: skip
             else:
                 expand = (args.qe, 3.0 if args.alpha is None else args.alpha) if args.qe else None
                 results = index.search(queries, k, filters, diverse=args.diverse, labels=labels, expand=expand,

@@ -392,17 +392,26 @@ class SearchIndex:
         labels: Sequence[dict] | None = None,
         alpha: float = 0.9,
         graph_k: int | None = None,
-        seeds: int = 1000,
+        seeds: int | None = None,
     ) -> list[Result]:
-        """Diffusion re-ranking (:mod:`pipeline.diffusion`): each query's exact top-``seeds``
-        tiles (all of them in smaller stores; filters and exclusions as in :meth:`search`),
-        ranked by ``(I - alpha S)^-1 y`` on the stored k-NN graph among them (its first
-        ``graph_k`` neighbours per tile, default all stored). Results report ``score`` (higher is
-        better) and the exact ``distance``."""
+        """Diffusion ranking (:mod:`pipeline.diffusion`) on the stored k-NN graph (its first
+        ``graph_k`` neighbours per tile, default all stored): ``f = (I - alpha S)^-1 y`` over the
+        whole graph (a tile of the archive diffuses from its own node; an outside query joins
+        its ``graph_k`` nearest tiles), then the ``k`` best by ``f`` with filters, statuses and
+        exclusions applied as in :meth:`search` (tiles not reached follow in distance order).
+        ``seeds`` R: the truncated mode instead, each query's exact top-R tiles re-ranked among
+        themselves. Results report ``score`` (higher is better) and the exact ``distance``."""
         from pipeline import diffusion
 
         meta = self.check_knn()
         graph_k = graph_k or int(meta["k"])
+        if graph_k > int(meta["k"]):
+            raise SearchError(
+                f"--diffusion-k {graph_k} exceeds the {meta['k']} neighbours stored per tile; rebuild with "
+                f"`aerial-search postprocess --store {self.path} --knn {graph_k}` or use a smaller --diffusion-k"
+            )
+        if not seeds:
+            return self._whole_graph_diffusion(queries, k, filters or Filters(), labels, alpha, graph_k)
         if k <= 0 or seeds < k:
             raise SearchError(f"diffusion needs 0 < k <= its seeds ({seeds}), got k = {k}")
         knn_uid, knn_sim = self._once("knn", lambda: (self.ds["knn_uid"].values, self.ds["knn_sim"].values))
@@ -424,6 +433,71 @@ class SearchIndex:
             r.extra = {"distance": np.asarray(res.value)[order]}
             out.append(r)
         return out
+
+    def _whole_graph_diffusion(self, queries: Queries, k: int, filters: Filters, labels: Sequence[dict] | None,
+                               alpha: float, graph_k: int) -> list[Result]:  # fmt: skip
+        from pipeline import diffusion
+        from pipeline.search.scorers import RankedScorer
+
+        if k <= 0:
+            raise SearchError(f"k must be a positive number of results, got {k}")
+        self._check_dim(queries.fingerprints)
+        x = self._once("diffusion_space", lambda: self.postprocess.apply(np.asarray(self.ds["fingerprint"].values,
+                                                                                    dtype=np.float32)))  # fmt: skip
+        s = self._once(f"diffusion_graph_{graph_k}", lambda: diffusion.normalized(self._knn_graph(graph_k)))
+        ds = self.ds
+        block = self._once("diffusion_block", lambda: {
+            "uid": ds["uid"].values, "lon": ds["lon"].values, "lat": ds["lat"].values,
+            "valid": ds["valid"].values.astype(bool), "slot": np.arange(ds.sizes["tile"])})  # fmt: skip
+        q = self._transformed(queries).fingerprints.astype(np.float64)
+        n, m = len(x), len(q)
+        xd = x.astype(np.float64)
+        d2 = (xd * xd).sum(1)[:, None] - 2 * xd @ q.T + (q * q).sum(1)[None, :]
+        d = np.sqrt(np.maximum(d2, 0.0))
+        d[~block["valid"]] = np.inf
+        y = np.zeros((n, m))
+        for j in range(m):
+            slot = self._own_slot(queries, j)
+            if slot is not None:  # a tile of the archive: its own node
+                y[slot, j] = 1.0
+            else:  # an outside query joins its graph_k nearest tiles
+                near = np.argsort(d[:, j], kind="stable")[:graph_k]
+                near = near[np.isfinite(d[near, j])]
+                y[near, j] = diffusion.affinity(diffusion.cosines(q[j], xd[near]))
+        f = diffusion.solve(s, y, alpha)
+        keys = diffusion.rank_key(f, np.where(np.isfinite(d), d, 0.0))
+        exclude = queries.exclusions()
+        raw = topk.finalize(kernels.chunk_topk(block, RankedScorer(keys), k, filters, exclude, self.half_m, self.usable))
+        labels = labels or [{} for _ in raw]
+        out = []
+        for j, (r, lab) in enumerate(zip(raw, labels)):
+            slots = self.slots_of(r["uid"])
+            res = Result.from_topk(r, {**lab, "diffusion": {"alpha": alpha, "k": graph_k, "graph": "whole"}},
+                                   np.maximum(-r["score"], 0.0), self.image_paths, "score", None, self.geometry, True)  # fmt: skip
+            res.extra = {"distance": d[slots, j]}
+            out.append(res)
+        return out
+
+    def _own_slot(self, queries: Queries, j: int) -> int | None:
+        """The slot of query ``j`` when it is a valid tile of this store, else None."""
+        if queries.image[j] < 0:
+            return None
+        uid = grid.pack_uid(np.array([queries.image[j]]), np.array([queries.row[j]]), np.array([queries.col[j]]))[0]
+        try:
+            slot = self.slot_of(int(uid))
+        except SearchError:
+            return None
+        return slot if bool(self.ds["valid"].values[slot]) and int(self.ds["uid"].values[slot]) == int(uid) else None
+
+    def _knn_graph(self, graph_k: int) -> Any:
+        """The mutual ``graph_k``-NN affinities over every slot, from the stored k-NN arrays."""
+        from pipeline import diffusion
+
+        knn_uid, knn_sim = self._once("knn", lambda: (self.ds["knn_uid"].values, self.ds["knn_sim"].values))
+        ok = np.isfinite(knn_sim[:, :graph_k]) & self.ds["valid"].values.astype(bool)[:, None]
+        nb = np.full(ok.shape, -1, dtype=np.int64)
+        nb[ok] = self.slots_of(knn_uid[:, :graph_k][ok])
+        return diffusion.mutual_graph(nb, np.where(ok, knn_sim[:, :graph_k], np.nan), graph_k)
 
     def check_knn(self) -> dict[str, Any]:
         """The store's k-NN graph record, refused unless the graph is current."""

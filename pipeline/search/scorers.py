@@ -268,6 +268,34 @@ class HammingScorer:
 
 
 
+@dataclass(frozen=True)
+class RankedScorer:
+    """A ranking computed elsewhere, per slot of the store: ``keys`` float64 ``(n_slots, m)``,
+    lower is better, read through the block's ``slot`` column (whole-graph diffusion,
+    :func:`pipeline.diffusion.rank_key`: ``-f`` where the diffusion reached a tile, the squeezed
+    distance elsewhere). Reported as the diffusion score ``f`` (0 where unreached). The masks,
+    the top-k and the ties by uid are the engine's."""
+
+    keys: np.ndarray
+    name: ClassVar[str] = "score"
+    higher_is_better: ClassVar[bool] = True
+
+    def __len__(self) -> int:
+        return self.keys.shape[1]
+
+    def scores(self, block: Block) -> np.ndarray:
+        return self.keys[block["slot"]]  # fancy indexing: a fresh copy
+
+    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
+        return self.keys[block["slot"][rows], j]
+
+    def report(self, score: np.ndarray) -> np.ndarray:
+        return np.maximum(-np.asarray(score, dtype=np.float64), 0.0)
+
+    def internal(self, value: float) -> float:
+        return -float(value)
+
+
 def as_float32(x: np.ndarray) -> np.ndarray:
     """float32 view or copy (exact for float16). float16 goes through torch's vectorized
     conversion when this process has already imported torch (measured on 2 cores, 8,192 x 512
