@@ -113,13 +113,19 @@ def encode_store(
     return info
 
 
-def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None, device: str = "", dtype: str = "") -> dict:
+def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None, device: str = "", dtype: str = "",
+              progress: Any = None) -> dict:  # fmt: skip
     """The k-NN graph as derived arrays: every valid tile's ``k`` nearest valid tiles (overlapping
     ones excluded, as in search) by Euclidean distance after the store's post-processing (not
-    DBA), with their cosine similarity, found by the search engine itself in batches of
-    ``batch`` queries (many queries per pass over the store; memory bounded by the batch), on
-    ``device`` in ``dtype`` when given (:mod:`pipeline.search.device`: each batch is one matrix
-    product per block on the GPU).
+    DBA), with their cosine similarity.
+
+    Without a device: inverted lists over k-means cells in a reduced space, refined exactly
+    (:mod:`pipeline.knn`; ``method: ivf`` in the record), not a comparison of every pair. A graph
+    that went stale because images were added (same ``k``, cells kept in the store) grows: only
+    the new tiles get lists, old tiles take them in where nearer (``grown_by`` in the record),
+    and tiles whose neighbours were removed are redone. On a ``device``
+    (:mod:`pipeline.search.device`): the search engine itself in batches of ``batch`` queries,
+    each batch one matrix product per block on the GPU (``method: engine``).
     Written by :func:`pipeline.store.write_knn`; returns the ``postprocess.knn`` record, with the
     time it took."""
     import time
@@ -132,12 +138,53 @@ def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None, device: 
     index.use_dba = False
     ds = index.ds
     n = ds.sizes["tile"]
-    valid = np.flatnonzero(ds["valid"].values)
-    if runtime is None:
-        index.persist()
+    valid_mask = ds["valid"].values.astype(bool)
+    valid = np.flatnonzero(valid_mask)
     x = index.postprocess.apply(np.asarray(ds["fingerprint"].values, dtype=np.float32))
     norms = np.linalg.norm(x, axis=1)
     z = int(ds["fingerprint"].data.chunksize[0]) or n
+    if device:
+        out_uid, out_sim = _knn_engine(index, x, norms, valid, k, batch, runtime)
+        info = {"k": int(k), "tiles": int(len(valid)), "method": "engine", **index.index_description()}
+        cells = cell = None
+    else:
+        from pipeline import knn
+
+        image, row, col = (ds[v].values.astype(np.int64) for v in ("image", "row", "col"))
+        uid = ds["uid"].values
+        tiles = knn.Tiles(x, uid, ds["lon"].values, ds["lat"].values, valid_mask, image, row, col, index.half_m)
+        grown = _grow_knn(index, tiles, k, x) if _can_grow(ds, k) else None
+        if grown is not None:
+            nb, dist, cells_fit, cell, grown_by = grown
+        else:
+            nb, dist, cells_fit, cell = knn.build(tiles, k, progress=progress)
+            grown_by = 0
+        out_uid = np.zeros((n, k), np.uint64)
+        out_sim = np.full((n, k), np.nan, np.float32)
+        has = nb >= 0
+        out_uid[has] = uid[nb[has]]
+        rows_i = np.nonzero(has)[0]
+        den = norms[nb[has]] * norms[rows_i]
+        dots = np.einsum("ij,ij->i", x[nb[has]], x[rows_i])
+        out_sim[has] = np.divide(dots, den, out=np.zeros(len(dots), np.float32), where=den > 0)
+        cells = {"knn_mean": cells_fit.mean, "knn_basis": cells_fit.basis, "knn_centroids": cells_fit.centroids}
+        info = {"k": int(k), "tiles": int(len(valid)), "method": "ivf", "cells": int(cells_fit.count),
+                "nprobe": int(knn.nprobe_for(cells_fit.count)), "dims": int(cells_fit.basis.shape[1])}  # fmt: skip
+        if grown_by:
+            info["grown_by"] = int(grown_by)
+    seconds = time.perf_counter() - t0
+    info["seconds"] = round(seconds, 3)
+    store.write_knn(path, n, k, info, ((a, out_uid[a : a + z], out_sim[a : a + z]) for a in range(0, n, z)), cells, cell)
+    return info
+
+
+def _knn_engine(index: SearchIndex, x: np.ndarray, norms: np.ndarray, valid: np.ndarray, k: int, batch: int,
+                runtime: Any) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Every valid tile's k nearest through the search engine (a device's matrix products)."""
+    ds = index.ds
+    n = ds.sizes["tile"]
+    if runtime is None:
+        index.persist()
     out_uid = np.zeros((n, k), np.uint64)
     out_sim = np.full((n, k), np.nan, np.float32)
     image, row, col = (ds[v].values.astype(np.int64) for v in ("image", "row", "col"))
@@ -153,7 +200,43 @@ def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None, device: 
             out_uid[r, :m] = res["uid"]
             den = norms[nb] * norms[r]
             out_sim[r, :m] = np.divide(x[nb] @ x[r], den, out=np.zeros(m, np.float32), where=den > 0)
-    seconds = time.perf_counter() - t0
-    info = {"k": int(k), "tiles": int(len(valid)), "seconds": round(seconds, 3), **index.index_description()}
-    store.write_knn(path, n, k, info, ((a, out_uid[a : a + z], out_sim[a : a + z]) for a in range(0, n, z)))
-    return info
+    return out_uid, out_sim
+
+
+def _can_grow(ds: Any, k: int) -> bool:
+    """Whether the store's graph can grow instead of being rebuilt: an IVF graph of the same k
+    with its cells, stale only because the store changed since (images added or removed)."""
+    meta = (ds.attrs.get("postprocess") or {}).get("knn") or {}
+    return (bool(meta.get("stale")) and meta.get("method") == "ivf" and int(meta.get("k", 0)) == k
+            and all(name in ds for name in ("knn_uid", "knn_sim", "knn_cell", "knn_centroids")))  # fmt: skip
+
+
+def _grow_knn(index: SearchIndex, tiles: Any, k: int, x: np.ndarray) -> tuple | None:
+    """The stored graph grown by its new tiles (:func:`pipeline.knn.update`), or None when it
+    cannot be (the cells are of another space)."""
+    from pipeline import knn
+
+    ds = index.ds
+    cells = knn.Cells(ds["knn_mean"].values, ds["knn_basis"].values, ds["knn_centroids"].values)
+    if cells.basis.shape[0] != x.shape[1]:
+        return None
+    cell = ds["knn_cell"].values.astype(np.int32)
+    sim = ds["knn_sim"].values
+    valid = tiles.valid
+    listed = np.isfinite(sim).any(axis=1) & valid & (cell >= 0)
+    nb = np.full(sim.shape, -1, np.int64)
+    has = np.isfinite(sim) & listed[:, None]
+    nb[has] = index.slots_of(ds["knn_uid"].values[has])
+    gone = has & ~valid[np.where(has, nb, 0)]  # neighbours removed since: their tiles are redone
+    redo = np.flatnonzero(listed & gone.any(axis=1))
+    nb[gone] = -1
+    dist = np.full(sim.shape, np.inf)
+    r, c = np.nonzero(nb >= 0)
+    diff = x[r].astype(np.float64) - x[nb[r, c]].astype(np.float64)
+    dist[r, c] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    order = np.lexsort((np.where(nb >= 0, tiles.uid[np.maximum(nb, 0)], 0), dist), axis=1)
+    nb, dist = np.take_along_axis(nb, order, 1), np.take_along_axis(dist, order, 1)
+    new = np.flatnonzero(valid & ~listed)
+    cell = np.where(valid, cell, -1).astype(np.int32)
+    nb, dist, cell = knn.update(tiles, k, nb, dist, new, cells, cell, redo=redo)
+    return nb, dist, cells, cell, len(new)

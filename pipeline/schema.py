@@ -100,6 +100,14 @@ VARIABLES: tuple[Variable, ...] = (
              "the k-NN graph (`postprocess --knn K`): each valid tile's K nearest tiles", "knn"),
     Variable("knn_sim", ("tile", "neighbour"), "float32", "tile", NAN, "derived",
              "their cosine similarity (NaN: no neighbour)", "knn"),
+    Variable("knn_cell", ("tile",), "int32", "tile", -1, "derived",
+             "the k-NN graph's cell of each tile (-1: none): what growing the graph probes", "knn"),
+    Variable("knn_mean", ("post_feature",), "float32", "whole", None, "fit",
+             "the k-NN graph's reduced space (`pipeline.knn`): centre of the fitting sample"),
+    Variable("knn_basis", ("post_feature", "knn_dim"), "float32", "whole", None, "fit",
+             "the reduced space's principal axes"),
+    Variable("knn_centroids", ("knn_cell_id", "knn_dim"), "float32", "whole", None, "fit",
+             "k-means centroids of the cells in the reduced space"),
 )  # fmt: skip
 
 VAR = {v.name: v for v in VARIABLES}
@@ -110,6 +118,7 @@ IMG_STR_VARS = tuple(v.name for v in VARIABLES if v.role == "img" and v.dtype ==
 DERIVED_TILE_VARS = tuple(v.name for v in VARIABLES if v.role == "derived")
 CODE_VARS = tuple(v.name for v in VARIABLES if v.role == "fit" and v.name.startswith("codes_"))  # the codes' encoder
 POST_VARS = tuple(v.name for v in VARIABLES if v.role == "fit" and v.name.startswith("post_"))  # a fitted PCA
+KNN_VARS = tuple(v.name for v in VARIABLES if v.role == "fit" and v.name.startswith("knn_"))  # the graph's cells
 
 
 def chunk_rows(var: Variable, chunk_tiles: int, n: int) -> int:
@@ -231,7 +240,7 @@ def stale_reason(ds, name: str) -> str:
     if not meta.get("stale"):
         return ""
     post_meta = ds.attrs.get("postprocess") or {}
-    if name in ("knn_uid", "knn_sim"):
+    if name in ("knn_uid", "knn_sim", "knn_cell"):
         return (
             f"the k-NN graph is stale ({meta['stale']}); rebuild it with `aerial-search postprocess --store STORE "
             f"--knn {meta.get('k')}`"

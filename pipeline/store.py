@@ -340,7 +340,7 @@ def save_postprocess(path: str | Path, t: post.PostProcess, fitted_on: int) -> N
     """Write a fitted post-processing into a store (arrays + attributes); the raw fingerprints
     stay. Derived arrays are dropped: they were made under the old post-processing."""
     g = _group(path, "r+")
-    for name in (*schema.POST_VARS, *schema.DERIVED_TILE_VARS, *schema.CODE_VARS):
+    for name in (*schema.POST_VARS, *schema.DERIVED_TILE_VARS, *schema.CODE_VARS, *schema.KNN_VARS):
         if name in g:
             del g[name]
     if t.method == "pca":
@@ -386,18 +386,24 @@ def write_codes(path: str | Path, n_tiles: int, nbytes: int, encoder: dict[str, 
 
 
 def write_knn(path: str | Path, n_tiles: int, k: int, info: dict,
-              rows: Iterable[tuple[int, np.ndarray, np.ndarray]]) -> None:  # fmt: skip
+              rows: Iterable[tuple[int, np.ndarray, np.ndarray]], cells: dict[str, np.ndarray] | None = None,
+              cell: np.ndarray | None = None) -> None:  # fmt: skip
     """Write the k-NN graph ``knn_uid`` (tile, neighbour) uint64 and ``knn_sim`` float32 (NaN:
-    no neighbour), chunked like ``fingerprint``, from ``rows`` (``(start, uids, sims)``), then
+    no neighbour), chunked like ``fingerprint``, from ``rows`` (``(start, uids, sims)``), with
+    its cells (``cells``: ``knn_mean``, ``knn_basis``, ``knn_centroids``; ``cell`` per tile), then
     ``postprocess.knn`` (``info`` + created) last, replacing an earlier graph: an interrupted
     build leaves no graph, never half of one."""
     g = _group(path, "r+")
-    meta = _replace(g, ("knn_uid", "knn_sim"), "knn")
+    meta = _replace(g, ("knn_uid", "knn_sim", "knn_cell", *schema.KNN_VARS), "knn")
     z = g["fingerprint"].chunks[0]
     u, sim = _create(g, "knn_uid", (n_tiles, k), z), _create(g, "knn_sim", (n_tiles, k), z)
     for start, uids, sims in rows:
         u[start : start + len(uids)] = uids
         sim[start : start + len(sims)] = sims
+    if cells is not None and cell is not None:
+        for name, a in cells.items():
+            _create(g, name, a.shape)[...] = a
+        _create(g, "knn_cell", (n_tiles,), z)[...] = cell
     meta["knn"] = {**info, "created": schema.now()}
     g.attrs["postprocess"] = meta
     consolidate(path)

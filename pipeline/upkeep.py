@@ -177,7 +177,8 @@ def copy_compacted(src: Path | str, dst: Path | str, live: Sequence[str], block:
     store.write_rows(dst, np.arange(len(status)), rows)
     present = set(store.read_array_names(src))
     derived = [n for n in schema.DERIVED_TILE_VARS if n in present and not schema.derived_meta(attrs, n).get("stale")]
-    fitted = [n for n in (*schema.POST_VARS, *(schema.CODE_VARS if "codes" in derived else ())) if n in present]
+    fitted = [n for n in (*schema.POST_VARS, *(schema.CODE_VARS if "codes" in derived else ()),
+                          *(schema.KNN_VARS if "knn_cell" in derived else ())) if n in present]  # fmt: skip
     store.create_like(src, dst, [*fitted, *derived], n_tiles=total)
     dropped = [n for n in schema.DERIVED_TILE_VARS if n in present and n not in derived]
     if dropped:  # a stale derived array is not carried over: rerun postprocess
