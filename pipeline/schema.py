@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import codes, grid
-from pipeline.backbones import MEAN, STD
+from pipeline.backbones import BACKBONES, MEAN, STD
 from pipeline.version import __version__
 
 SCHEMA_VERSION = 2  # 2: status "removed", consolidated metadata (1 -> 2: `aerial-search migrate`)
@@ -171,8 +171,8 @@ def schema_attrs(cfg: Any, arch: str, dim: int, weights: dict[str, Any]) -> dict
             "tile": grid.TILE,
             "stride": grid.STRIDE,
             "crop": "top-left, to a multiple of 256 per axis",
-            "mean": list(MEAN),
-            "std": list(STD),
+            "mean": list(BACKBONES[arch].mean if arch in BACKBONES else MEAN),
+            "std": list(BACKBONES[arch].std if arch in BACKBONES else STD),
             "input_scale": "uint8 / 255",
             "bands": list(cfg.tiling.bands),
             "scale": list(cfg.tiling.scale) if cfg.tiling.scale else None,

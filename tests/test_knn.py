@@ -124,7 +124,7 @@ def test_the_graph_of_overlapping_flights_excludes_what_search_excludes(overlapp
     want_nb, _ = brute(tiles, 6, valid)
     got = ds["knn_uid"].values[valid]
     sims = ds["knn_sim"].values[valid]
-    for r, (w, g, s) in enumerate(zip(want_nb, got, sims)):
+    for w, g, s in zip(want_nb, got, sims):
         n = int((w >= 0).sum())
         np.testing.assert_array_equal(g[:n], tiles.uid[w[:n]])
         assert np.isnan(s[n:]).all()

