@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=30)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--real-only", action="store_true", help="keep --out's synthetic rows, measure the real store again")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "aerial-search-knn")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("knn.json"))
     args = ap.parse_args()
@@ -113,17 +114,25 @@ def main() -> None:
     def save() -> None:
         harness.write(args.out, doc, cores=harness.machine()["cores"])
 
-    base = synthetic_store(args.work / f"synth-{args.n}-float32-latent16.zarr", args.n, "float32", latent=16)
-    path = args.work / "synthetic-knn.zarr"
-    shutil.rmtree(path, ignore_errors=True)
-    shutil.copytree(base, path)
-    seconds, meta = timed_knn(path, args.k)
-    row = {"store": "synthetic", "tiles": meta["tiles"], "seconds": seconds, "recall_at_k": recall(path, args.k, args.queries),
-           "cells": meta.get("cells"), "nprobe": meta.get("nprobe"), "dims": meta.get("dims"), "method": meta.get("method")}  # fmt: skip
-    doc["rows"].append(row)
-    harness.show(row)
-    save()
-    shutil.rmtree(path, ignore_errors=True)
+    if args.real_only:
+        import json
+
+        old = json.loads(args.out.read_text())
+        doc["rows"] = [r for r in old["rows"] if r["store"] == "synthetic"]
+        doc["synthetic_record"] = old["record"]  # the synthetic rows keep the record they were measured with
+    else:
+        base = synthetic_store(args.work / f"synth-{args.n}-float32-latent16.zarr", args.n, "float32", latent=16)
+        path = args.work / "synthetic-knn.zarr"
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(base, path)
+        seconds, meta = timed_knn(path, args.k)
+        row = {"store": "synthetic", "tiles": meta["tiles"], "seconds": seconds,
+               "recall_at_k": recall(path, args.k, args.queries), "cells": meta.get("cells"), "nprobe": meta.get("nprobe"),
+               "dims": meta.get("dims"), "method": meta.get("method")}  # fmt: skip
+        doc["rows"].append(row)
+        harness.show(row)
+        save()
+        shutil.rmtree(path, ignore_errors=True)
     data = os.environ.get("AERIAL_SEARCH_DATA")
     if not args.skip_real and data and Path(data, "aerial").is_dir():
         real = real_store(Path(data), args.work, Path(data).parent / "weights" / "squeezenet1_1-imagenet.pth")

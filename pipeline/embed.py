@@ -109,6 +109,8 @@ def _is_torchvision_imagenet(arch: str, path: str, sha256: str) -> bool:
     otherwise are not looked up (which would import torchvision, seconds, before any work)."""
     import re
 
+    if BACKBONES[arch].source != "torchvision":
+        return False
     if not re.fullmatch(rf"{re.escape(arch)}-[0-9a-f]{{6,}}\.pth", os.path.basename(path)):
         return False
     m = re.search(r"-([0-9a-f]{6,})\.pth$", _imagenet_weights(arch).url)
