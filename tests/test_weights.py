@@ -163,3 +163,31 @@ def _installed(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_the_demo_falls_back_to_the_best_offline_network_first(monkeypatch, tmp_path, capsys):
+    """Without torchvision's weights the demo takes EfficientNet-Lite0 (it ranks higher on UC
+    Merced, RESULTS.md), then SqueezeNet, then random weights, saying which."""
+    from pipeline import demo, embed
+
+    def no_torchvision(arch, w, seed=0):
+        raise WeightsError("offline")
+
+    fetched = []
+
+    def fake_fetch(arch, dest=None):
+        fetched.append(arch)
+        if arch in unavailable:
+            raise WeightsError(f"{arch} not reachable")
+        return tmp_path / f"{arch}.pth"
+
+    monkeypatch.setattr(embed, "describe_weights", no_torchvision)
+    monkeypatch.setattr(weights, "fetch", fake_fetch)
+    unavailable: set[str] = set()
+    assert demo.pick_weights("resnet18") == ("efficientnet_lite0", str(tmp_path / "efficientnet_lite0.pth"))
+    unavailable.add("efficientnet_lite0")
+    assert demo.pick_weights("resnet18") == ("squeezenet1_1", str(tmp_path / "squeezenet1_1.pth"))
+    unavailable.add("squeezenet1_1")
+    assert demo.pick_weights("resnet18") == ("resnet18", "random")
+    assert "RANDOM weights" in capsys.readouterr().err
+    assert demo.OFFLINE[0] == "efficientnet_lite0"
