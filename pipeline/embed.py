@@ -178,7 +178,7 @@ def build_model(spec: ModelSpec):
         missing, unexpected = _key_diff(full.state_dict(), sd)
         if unexpected or any(not k.startswith(head) for k in missing):
             raise WeightsError(
-                f"weights {spec.weights} do not fit {spec.arch} (strict load): "
+                f"weights {spec.weights} do not fit {_maker(spec.arch)} {spec.arch} (strict load): "
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; "
                 f"pass --model with the architecture the file was trained as"
@@ -192,6 +192,10 @@ def build_model(spec: ModelSpec):
 
 def _key_diff(expected: dict[str, Any], got: dict[str, Any]) -> tuple[list[str], list[str]]:
     return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+
+
+def _maker(arch: str) -> str:
+    return "efficientnet_lite_pytorch's" if BACKBONES[arch].source == "efficientnet_lite" else "torchvision's"
 
 
 def _efficientnet_lite(arch: str):
