@@ -23,11 +23,12 @@ from pipeline import Config, ingest
 from pipeline.embed import ModelSpec, Runner
 
 
-def bare(device: str, amp: str, channels_last: bool, batch: int, seconds: float) -> float:
+def bare(device: str, amp: str, channels_last: bool, batch: int, seconds: float, arch: str = "resnet18") -> float:
     """Tiles/s of the model on windows already on the device (no host transfer), steady state."""
     import torch
 
-    run = Runner(ModelSpec(weights="random", device=device, amp=amp, channels_last=channels_last, batch_size=batch))
+    run = Runner(ModelSpec(arch=arch, weights="random", device=device, amp=amp, channels_last=channels_last,
+                           batch_size=batch))  # fmt: skip
     x = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=run.device)
     sync = torch.cuda.synchronize if run.on_cuda else (lambda: None)
     with torch.inference_mode():

@@ -136,26 +136,9 @@ def chips(data: Path, n: int, folder: Path) -> list[str]:
 
 def bare_fp16(device: str, batch: int, seconds: float, arch: str = "resnet18") -> float:
     """Tiles/s of the model alone on windows already on the device (fp16 autocast on CUDA)."""
-    import time
+    from gpu_bench import bare  # benchmarks/gpu_bench.py
 
-    import torch
-
-    from pipeline.embed import ModelSpec, Runner
-
-    amp = "fp16" if device.startswith("cuda") else "none"
-    run = Runner(ModelSpec(arch=arch, weights="random", device=device, amp=amp, channels_last=True, batch_size=batch))
-    x = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=run.device)
-    sync = torch.cuda.synchronize if run.on_cuda else (lambda: None)
-    with torch.inference_mode():
-        for _ in range(3):
-            run.forward(x)  # warm-up: cuDNN autotuning, the allocator
-        sync()
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            run.forward(x)
-            n += batch
-        sync()
-    return n / (time.perf_counter() - t0)
+    return bare(device, "fp16" if device.startswith("cuda") else "none", True, batch, seconds, arch)
 
 
 def config(device: str, decoder: str, mode: str, batch: int, weights: str = "random", arch: str = "resnet18") -> Any:

@@ -18,11 +18,7 @@ cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
 DATA=${2:-.gpu-data}
 OUTDIR=${3:-${OUT:-.}}
-export PYTHONUNBUFFERED=1
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/gpu_env.sh "$WHEELS"
 python3 -c "import torch, torchvision, tifffile, dask, zarr, rasterio; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'torchvision', torchvision.__version__)"
 
 timeout 100 python3 -m pytest -q -m gpu tests/test_device_decode.py -p no:cacheprovider 2>&1 \

@@ -19,11 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
 OUTDIR=${2:-${OUT:-.}}
-export PYTHONUNBUFFERED=1
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/gpu_env.sh "$WHEELS"
 python3 -c "import torch, triton, dask, zarr, rasterio, fastapi, uvicorn; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'triton', triton.__version__)"
 
 # a failing GPU test is reported and the benchmark still runs
