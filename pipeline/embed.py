@@ -629,12 +629,38 @@ def embed_dense(
                 if len(ij) and (ij[:, 0].max() >= pooled.shape[2] or ij[:, 1].max() >= pooled.shape[3]):
                     raise ValueError(f"block of {blocks[b][0].shape[1:]} px gives {tuple(pooled.shape[2:])} windows; "
                                      f"window {tuple(ij.max(axis=0))} asked for")  # fmt: skip
-                r = pooled[slot][:, torch.as_tensor(ij[:, 0]), torch.as_tensor(ij[:, 1])].T
+                if bb.edge_cells:
+                    h, w = blocks[b][0].shape[1:]
+                    r = _trimmed_means(fmap[slot], ij, top, left, h, w, bb, step, k)
+                else:
+                    r = pooled[slot][:, torch.as_tensor(ij[:, 0]), torch.as_tensor(ij[:, 1])].T
                 outs[b][:] = r.float().cpu().numpy()
                 rows.append(outs[b])
             if on_batch is not None:
                 on_batch(first, np.concatenate(rows))
     return outs
+
+
+def _trimmed_means(fmap, ij: np.ndarray, top: int, left: int, h: int, w: int, bb: Backbone, step: int, k: int):
+    """Each window's mean over its cells of ``fmap`` (dim, cells y, cells x; cell 0 at the window
+    grid's origin), leaving out ``bb.edge_cells`` cells along each side where the block holds
+    pixels beyond the window (what dense mode sees there is its neighbour, where exact mode sees
+    the window's own zero padding); a side at the block's edge keeps its cells, so that a window
+    without surroundings is still its exact fingerprint. Sums of rectangles of an integral image:
+    ``(n, dim)``."""
+    import torch
+    import torch.nn.functional as F
+
+    s = F.pad(fmap.float().cumsum(1).cumsum(2), (1, 0, 1, 0))  # (dim, H + 1, W + 1)
+    i, j = (torch.as_tensor(ij[:, a], dtype=torch.long) for a in (0, 1))
+    e, tile = bb.edge_cells, 2 * STRIDE
+    y0, x0 = top + STRIDE * i, left + STRIDE * j  # the windows' origins in the block's pixels
+    r0 = step * i + e * (y0 > 0)
+    r1 = step * i + k - e * (y0 + tile < h)
+    c0 = step * j + e * (x0 > 0)
+    c1 = step * j + k - e * (x0 + tile < w)
+    total = s[:, r1, c1] - s[:, r0, c1] - s[:, r1, c0] + s[:, r0, c0]  # (dim, n)
+    return (total / ((r1 - r0) * (c1 - c0)).to(total.dtype)).T
 
 
 def embed_chunk(rgb: np.ndarray, ij: np.ndarray, spec: ModelSpec) -> np.ndarray:

@@ -46,14 +46,15 @@ def test_dense_fingerprints_equal_the_mean_of_their_cells_of_a_direct_torchvisio
     got = embed_dense([(rgb, top, left, ij)], ModelSpec(arch=arch, weights="random", device="cpu", mode="dense"))[0]
     with torch.no_grad():
         fmap = _direct_body(arch)(_normalize(rgb, arch))[0]
-    c, k = bb.cell_px, bb.window_cells
-    want = np.stack(
-        [
-            fmap[:, (top + 128 * i) // c :][:, :k, (left + 128 * j) // c :][:, :, :k].mean(dim=(1, 2)).numpy()
-            for i, j in ij
-        ]
-    )
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    c, k, e = bb.cell_px, bb.window_cells, bb.edge_cells
+    h, w = rgb.shape[1:]
+    want = []
+    for i, j in ij:  # a window's cells, less `edge_cells` along each side that has pixels beyond it
+        y, x = top + 128 * i, left + 128 * j
+        cells = fmap[:, y // c : y // c + k, x // c : x // c + k]
+        cells = cells[:, e * (y > 0) : k - e * (y + 256 < h), e * (x > 0) : k - e * (x + 256 < w)]
+        want.append(cells.mean(dim=(1, 2)).numpy())
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu
