@@ -449,21 +449,21 @@ class SearchIndex:
         block = self._once("diffusion_block", lambda: {
             "uid": ds["uid"].values, "lon": ds["lon"].values, "lat": ds["lat"].values,
             "valid": ds["valid"].values.astype(bool), "slot": np.arange(ds.sizes["tile"])})  # fmt: skip
-        q = self._transformed(queries).fingerprints.astype(np.float64)
+        q = self._transformed(queries).fingerprints.astype(np.float32)
         n, m = len(x), len(q)
-        xd = x.astype(np.float64)
-        d2 = (xd * xd).sum(1)[:, None] - 2 * xd @ q.T + (q * q).sum(1)[None, :]
-        d = np.sqrt(np.maximum(d2, 0.0))
+        xx = self._once("diffusion_sqnorm", lambda: np.einsum("ij,ij->i", x, x))
+        d2 = xx[:, None] - 2 * (x @ q.T) + np.einsum("ij,ij->i", q, q)[None, :]  # float32 BLAS, (n, m)
+        d = np.sqrt(np.maximum(d2, 0.0)).astype(np.float64)  # ranks unreached tiles and picks an outside query's k
         d[~block["valid"]] = np.inf
         y = np.zeros((n, m))
         for j in range(m):
-            slot = self._own_slot(queries, j)
+            slot = self._own_slot(queries, j, block["valid"])
             if slot is not None:  # a tile of the archive: its own node
                 y[slot, j] = 1.0
             else:  # an outside query joins its graph_k nearest tiles
                 near = np.argsort(d[:, j], kind="stable")[:graph_k]
                 near = near[np.isfinite(d[near, j])]
-                y[near, j] = diffusion.affinity(diffusion.cosines(q[j], xd[near]))
+                y[near, j] = diffusion.affinity(diffusion.cosines(q[j], x[near]))
         f = diffusion.solve(s, y, alpha)
         keys = diffusion.rank_key(f, np.where(np.isfinite(d), d, 0.0))
         exclude = queries.exclusions()
@@ -474,12 +474,13 @@ class SearchIndex:
             slots = self.slots_of(r["uid"])
             res = Result.from_topk(r, {**lab, "diffusion": {"alpha": alpha, "k": graph_k, "graph": "whole"}},
                                    np.maximum(-r["score"], 0.0), self.image_paths, "score", None, self.geometry, True)  # fmt: skip
-            res.extra = {"distance": d[slots, j]}
+            diff = x[slots].astype(np.float64) - q[j].astype(np.float64)  # the reported distances exactly
+            res.extra = {"distance": np.sqrt(np.einsum("ij,ij->i", diff, diff))}
             out.append(res)
         return out
 
-    def _own_slot(self, queries: Queries, j: int) -> int | None:
-        """The slot of query ``j`` when it is a valid tile of this store, else None."""
+    def _own_slot(self, queries: Queries, j: int, valid: np.ndarray) -> int | None:
+        """The slot of query ``j`` when it is a valid tile of this store (``valid`` per slot), else None."""
         if queries.image[j] < 0:
             return None
         uid = grid.pack_uid(np.array([queries.image[j]]), np.array([queries.row[j]]), np.array([queries.col[j]]))[0]
@@ -487,7 +488,7 @@ class SearchIndex:
             slot = self.slot_of(int(uid))
         except SearchError:
             return None
-        return slot if bool(self.ds["valid"].values[slot]) and int(self.ds["uid"].values[slot]) == int(uid) else None
+        return slot if bool(valid[slot]) else None
 
     def _knn_graph(self, graph_k: int) -> Any:
         """The mutual ``graph_k``-NN affinities over every slot, from the stored k-NN arrays."""
