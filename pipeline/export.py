@@ -3,7 +3,9 @@
 Each hit is the polygon of its 256 x 256 window: the four corners ``(col, row)``,
 ``(col + 256, row)``, ``(col + 256, row + 256)``, ``(col, row + 256)`` through its image's affine
 transform, reprojected to EPSG:4326 (lon, lat). Properties: ``rank``, ``uid`` (a string: uids
-exceed 2**53), ``distance`` or ``score``, ``query`` (its label), ``image_path``, ``row``, ``col``.
+exceed 2**53), ``distance`` or ``score``, ``query`` (its label), ``image_path``, ``row``, ``col``,
+``acquired`` (ISO 8601 UTC or null; a timestamp column in GeoParquet), and whatever else a result
+records (a change's ``before_*`` fields).
 Images without a CRS have no place on the ground: their hits are left out with a warning, or,
 with ``pixel_coords``, written in the image's pixel coordinates.
 
@@ -60,8 +62,8 @@ def _rows(results: Sequence[Any], pixel_coords: bool) -> tuple[list[dict[str, An
                 continue
             props.append({
                 "rank": record["rank"], "uid": record["uid"], res.value_name: record[res.value_name],
-                "query": str(res.query.get("label", "")), "image_path": record["image_path"],
-                "row": record["row"], "col": record["col"],
+                "query": str(res.query.get("label", "")),
+                **{k: v for k, v in record.items() if k not in ("rank", "uid", res.value_name, "lon", "lat")},
             })  # fmt: skip
             rings.append(ring)
     if skipped:
@@ -96,12 +98,17 @@ def to_geojson(results: Sequence[Any], pixel_coords: bool = False, dissolved: bo
 def to_geodataframe(results: Sequence[Any], pixel_coords: bool = False):
     """A geopandas GeoDataFrame of the results' window polygons (EPSG:4326 unless pixel coordinates)."""
     import geopandas as gpd
+    import pandas as pd
     from shapely.geometry import Polygon
 
     props, rings = _rows(results, pixel_coords)
     crs = None if pixel_coords and any(not c for r in results for c in (r.crs or [])) else "EPSG:4326"
-    columns = ["rank", "uid", results[0].value_name if results else "distance", "query", "image_path", "row", "col"]
-    return gpd.GeoDataFrame(props, columns=columns, geometry=[Polygon(r) for r in rings], crs=crs)
+    columns = list(props[0]) if props else ["rank", "uid", results[0].value_name if results else "distance", "query",
+                                            "image_path", "row", "col", "acquired"]  # fmt: skip
+    gdf = gpd.GeoDataFrame(props, columns=columns, geometry=[Polygon(r) for r in rings], crs=crs)
+    for name in (c for c in columns if c.endswith("acquired")):  # timestamps in GeoParquet, not strings
+        gdf[name] = pd.to_datetime(gdf[name], utc=True)
+    return gdf
 
 
 def _higher_is_better(results: Sequence[Any]) -> bool:

@@ -59,7 +59,11 @@ def map_transform(transform: Sequence[float]) -> tuple[float, ...]:
     """The image's affine x translation(64, 64) x scale(128), as a, b, c, d, e, f."""
     from affine import Affine
 
-    t = Affine(*transform) * Affine.translation(grid.STRIDE / 2, grid.STRIDE / 2) * Affine.scale(grid.STRIDE)
+    parts = (Affine(*transform), Affine.translation(grid.STRIDE / 2, grid.STRIDE / 2), Affine.scale(grid.STRIDE))
+    if hasattr(Affine, "__matmul__"):  # affine >= 2.4: `*` between matrices is deprecated
+        t = parts[0] @ parts[1] @ parts[2]
+    else:  # pragma: no cover (older affine)
+        t = parts[0] * parts[1] * parts[2]
     return (t.a, t.b, t.c, t.d, t.e, t.f)
 
 
@@ -115,12 +119,17 @@ def write_png(path: Path, values: np.ndarray, title: str, name: str) -> None:
     canvas.save(path)
 
 
-def write_heatmaps(index: Any, scorer: Scorer, out: str | Path, title: str = "") -> list[Path]:
-    """A COG (and PNG) per searchable image of ``index``; returns the COG paths."""
+def write_heatmaps(
+    index: Any, scorer: Scorer, out: str | Path, title: str = "", image_ids: Sequence[int] | None = None
+) -> list[Path]:
+    """A COG (and PNG) per searchable image of ``index`` (of ``image_ids``, when given: a date
+    filter's); returns the COG paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ds = index.ds
     ids = np.flatnonzero(index.usable) if index.usable is not None else np.arange(ds.sizes["img"])
+    if image_ids is not None:
+        ids = ids[np.isin(ids, np.asarray(image_ids, dtype=np.int64))]
     stems = [Path(str(p)).stem for p in index.image_paths]
     written = []
     transforms, crss = ds["transform"].values, ds["crs"].values.astype(object)

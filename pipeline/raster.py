@@ -120,6 +120,7 @@ class ImageInfo:
     size: int  # bytes on disk (-1 when unknown, e.g. some URIs)
     mtime: float  # seconds since the epoch (nan when unknown)
     masked: bool  # the file has a nodata value, mask or alpha band
+    datetime_tag: str = ""  # the TIFF DateTime tag as written ("" without one): pipeline.dates reads it
 
     @property
     def n_windows(self) -> int:
@@ -222,6 +223,7 @@ def _gdal_header(path: str) -> ImageInfo:
                 size=-1,
                 mtime=float("nan"),
                 masked=masked,
+                datetime_tag=str(ds.tags().get("TIFFTAG_DATETIME", "")).strip(),
             )
     except RasterioError as e:
         raise RasterError(

@@ -22,11 +22,14 @@ from pipeline import codes, grid
 from pipeline.backbones import BACKBONES, MEAN, STD
 from pipeline.version import __version__
 
-SCHEMA_VERSION = 2  # 2: status "removed", consolidated metadata (1 -> 2: `aerial-search migrate`)
+# 2: status "removed", consolidated metadata; 3: `acquired` and `item_id` per image (older -> 3:
+# `aerial-search migrate`)
+SCHEMA_VERSION = 3
 STATUSES = ("pending", "done", "empty", "failed", "replaced", "removed")
 META_CHUNK_FACTOR = 16  # the small per-tile arrays: chunks of 16 x chunk_tiles (one ~1 MB read serves 16 chunks)
 IMG_CHUNK = 4096  # image-table rows per chunk
 NAN = float("nan")
+NAT = "NaT"  # the fill of datetime variables (Zarr stores NumPy's NaT)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("tile_count", ("img",), "int64", "img", 0, "img", "slots of the image (every window of its grid)"),
     Variable("mtime", ("img",), "float64", "img", NAN, "img", "modification time, seconds since the epoch"),
     Variable("transform", ("img", "affine"), "float64", "img", 0.0, "img", "the image's affine: a, b, c, d, e, f"),
+    Variable("acquired", ("img",), "datetime64[s]", "img", NAT, "img",
+             "acquisition time, UTC; NaT when unknown. From, in order: the STAC item's datetime, `ingest --dates "
+             "FILE`, `--date-pattern REGEX` over the file name, the TIFF `DateTime` tag"),
+    Variable("item_id", ("img",), "str", "img", None, "img", 'the STAC item the image came from; `""` otherwise'),
     Variable("post_mean", ("feature",), "float32", "whole", None, "fit",
              "PCA post-processing (`postprocess --method pca`): centre of the fitting set"),
     Variable("post_projection", ("feature", "post_feature"), "float32", "whole", None, "fit",
@@ -277,7 +284,7 @@ def markdown() -> str:
         )
 
     def fill(v: Variable) -> str:
-        return "" if v.fill is None else "NaN" if v.fill != v.fill else str(v.fill)
+        return "" if v.fill is None else "NaN" if v.fill != v.fill else str(v.fill)  # NAT is its own string
 
     lines = [
         "| variable | dims | dtype | chunks | fill | meaning |",

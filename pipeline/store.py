@@ -208,7 +208,7 @@ def _create(g, name: str, shape: tuple[int, ...], chunk_tiles: int = 0, **overri
     if var.chunks != "whole":
         kw["chunks"] = (schema.chunk_rows(var, chunk_tiles, shape[0]), *shape[1:])
     if var.fill is not None:
-        kw["fill_value"] = var.fill
+        kw["fill_value"] = np.datetime64(var.fill, "s") if var.dtype.startswith("datetime64") else var.fill
     return g.create_array(name, shape=shape, **{**kw, **override})
 
 
@@ -236,6 +236,21 @@ def empty_table() -> dict[str, np.ndarray]:
         out[name] = np.zeros((0, 6) if len(var.dims) == 2 else 0, dtype=object if var.dtype == "str" else var.dtype)
     out["n_tiles"] = np.array(0)
     return out
+
+
+def add_missing_image_vars(path: Path | str) -> list[str]:
+    """Create the image-table variables a store of an older schema lacks, filled with their fill
+    value (``acquired`` NaT, ``item_id`` empty) for every image; returns their names."""
+    g = _group(path, "r+")
+    n = g["image_path"].shape[0]
+    added = []
+    for name in schema.IMG_VARS:
+        if name not in g:
+            var = VAR[name]
+            _create(g, name, (n, 6) if len(var.dims) == 2 else (n,))
+            added.append(name)
+    consolidate(path)
+    return added
 
 
 def grow(path: Path | str, n_tiles: int, n_images: int) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline import locations, schema, store
 from pipeline.cluster import local_scheduler
+from pipeline.dates import iso, year_counts
 from pipeline.search.device import bytes_per_tile
 
 
@@ -44,10 +45,22 @@ def _summarize(path: str | os.PathLike[str], ds) -> dict[str, Any]:
         "derived": {name: schema.stale_reason(ds, name) or "current" for name in schema.DERIVED_TILE_VARS if schema.has_derived(ds, name)},
         "software": prov.get("software"),
         "lonlat_bounds": _bounds(ds, valid),
+        "acquired": _acquired(ds, done),
         "index_device_bytes": device_bytes(ds, prov),
         "failed": [
             [str(p), str(e)] for p, e, st in zip(ds["image_path"].values, ds["error"].values, status) if st == "failed"
         ],
+    }
+
+
+def _acquired(ds, done: np.ndarray) -> dict[str, Any]:
+    """The acquisition times of the searchable (done) images: first, last, images per year."""
+    a = ds["acquired"].values.astype("datetime64[s]")[done]
+    dated = a[~np.isnat(a)]
+    return {
+        "from": iso(dated.min()) if len(dated) else None,
+        "to": iso(dated.max()) if len(dated) else None,
+        "per_year": year_counts(a),
     }
 
 

@@ -202,7 +202,10 @@ def migrate(path: str | os.PathLike[str]) -> tuple[int, int]:
     """Upgrade a store of an older schema version in place; returns ``(old, new)`` versions.
 
     1 -> 2: version 2 adds the status ``removed`` (nothing to rewrite) and reads the group's
-    consolidated metadata, which :func:`pipeline.store.set_attrs` writes.
+    consolidated metadata, which :func:`pipeline.store.set_attrs` writes. 2 -> 3: version 3 adds
+    ``acquired`` (NaT: unknown; a later ingest with ``--dates``/``--date-pattern`` fills it) and
+    ``item_id`` (empty) to the image table. The arrays are created first and the version written
+    last, so a killed migration is simply run again.
     """
     p = _local(path, "migrate")
     with StoreLock(p, what="migrate"):
@@ -210,7 +213,8 @@ def migrate(path: str | os.PathLike[str]) -> tuple[int, int]:
         old = int(store.read_attrs(p).get("schema_version", 0))
         if old == new:
             return old, old
-        if old != 1:
-            raise StoreError(f"{p} has schema version {old}; this aerial-search migrates version 1 to {new}")
-        store.set_attrs(p, schema_version=new, migrated={"from": old, "finished": schema.now()})
+        if old not in (1, 2):
+            raise StoreError(f"{p} has schema version {old}; this aerial-search migrates versions 1 and 2 to {new}")
+        added = store.add_missing_image_vars(p)
+        store.set_attrs(p, schema_version=new, migrated={"from": old, "added": added, "finished": schema.now()})
         return old, new

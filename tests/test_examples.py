@@ -251,7 +251,8 @@ def test_geojson_geoparquet_and_dissolve(store, tmp_path, capsys):
     assert len(doc["features"]) == sum(1 for r in results.values() if r["lon"] is not None)  # not e_nocrs, f_copy
     for f in doc["features"]:
         p = f["properties"]
-        assert set(p) == {"rank", "uid", "distance", "query", "image_path", "row", "col"}
+        assert set(p) == {"rank", "uid", "distance", "query", "image_path", "row", "col", "acquired"}
+        assert p["acquired"] is None  # the shared archive has no dates
         assert results[p["uid"]]["rank"] == p["rank"] and results[p["uid"]]["distance"] == pytest.approx(p["distance"])
         ring = f["geometry"]["coordinates"][0]
         np.testing.assert_allclose(

@@ -380,16 +380,18 @@ def test_a_version_1_store_is_refused_with_the_migrate_command_then_migrated(tmp
     assert main(["info", "--store", str(path)]) == 2
     assert "aerial-search migrate" in capsys.readouterr().err
     assert main(["migrate", "--store", str(path)]) == 0
-    assert "schema version 1 -> 2" in capsys.readouterr().out
+    assert f"schema version 1 -> {schema.SCHEMA_VERSION}" in capsys.readouterr().out
     ds = open_store(path)
-    assert ds.attrs["schema_version"] == 2 and ds["status"].values.astype(object).tolist() == ["done", "pending"]
+    assert ds.attrs["schema_version"] == schema.SCHEMA_VERSION
+    assert ds["status"].values.astype(object).tolist() == ["done", "pending"]
+    assert np.isnat(ds["acquired"].values).all() and ds["item_id"].values.astype(object).tolist() == ["", ""]
     uid = int(ds["uid"].values[5])
     [res] = SearchIndex.open(str(path)).search(SearchIndex.open(str(path)).queries_from_uids([uid])[0], 3)
     x = ds["fingerprint"].values.astype(np.float64)
     assert res.uid[0] in ds["uid"].values[ds["image"].values == 0] and np.isfinite(res.value).all()
     assert len(x) == 13
     assert main(["migrate", "--store", str(path)]) == 0
-    assert "already schema version 2" in capsys.readouterr().out
+    assert f"already schema version {schema.SCHEMA_VERSION}" in capsys.readouterr().out
 
 
 def test_searches_use_done_images_only_over_pending_failed_replaced_and_removed(built, tmp_path):

@@ -102,6 +102,28 @@ def add_filters(p: argparse.ArgumentParser) -> None:
     g.add_argument("--diverse", action="store_true", help="skip results overlapping a better result")
     g.add_argument("--bbox", type=float_list(4), help="W,S,E,N: only tiles centred in this lon/lat box")
     g.add_argument("--images", help="glob: only tiles of source images whose path (or file name) matches")
+    add_date(g)
+
+
+def add_date(g) -> None:
+    g.add_argument("--date", metavar="FROM/TO",
+                   help="only images acquired from FROM to TO (ISO dates, both ends inclusive; FROM/ or /TO leave an "
+                        "end open; 2019 or 2019-11 alone: that year or month). Images without a date are left out, "
+                        "and the output says how many")  # fmt: skip
+
+
+def date_ids(args: argparse.Namespace, index, within=None):
+    """``(image ids, note)`` of ``--date`` (``(within, None)`` without it); the note (the range and
+    how many images it kept, left outside, left out undated) goes into every result's query."""
+    if not getattr(args, "date", None):
+        return within, None
+    from pipeline.dates import DateRange
+
+    ids, note = index.image_ids_acquired(DateRange.parse(args.date), within)
+    if note["outside"] or note["undated"]:
+        print(f"--date {args.date}: {note['kept']} image(s) acquired in range; left out {note['outside']} acquired "
+              f"outside it and {note['undated']} without a date")  # fmt: skip
+    return ids, note
 
 
 def add_examples(p: argparse.ArgumentParser, required_help: str = "") -> None:
@@ -153,12 +175,15 @@ def example_refs(args: argparse.Namespace) -> tuple[list, list]:
 
 
 def filters_of(args: argparse.Namespace, index):
+    """The ``Filters`` of the filter flags; ``--date``'s note is kept as ``args.date_note`` for
+    :func:`write_outputs`."""
     from pipeline.search import Filters
 
+    ids, args.date_note = date_ids(args, index, index.image_ids_matching(args.images) if args.images else None)
     return Filters(
         include_overlapping=args.include_overlapping,
         bbox=tuple(args.bbox) if args.bbox else None,
-        image_ids=index.image_ids_matching(args.images) if args.images else None,
+        image_ids=ids,
     )
 
 
@@ -183,7 +208,10 @@ def write_outputs(results, args: argparse.Namespace, index, pixels) -> None:
     from pipeline.render import write_sheets
     from pipeline.search.results import write_json
 
+    note = getattr(args, "date_note", None)
     for res in results:
+        if note is not None:
+            res.query["date"] = note
         print(res.table())
         if res.total is not None and res.total > len(res):
             print(f"{res.total} tiles passed the threshold; --limit {len(res)} kept the best of them")

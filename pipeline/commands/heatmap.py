@@ -8,8 +8,10 @@ import argparse
 from pipeline.commands.common import (
     add_cluster,
     add_common,
+    add_date,
     add_examples,
     add_index,
+    date_ids,
     example_refs,
     float_list,
     use_index,
@@ -32,6 +34,7 @@ def add_parser(sub) -> None:
     g.add_argument("--negative-weight", type=float, help="w (default 0.5 with negatives)")
     g.add_argument("--raw", action="store_true", help="ignore the store's post-processing")
     g.add_argument("--weights", dest="query_weights", help="local copy of the store's weights file (--image)")
+    add_date(p.add_argument_group("filters"))
     add_index(p)
     add_common(p)
     add_cluster(p)
@@ -73,6 +76,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
                 q, _ = index.queries_from_uids([uid])
                 title = f"distance to uid {uid}"
             scorer = L2Scorer(index.postprocess.apply(q.fingerprints))
-        paths = write_heatmaps(index, scorer, args.out, title)
+        ids, _ = date_ids(args, index)
+        paths = write_heatmaps(index, scorer, args.out, title, image_ids=ids)
     print(f"{len(paths)} score map(s) written to {args.out} (GeoTIFF + PNG each)")
     return 0

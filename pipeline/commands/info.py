@@ -47,6 +47,12 @@ def print_summary(summary: dict[str, Any]) -> None:
     extra = "".join(f", {k.replace('_', ' ')} {v / 1e6:.2f} MB" for k, v in dev.items() if k not in ("tiles", "dims", "float32", "float16"))
     print(f"device index  float32 {dev['float32'] / 1e6:.2f} MB, float16 {dev['float16'] / 1e6:.2f} MB{extra} "
           f"(search --index-device)")  # fmt: skip
+    when = summary["acquired"]
+    years = ", ".join(f"{y}: {n}" for y, n in when["per_year"].items())
+    if when["from"]:
+        print(f"acquired      {when['from']} to {when['to']} (done images per year: {years})")
+    elif when["per_year"]:
+        print("acquired      unknown for every image (date them: ingest --dates, --date-pattern, or STAC)")
     if summary["lonlat_bounds"]:
         w, s, e, n = summary["lonlat_bounds"]
         print(f"lon/lat box   W {w:.5f} S {s:.5f} E {e:.5f} N {n:.5f}")

@@ -10,7 +10,9 @@ from pipeline.config import Config
 
 def add_parser(sub) -> None:
     p = sub.add_parser("ingest", help="fingerprint GeoTIFFs into a Zarr store")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="GeoTIFF, folder (recursive) or .txt list of paths")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="GeoTIFF, folder (recursive), .txt list of paths, or a STAC ItemCollection / catalogue "
+                        "(.json, local or s3/https)")  # fmt: skip
     p.add_argument("--store", required=True, help="path of the Zarr store to create")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)"
@@ -18,6 +20,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--strict", action="store_true", help="stop at the first unreadable file (default: report it, go on)"
     )
+    g = p.add_argument_group("acquisition times (image table `acquired`; a STAC item's datetime comes first)")
+    g.add_argument("--dates", metavar="FILE", help="CSV with a header path,acquired (ISO 8601, UTC without an offset)")
+    g.add_argument("--date-pattern", metavar="REGEX",
+                   help="named groups over the file name: (?P<date>...) or (?P<year>...)(?P<month>...)(?P<day>...); "
+                        "NAIP: '_(?P<date>\\d{8})\\.tif$'. Without these, the TIFF DateTime tag")  # fmt: skip
+    g.add_argument("--asset", help="STAC sources: the items' asset to ingest (default: the first RGB GeoTIFF/COG)")
     add_common(p)
     add_model(p)
     g = p.add_argument_group("tiling and layout")
@@ -46,8 +54,13 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.dates import DateSources, compile_pattern
     from pipeline.ingest import ingest
 
-    report = ingest(args.sources, args.store, cfg, overwrite=args.overwrite, strict=args.strict)
+    if args.date_pattern:
+        compile_pattern(args.date_pattern)  # a bad pattern: said before anything is read
+    dates = DateSources(csv_path=args.dates or "", pattern=args.date_pattern or "")
+    report = ingest(args.sources, args.store, cfg, overwrite=args.overwrite, strict=args.strict, dates=dates,
+                    asset=args.asset)  # fmt: skip
     print(report)
     return 1 if report.failed else 0

@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import faults, locations, raster, resources, schema, store
+from pipeline import faults, locations, raster, resources, schema, stac, store
 from pipeline.backbones import ModelSpec
 from pipeline.cluster import runtime
 from pipeline.config import Config
+from pipeline.dates import DateSources
 from pipeline.embed import Runner, describe_weights
 from pipeline.errors import ConfigError, RasterError, StoreError
 from pipeline.ingest import graph, plan, staging
@@ -92,18 +93,24 @@ def ingest(
     strict: bool = False,
     client: Any = None,
     batch_tiles: int | None = None,
+    dates: DateSources | None = None,
+    asset: str | None = None,
 ) -> IngestReport:
     """Fingerprint every window of ``sources`` into the store at ``store_path`` (see the module
     docstring for what happens to existing stores, failures and crashes).
 
     ``client``: an existing ``distributed.Client`` (otherwise ``config.cluster`` decides).
+    ``dates``: where acquisition times come from beyond the TIFF tag (:mod:`pipeline.dates`); a
+    STAC source (:mod:`pipeline.stac`) among ``sources`` adds its items' times and ids;
+    ``asset``: the key of the items' asset to ingest (default their first RGB GeoTIFF).
     """
     cfg = config or Config()
+    sources, dates = stac.expand(sources, dates or DateSources(), asset)
     final = locations.check_writable(store_path)
     if cfg.read.decoder == "device" and client is None and cfg.cluster.scheduler in LOCAL_KINDS:
         _require_device_decoding(cfg, None)  # before any store is touched
     try:
-        return _ingest(sources, final, cfg, overwrite, strict, client, batch_tiles)
+        return _ingest(sources, final, cfg, overwrite, strict, client, batch_tiles, dates)
     except OSError as e:  # disk full, read-only or vanished storage: say so, and that work is kept
         raise StoreError(
             f"writing store {final} failed: {e.strerror or e} ({e.filename or ''}); free space or fix permissions "
@@ -112,7 +119,8 @@ def ingest(
 
 
 def _ingest(
-    sources, final, cfg: Config, overwrite: bool, strict: bool, client: Any, batch_tiles: int | None
+    sources, final, cfg: Config, overwrite: bool, strict: bool, client: Any, batch_tiles: int | None,
+    dates: DateSources,
 ) -> IngestReport:
     remote = locations.is_remote(final)
     with StoreLock(final, what="ingest") as lock:
@@ -174,6 +182,13 @@ def _ingest(
             failures = list(found.failures)
             if failures and not (found.new or found.redo or found.skipped):
                 raise RasterError("no source could be used:\n" + "\n".join(why for _, why in failures))
+            # before the store is touched: a date the user gave that is no date stops the run here.
+            # Images to fingerprint take every source; those already in the store only the
+            # explicit ones (their tag was read when they came in).
+            fresh = {i.path for i in found.new} | {i.path for _, i in found.redo}
+            known = [h.info for h in headers if h.info is not None]
+            tags = [i.datetime_tag if i.path in fresh else "" for i in known]
+            acquired = dict(zip([i.path for i in known], dates.resolve([i.path for i in known], tags)))
             if not have_store:
                 store.create_store(work, attrs, spec.dim, cfg.store.dtype, cfg.store.chunk_tiles, cfg.store.compressor)
             n_images, n_slots = len(table["image_path"]), int(table["n_tiles"])
@@ -183,7 +198,10 @@ def _ingest(
             )
             if plans:
                 store.grow(work, max(n_tiles, n_slots), n_images + len(plans))
-                store.write_rows(work, np.array([p.image_id for p in plans]), plan.table_rows(plans, found.hashes))
+                store.write_rows(work, np.array([p.image_id for p in plans]),
+                                 plan.table_rows(plans, found.hashes, acquired, dates.items))  # fmt: skip
+            if have_store and dates.explicit():
+                _redate(work, table, {p: a for p, a in acquired.items() if p not in fresh}, dates.items)
             for _path, why in failures:  # files that could not even be opened: reported, not in the table
                 warnings.warn(f"skipped {why}", stacklevel=3)
             old_plans = [
@@ -466,6 +484,28 @@ def _culprit(error: BaseException, batch: plan.Batch) -> plan.ImagePlan | None:
     if not isinstance(error, RasterError):
         return None
     return next((p for p in batch.plans if str(error).startswith(p.info.path + ":")), None)
+
+
+def _redate(work: Path | str, table: dict[str, np.ndarray], acquired: dict[str, np.datetime64],
+            items: dict[str, str]) -> None:  # fmt: skip
+    """Images already in the store get the acquisition times (and STAC ids) this run's explicit
+    sources give them, where those are known and differ: dating an archive after its ingest
+    needs no re-ingest."""
+    have = np.asarray(table["acquired"], dtype="datetime64[s]") if "acquired" in table else None
+    ids, when, item = [], [], []
+    for i, (path, status) in enumerate(zip(table["image_path"], table["status"])):
+        t = acquired.get(str(path))
+        if status in ("replaced", "removed") or t is None or np.isnat(t):
+            continue
+        if have is not None and have[i] == t and (not items or table["item_id"][i] == items.get(str(path), "")):
+            continue
+        ids.append(i)
+        when.append(t)
+        item.append(items.get(str(path), table["item_id"][i] if "item_id" in table else ""))
+    if ids:
+        store.write_rows(work, np.array(ids), {"acquired": np.array(when, dtype="datetime64[s]"),
+                                               "item_id": np.array(item, dtype=object)})  # fmt: skip
+        log.info("acquired: %d image(s) already in the store dated", len(ids))
 
 
 def _commit(work: Path | str, done_ids: list[int], failed: list[tuple[int, str]], replaced_of: dict[int, int]) -> None:

@@ -265,10 +265,19 @@ def runs(plans: Sequence[ImagePlan]) -> list[list[ImagePlan]]:
     return out
 
 
-def table_rows(plans: Sequence[ImagePlan], hashes: dict[str, str]) -> dict[str, np.ndarray]:
-    """Image-table rows of new images (status ``pending``, or ``empty`` without windows)."""
+def table_rows(
+    plans: Sequence[ImagePlan],
+    hashes: dict[str, str],
+    acquired: dict[str, np.datetime64] | None = None,
+    items: dict[str, str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Image-table rows of new images (status ``pending``, or ``empty`` without windows);
+    ``acquired`` and ``items``: each path's acquisition time and STAC item id, where known."""
     infos = [p.info for p in plans]
+    acquired, items = acquired or {}, items or {}
     return {
+        "acquired": np.array([acquired.get(f.path, np.datetime64("NaT", "s")) for f in infos], dtype="datetime64[s]"),
+        "item_id": np.array([items.get(f.path, "") for f in infos], dtype=object),
         "image_path": np.array([f.path for f in infos], dtype=object),
         "width": np.array([f.width for f in infos], dtype=np.int64),
         "height": np.array([f.height for f in infos], dtype=np.int64),

@@ -25,8 +25,9 @@ from typing import Any
 import dask
 import numpy as np
 
-from pipeline import codes, geo, grid, post, resources, schema, store
+from pipeline import codes, dates, geo, grid, post, resources, schema, store
 from pipeline.cluster import local_get
+from pipeline.dates import DateRange
 from pipeline.errors import SearchError
 from pipeline.search import device as device_mod
 from pipeline.search import graph, kernels, scorers, topk
@@ -641,9 +642,40 @@ class SearchIndex:
 
     @property
     def geometry(self) -> dict[str, np.ndarray]:
-        """Each image's affine transform and CRS (for footprints in exports)."""
+        """Each image's affine transform, CRS (for footprints in exports) and acquisition time."""
         return self._once("geometry", lambda: {"transform": self.ds["transform"].values,
-                                                "crs": self.ds["crs"].values.astype(object)})  # fmt: skip
+                                                "crs": self.ds["crs"].values.astype(object),
+                                                "acquired": self.acquired})  # fmt: skip
+
+    @property
+    def acquired(self) -> np.ndarray:
+        """Each image's acquisition time (``datetime64[s]``, NaT when unknown)."""
+        def read() -> np.ndarray:
+            if "acquired" in self.ds:
+                return self.ds["acquired"].values.astype("datetime64[s]")
+            return np.full(self.ds.sizes.get("img", len(self.image_paths)), np.datetime64("NaT", "s"))  # an in-memory index
+
+        return self._once("acquired", read)
+
+    def image_ids_acquired(self, rng: DateRange, within: Sequence[int] | None = None,
+                           flag: str = "--date") -> tuple[tuple[int, ...], dict]:  # fmt: skip
+        """Ids of the searchable images acquired within ``rng`` (of ``within``, when given), and
+        how the range split them (:func:`pipeline.dates.left_out`: ``kept``, ``outside``,
+        ``undated``), which outputs report beside the range. No image left: a SearchError that
+        says what the store's dates are."""
+        usable = self.usable if self.usable is not None else np.ones(len(self.acquired), bool)
+        if within is not None:
+            usable = usable & np.isin(np.arange(len(usable)), np.asarray(within, dtype=np.int64))
+        counts = dates.left_out(self.acquired, usable, rng)
+        ids = tuple(int(i) for i in np.flatnonzero(usable & rng.mask(self.acquired)))
+        if not ids:
+            a = self.acquired[usable]
+            dated = a[~np.isnat(a)]
+            have = (f"the searchable images were acquired from {dates.iso(dated.min())} to {dates.iso(dated.max())}"
+                    if len(dated) else "no searchable image has an acquisition time")  # fmt: skip
+            raise SearchError(f"{flag} {rng.text}: no image acquired in that range ({have}; {counts['undated']} "
+                              f"without a date fail every date filter)")  # fmt: skip
+        return ids, {**rng.describe(), **counts}
 
     def scoring_signature(self) -> dict[str, Any]:
         """What must match for a saved classifier to score this index: the fingerprints' model

@@ -3,9 +3,10 @@
 
 JSON shape (``search --json``)::
 
-    {"query": {...}, "results": [{"rank", "uid", "distance", "image_path", "row", "col", "lon", "lat"}]}
+    {"query": {...}, "results": [{"rank", "uid", "distance", "image_path", "row", "col", "lon", "lat", "acquired"}]}
 
-uids are strings (they exceed 2**53); NaN is ``null``; ``distance`` is the Euclidean distance.
+uids are strings (they exceed 2**53); NaN and an unknown ``acquired`` are ``null`` (else ISO
+8601 UTC, ``2019-11-09T00:00:00Z``); ``distance`` is the Euclidean distance.
 The field is named after what the results are ranked by (:attr:`Result.value_name`): ``score``
 for example sets and classifiers.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import grid
+from pipeline.dates import iso
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Result:
     transform: np.ndarray | None = None  # (n, 6) affine a, b, c, d, e, f of each result's image
     crs: list[str] | None = None
     extra: dict[str, np.ndarray] | None = None  # more per-result values (diffusion: "distance" beside "score")
+    acquired: np.ndarray | None = None  # datetime64[s] per result: its image's acquisition time (NaT: unknown)
 
     @classmethod
     def from_topk(
@@ -79,6 +82,8 @@ class Result:
             total=total,
             transform=None if geometry is None else np.asarray(geometry["transform"])[image].reshape(-1, 6),
             crs=None if geometry is None else [str(geometry["crs"][i]) for i in image],
+            acquired=None if geometry is None or "acquired" not in geometry
+            else np.asarray(geometry["acquired"], dtype="datetime64[s]")[image],
         )
 
     def __len__(self) -> int:
@@ -99,6 +104,7 @@ class Result:
                 "col": int(self.col[i]),
                 "lon": num(self.lon[i]),
                 "lat": num(self.lat[i]),
+                "acquired": None if self.acquired is None else iso(self.acquired[i]),
             }
             for i in range(len(self))
         ]
@@ -122,7 +128,9 @@ class Result:
         return export.to_geodataframe([self], pixel_coords=pixel_coords)
 
     def table(self) -> str:
+        """A text table, best first; an ``acquired`` column (the date) once any result has one."""
         name = self.value_name
+        dated = self.acquired is not None and bool((~np.isnat(self.acquired)).any())
         lines = [
             f"query: {self.query.get('label', '')}"
             + (
@@ -130,13 +138,16 @@ class Result:
                 if self.total is not None and self.total > len(self)
                 else ""
             ),
-            f"{'rank':>4}  {'uid':>20}  {name:>10}  {'row':>6}  {'col':>6}  {'lon':>11}  {'lat':>10}  image",
+            f"{'rank':>4}  {'uid':>20}  {name:>10}  {'row':>6}  {'col':>6}  {'lon':>11}  {'lat':>10}  "
+            + ("acquired    " if dated else "") + "image",
         ]
         for r in self.records():
             lon = f"{r['lon']:.6f}" if r["lon"] is not None else "nan"
             lat = f"{r['lat']:.6f}" if r["lat"] is not None else "nan"
+            when = f"{(r['acquired'] or '-')[:10]:<10}  " if dated else ""
             lines.append(
-                f"{r['rank']:>4}  {r['uid']:>20}  {r[name]:>10.4f}  {r['row']:>6}  {r['col']:>6}  {lon:>11}  {lat:>10}  {r['image_path']}"
+                f"{r['rank']:>4}  {r['uid']:>20}  {r[name]:>10.4f}  {r['row']:>6}  {r['col']:>6}  {lon:>11}  {lat:>10}  "
+                f"{when}{r['image_path']}"
             )
         return "\n".join(lines)
 
