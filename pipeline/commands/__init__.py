@@ -11,6 +11,7 @@ Heavy imports (torch, dask) happen inside ``main`` so that ``--help`` stays inst
 """
 
 from pipeline.commands import (
+    changes,
     classify,
     compact,
     demo,
@@ -28,7 +29,7 @@ from pipeline.commands import (
 )
 
 COMMANDS = (
-    ingest, search, classify, heatmap, serve, info, postprocess, remove, relocate, compact, migrate, evaluate, demo, weights,
+    ingest, search, classify, heatmap, changes, serve, info, postprocess, remove, relocate, compact, migrate, evaluate, demo, weights,
 )  # fmt: skip
 
 

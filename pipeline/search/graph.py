@@ -194,3 +194,25 @@ def nearest_centre_graph(ds: Any, lon: float, lat: float, usable: np.ndarray | N
     dist = da.where(ok, da.sqrt(dx * dx + dy * dy), np.inf)
     slot = dist.argmin()
     return slot, dist.min()
+
+
+def pair_blocks(
+    ds: Any, blocks: Sequence[Delayed], block_rows: int, partner: np.ndarray, space: str, postprocess: Any
+) -> dict[int, Delayed]:
+    """The blocks holding tiles with a partner (``aerial-search changes``: ``partner`` int64 per
+    slot, -1 none), each with its partners' rows gathered from the store (``space``: the
+    fingerprint variable searched) by :func:`~pipeline.search.kernels.attach_partners`: only the
+    Zarr chunks that hold partners are read, and blocks without partners are not in the graph."""
+    arr = ds[space].data
+    out: dict[int, Delayed] = {}
+    attach = dask.delayed(kernels.attach_partners, pure=True)
+    for i, block in enumerate(blocks):
+        local = partner[i * block_rows : (i + 1) * block_rows]
+        paired = local >= 0
+        if not paired.any():
+            continue
+        need, pos = np.unique(local[paired], return_inverse=True)
+        rows = arr[need].rechunk({0: -1, 1: -1})
+        key = "pair-block-" + tokenize(block.key, need, pos, postprocess)
+        out[i] = attach(block, rows, paired, pos, postprocess, dask_key_name=key)
+    return out

@@ -381,3 +381,25 @@ def as_dtype(block: Block, dtype: str) -> Block:
     out["fingerprint"] = x.astype(dtype)
     out["sqnorm"] = masked_sqnorm(out["fingerprint"], block["valid"])
     return out
+
+
+def attach_partners(block: Block, rows: np.ndarray, paired: np.ndarray, pos: np.ndarray, postprocess: Any = None) -> Block:
+    """``block`` with its tiles' partner rows (``aerial-search changes``): ``rows`` are the
+    distinct partner fingerprints the block needs (raw, post-processed here like the block's
+    own), ``paired`` bool per tile, ``pos`` the row of ``rows`` of each paired tile. Adds
+    ``partner`` float32 ``(n, dim)`` (zeros where unpaired) and ``paired``."""
+    x = np.asarray(rows)
+    if postprocess is not None and postprocess.method != "none" and len(x):
+        x = postprocess.apply(x)
+    n = len(block["uid"])
+    partner = np.zeros((n, block["fingerprint"].shape[1]), dtype=np.float32)
+    partner[paired] = np.asarray(x, dtype=np.float32)[pos]
+    return {**block, "partner": partner, "paired": np.asarray(paired, dtype=bool) & block["valid"].astype(bool)}
+
+
+def pair_distances(block: Block) -> tuple[np.ndarray, np.ndarray]:
+    """``(uid, distance)`` of every paired tile of a block with partners (change maps): exact,
+    float64."""
+    rows = np.flatnonzero(block["paired"])
+    diff = block["fingerprint"][rows].astype(np.float64) - block["partner"][rows]
+    return block["uid"][rows], np.sqrt(np.einsum("ij,ij->i", diff, diff))

@@ -326,3 +326,35 @@ def masked_sqnorm(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Squared norms of the rows of ``x`` (float32), +inf where ``valid`` is False."""
     x = as_float32(x)
     return np.where(valid, np.einsum("ij,ij->i", x, x), np.float32(np.inf))
+
+
+@dataclass(frozen=True)
+class PairScorer:
+    """Change between each tile and its partner, the window over the same ground in an earlier
+    image (``aerial-search changes``): the block carries the partner's fingerprint row
+    (``partner``, post-processed like the block's own) and ``paired`` (False: no partner).
+    One column; the squared Euclidean distance negated, so that the largest change ranks first
+    through the same lower-is-better top-k and threshold reductions; rows without a partner
+    score +inf. Reported as the distance (higher means more change)."""
+
+    name: ClassVar[str] = "distance"
+    higher_is_better: ClassVar[bool] = True
+
+    def __len__(self) -> int:
+        return 1
+
+    def scores(self, block: Block) -> np.ndarray:
+        diff = as_float32(block["fingerprint"]) - block["partner"]
+        d2 = np.einsum("ij,ij->i", diff, diff)
+        out = np.where(block["paired"], -d2, np.inf).astype(np.float64)
+        return out[:, None]
+
+    def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
+        diff = as_float32(block["fingerprint"][rows]).astype(np.float64) - block["partner"][rows]
+        return -np.einsum("ij,ij->i", diff, diff)
+
+    def report(self, score: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.maximum(-np.asarray(score, dtype=np.float64), 0.0))
+
+    def internal(self, value: float) -> float:
+        return -float(value) ** 2

@@ -3,7 +3,8 @@
 Routes (all JSON unless said; every error is a 4xx/5xx with ``{"error": "<one line>"}``):
 
 - ``GET /api/search``: ``uid`` (repeatable), ``lonlat`` (``LON,LAT``, repeatable), ``k`` or
-  ``max_distance`` (+ ``limit``), ``bbox`` (``W,S,E,N``), ``images`` (glob),
+  ``max_distance`` (+ ``limit``), ``bbox`` (``W,S,E,N``), ``images`` (glob), ``date``
+  (``FROM/TO``: images acquired in that range, ends inclusive, either open),
   ``include_overlapping``, ``diverse``, ``footprints`` (add each query's window polygons);
   answers in ``search --json``'s shape (one document, or a list for several queries).
 - ``POST /api/search``: the same as a JSON body, or an example set: ``positives``,
@@ -12,6 +13,8 @@ Routes (all JSON unless said; every error is a 4xx/5xx with ``{"error": "<one li
 - ``POST /api/search/image``: an image upload (multipart field ``file``, or the raw body), the
   settings as query parameters.
 - ``GET|POST /api/export.geojson``: the hits of the same queries as window polygons.
+- ``GET /api/changes``: ``before`` and ``after`` (``FROM/TO``), ``bbox``, ``k`` or
+  ``min_distance`` (+ ``limit``), ``footprints``: ``aerial-search changes --json``'s document.
 - ``GET /api/tiles/{uid}.png`` (``size``), ``GET /api/images`` (footprints),
   ``GET /api/images/{id}/preview.png``, ``GET /api/images/{id}/uid?x=&y=``, ``GET /api/info``.
 - ``GET /tiles/{z}/{x}/{y}.png``: the archive as an XYZ basemap.
@@ -77,6 +80,7 @@ class SearchBody(BaseModel):
     limit: int = 10_000
     bbox: str | list[float] | None = None
     images: str | None = None
+    date: str | None = None
     include_overlapping: bool = False
     diverse: bool = False
     footprints: bool = False
@@ -96,13 +100,15 @@ class SearchParams:
         limit: Annotated[int, Query(description="threshold mode: at most this many results")] = 10_000,
         bbox: Annotated[str | None, Query(description="W,S,E,N: only tiles centred in this lon/lat box")] = None,
         images: Annotated[str | None, Query(description="glob: only tiles of images whose path matches")] = None,
+        date: Annotated[str | None, Query(description="FROM/TO: only images acquired in this range (ISO dates, "
+                                                       "ends inclusive, either may be left open)")] = None,
         include_overlapping: bool = False,
         diverse: Annotated[bool, Query(description="skip results overlapping a better result")] = False,
         footprints: Annotated[bool, Query(description="add the query's and results' window polygons")] = False,
     ):
         self.uid, self.lonlat, self.footprints = uid, lonlat, footprints
         self.settings = dict(k=k, threshold=max_distance, limit=limit, bbox=bbox, images=images,
-                             include_overlapping=include_overlapping, diverse=diverse)  # fmt: skip
+                             include_overlapping=include_overlapping, diverse=diverse, date=date)  # fmt: skip
 
 
 class BodyLimit:
@@ -233,7 +239,7 @@ def create_app(service: Service, token: str | None = None, cors_origins: list[st
         threshold = body.min_score if body.classifier else body.max_distance
         s = settings_of(k=body.k, threshold=threshold, limit=body.limit, bbox=body.bbox, images=body.images,
                         include_overlapping=body.include_overlapping, diverse=body.diverse,
-                        threshold_name="min_score" if body.classifier else "max_distance")  # fmt: skip
+                        threshold_name="min_score" if body.classifier else "max_distance", date=body.date)  # fmt: skip
         if examples:
             return service.search_examples(body.positives, body.negatives, s, body.score, body.negative_weight,
                                            body.classifier, body.background, body.seed)  # fmt: skip
@@ -268,6 +274,20 @@ def create_app(service: Service, token: str | None = None, cors_origins: list[st
     def export_post(body: SearchBody) -> Response:
         """The hits of a ``POST /api/search`` as window polygons."""
         return _geojson(service.export(body_results(body)))
+
+    @app.get("/api/changes", tags=["search"])
+    def changes_get(
+        before: Annotated[str, Query(description="FROM/TO: images acquired in this range are the 'before'")] = "",
+        after: Annotated[str, Query(description="FROM/TO: images acquired in this range are the 'after'")] = "",
+        bbox: Annotated[str | None, Query(description="W,S,E,N: only after windows centred in this box")] = None,
+        k: Annotated[int | None, Query(description="the k most changed windows (default 100)")] = None,
+        min_distance: Annotated[float | None, Query(description="instead of k: every pair this far apart")] = None,
+        limit: int = 10_000,
+        footprints: Annotated[bool, Query(description="add the after windows' polygons")] = False,
+    ) -> Any:
+        """What changed: each after window against the window over the same ground before, ranked by
+        the distance of their fingerprints (``aerial-search changes --json``)."""
+        return service.document(service.changes(before, after, bbox, k, min_distance, limit), footprints)
 
     @app.get("/api/tiles/{uid}.png", tags=["pixels"], response_class=Response)
     def tile(uid: str, size: int | None = None) -> Response:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import grid
+from pipeline.dates import DateRange, iso
 from pipeline.errors import AerialSearchError, SearchError
 from pipeline.search import Filters, Queries, SearchIndex
 from pipeline.search.results import Result
@@ -99,6 +100,13 @@ class Settings:
     limit: int = 10_000
     filters: Filters = field(default_factory=Filters)
     diverse: bool = False
+    date_note: dict | None = None  # date: the range and how many images it kept / left out, in each query
+
+    def noted(self, results: list[Result]) -> list[Result]:
+        for res in results:
+            if self.date_note is not None:
+                res.query["date"] = self.date_note
+        return results
 
 
 # ---- one search at a time, single queries batched ---------------------------------------------
@@ -241,7 +249,8 @@ class Service:
     # ---- searches ------------------------------------------------------------------------
 
     def settings(self, k: int | None, threshold: float | None, limit: int, bbox: Any, images: str | None,
-                 include_overlapping: bool, diverse: bool, threshold_name: str = "max_distance") -> Settings:  # fmt: skip
+                 include_overlapping: bool, diverse: bool, threshold_name: str = "max_distance",
+                 date: str | None = None) -> Settings:  # fmt: skip
         if k is not None and threshold is not None:
             raise RequestError(f"k and {threshold_name} both given: choose one")
         k = 10 if k is None and threshold is None else k
@@ -255,13 +264,17 @@ class Service:
                 image_ids = self.index.image_ids_matching(str(images))
             except SearchError as e:
                 raise RequestError(str(e).replace("--images", "images")) from None
+        note = None
+        if date:
+            with _as_request_errors():
+                image_ids, note = self.index.image_ids_acquired(DateRange.parse(str(date), "date"), image_ids)
         filters = Filters(bool(include_overlapping), parse_bbox(bbox) if bbox else None, image_ids)
-        return Settings(k, threshold, int(limit), filters, bool(diverse))
+        return Settings(k, threshold, int(limit), filters, bool(diverse), note)
 
     def _single_runner(self, s: Settings) -> Callable[[Queries, list[dict]], list[Result]]:
         def run(queries: Queries, labels: list[dict]) -> list[Result]:
-            return self.index.search(queries, s.k, s.filters, diverse=s.diverse, labels=labels,
-                                     max_distance=s.threshold, limit=s.limit)  # fmt: skip
+            return s.noted(self.index.search(queries, s.k, s.filters, diverse=s.diverse, labels=labels,
+                                             max_distance=s.threshold, limit=s.limit))  # fmt: skip
 
         return run
 
@@ -308,7 +321,33 @@ class Service:
 
                     model = fit(self.index, es, background, seed)
                 q = model.query_of(query) if model is not None else query
-                return answer(self.index, es, q, s.k, s.threshold, s.limit, s.filters, s.diverse, model)
+                return s.noted(answer(self.index, es, q, s.k, s.threshold, s.limit, s.filters, s.diverse, model))
+
+            return self.batcher.call(run)
+
+    def changes(self, before: str, after: str, bbox: Any = None, k: int | None = None,
+                min_distance: float | None = None, limit: int = 10_000) -> list[Result]:  # fmt: skip
+        """``aerial-search changes`` (``GET /api/changes``): after windows against the same ground
+        before, the most changed first (:mod:`pipeline.changes`)."""
+        from pipeline.changes import changes
+
+        if not before or not after:
+            raise RequestError("changes needs before=FROM/TO and after=FROM/TO (ISO dates, either end may be open)")
+        if k is not None and min_distance is not None:
+            raise RequestError("k and min_distance both given: choose one")
+        k = 100 if k is None and min_distance is None else k
+        check_range(k, "k", 1, MAX_K)
+        check_range(limit, "limit", 1, 100_000)
+        box = parse_bbox(bbox) if bbox else None
+        with _as_request_errors():
+            rb, ra = DateRange.parse(str(before), "before"), DateRange.parse(str(after), "after")
+
+            def run() -> list[Result]:
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # no pairs, no CRS: the document says what was paired
+                    return [changes(self.index, rb, ra, box, k, min_distance, limit)[0]]
 
             return self.batcher.call(run)
 
@@ -356,7 +395,8 @@ class Service:
         for rec, ring in zip(res.records(), window_rings(res)):
             if ring is not None:
                 feats.append(_feature(ring, {"role": "result", "rank": rec["rank"], "uid": rec["uid"],
-                                             res.value_name: rec[res.value_name]}))  # fmt: skip
+                                             res.value_name: rec[res.value_name],
+                                             **({"before_uid": rec["before_uid"]} if "before_uid" in rec else {})}))  # fmt: skip
         return {"type": "FeatureCollection", "features": feats}
 
     def export(self, results: list[Result]) -> dict[str, Any]:
@@ -393,6 +433,7 @@ class Service:
                 "id": i, "name": str(path).rsplit("/", 1)[-1], "path": str(path), "status": str(status[i]),
                 "width": int(table["width"][i]), "height": int(table["height"][i]),
                 "tiles": int(self.tiles_per_image[i]), "crs": str(geom["crs"][i]) or None,
+                "acquired": iso(geom["acquired"][i]),
             }  # fmt: skip
             ring = self.rings[i]
             feats.append(_feature(ring, props) if ring else {"type": "Feature", "properties": props, "geometry": None})

@@ -9,7 +9,8 @@
   // ---- state <-> #hash ------------------------------------------------------------------------
 
   const blank = () => ({ uid: null, lonlat: null, pos: [], neg: [], k: 12, threshold: null, diverse: false,
-    bbox: null, classifier: false });
+    bbox: null, classifier: false, date: null, changes: null });
+  const RANGE = /^[0-9T:.Z+-]*\/[0-9T:.Z+-]*$/; // FROM/TO, either end may be empty
   let state = blank();
   let upload = null; // {file} while the query is an uploaded image
   let marks = new Map(); // uid -> "positive" | "negative"
@@ -27,6 +28,8 @@
     if (s.diverse) p.set("diverse", "1");
     if (s.classifier) p.set("classifier", "1");
     if (s.bbox) p.set("bbox", s.bbox.map((v) => +v.toFixed(6)).join(","));
+    if (s.date) p.set("date", s.date);
+    if (s.changes) { p.set("changes", "1"); p.set("before", s.changes.before); p.set("after", s.changes.after); }
     return p.toString();
   }
 
@@ -45,10 +48,21 @@
     if (p.get("k") && +p.get("k") > 0) s.k = Math.round(+p.get("k"));
     s.diverse = p.get("diverse") === "1";
     s.bbox = nums(p.get("bbox"), 4);
+    s.date = RANGE.test(p.get("date") || "") ? p.get("date") : null;
+    if (p.get("changes") === "1" && RANGE.test(p.get("before") || "") && RANGE.test(p.get("after") || "")) {
+      s.changes = { before: p.get("before"), after: p.get("after") };
+    }
     return s;
   }
 
-  const hasQuery = (s) => Boolean(s.uid || s.lonlat || s.pos.length);
+  const hasQuery = (s) => Boolean(s.uid || s.lonlat || s.pos.length || s.changes);
+  // the date fields as FROM/TO (null when both are empty)
+  const rangeOf = (from, to) => ($(from).value || $(to).value ? `${$(from).value}/${$(to).value}` : null);
+  function setRange(from, to, range) {
+    const [a, b] = (range || "/").split("/");
+    $(from).value = (a || "").slice(0, 10);
+    $(to).value = (b || "").slice(0, 10);
+  }
 
   // ---- the API --------------------------------------------------------------------------------
 
@@ -69,10 +83,18 @@
     if (s.threshold !== null) { o[s.classifier ? "min_score" : "max_distance"] = s.threshold; o.limit = PAGE_LIMIT; }
     else o.k = s.k;
     if (s.bbox) o.bbox = s.bbox.join(",");
+    if (s.date) o.date = s.date;
     return o;
   }
 
   function request(s) {
+    if (s.changes) {
+      const p = new URLSearchParams({ before: s.changes.before, after: s.changes.after, footprints: "true" });
+      if (s.threshold !== null) { p.set("min_distance", String(s.threshold)); p.set("limit", String(PAGE_LIMIT)); }
+      else p.set("k", String(s.k));
+      if (s.bbox) p.set("bbox", s.bbox.join(","));
+      return ["GET", "/api/changes?" + p.toString()];
+    }
     const o = settings(s);
     if (s.pos.length || s.neg.length) {
       return ["POST", "/api/search", Object.assign(o, { positives: s.pos, negatives: s.neg, classifier: s.classifier })];
@@ -131,11 +153,27 @@
     s.diverse = $("diverse").checked;
     s.classifier = false;
     s.threshold = $("threshold-mode").checked ? +$("threshold").value : null;
-    if ($("in-view").checked) {
-      const b = map.getBounds();
-      s.bbox = [b.getWest(), b.getSouth(), b.getEast(), b.getNorth()];
-    }
+    if ($("in-view").checked) s.bbox = viewBox();
+    s.date = rangeOf("date-from", "date-to");
     return s;
+  }
+
+  function viewBox() {
+    const b = map.getBounds();
+    return [b.getWest(), b.getSouth(), b.getEast(), b.getNorth()];
+  }
+
+  function showChanges() {
+    const before = rangeOf("before-from", "before-to");
+    const after = rangeOf("after-from", "after-to");
+    if (!before || !after) return showError("give the 'before' and the 'after' dates (one end of each is enough)");
+    const s = keepSettings();
+    s.date = null;
+    s.threshold = null;
+    s.changes = { before, after };
+    s.bbox = viewBox(); // the current view
+    upload = null;
+    search(s);
   }
 
   // ---- searching ------------------------------------------------------------------------------
@@ -206,6 +244,8 @@
     return ["distance", "score"].find((n) => n in rec) || "distance";
   }
   const isClassifier = (doc) => Boolean(doc && doc.query && doc.query.type === "classifier");
+  const isChanges = (doc) => Boolean(doc && doc.query && doc.query.type === "changes");
+  const day = (t) => (t ? t.slice(0, 10) : "no date");
 
   function show(doc, ms) {
     last = doc;
@@ -215,7 +255,11 @@
     const vname = recs.length ? valueName(recs[0]) : "distance";
     // status line
     const passed = doc.total_passed !== undefined ? ` (${doc.total_passed} passed${doc.total_passed > recs.length ? ", best shown" : ""})` : "";
-    $("status").textContent = `${recs.length} results${passed} in ${Math.round(ms)} ms`;
+    const q0 = doc.query || {};
+    const dated = q0.date ? `; ${q0.date.kept} image(s) in the date range, ${q0.date.outside + q0.date.undated} left out (${q0.date.undated} without a date)` : "";
+    $("status").textContent = isChanges(doc)
+      ? `${recs.length} most changed of ${q0.pairs} window pairs in ${Math.round(ms)} ms`
+      : `${recs.length} results${passed} in ${Math.round(ms)} ms${dated}`;
     $("export").disabled = !recs.length;
     // query
     const q = doc.query || {};
@@ -243,8 +287,28 @@
       img.loading = "lazy";
       img.src = `/api/tiles/${r.uid}.png?size=128`;
       img.alt = `result ${r.rank}`;
-      img.title = `uid ${r.uid}\n${r.image_path}\nrow ${r.row}, col ${r.col}`;
+      img.title = `uid ${r.uid}\n${r.image_path}\nrow ${r.row}, col ${r.col}` + (r.acquired ? `\nacquired ${r.acquired}` : "");
       img.addEventListener("click", () => highlight(r.uid, false));
+      if (isChanges(doc)) { // the same ground before, beside the window now
+        card.classList.add("change");
+        const was = document.createElement("img");
+        was.loading = "lazy";
+        was.className = "before";
+        was.src = `/api/tiles/${r.before_uid}.png?size=128`;
+        was.alt = `before ${r.rank}`;
+        was.title = `before: uid ${r.before_uid}\n${r.before_image_path}\nrow ${r.before_row}, col ${r.before_col}\nacquired ${r.before_acquired || "unknown"}`;
+        const meta = document.createElement("div");
+        meta.className = "meta";
+        meta.innerHTML = "<span></span><span></span>";
+        meta.children[0].textContent = "#" + r.rank;
+        meta.children[1].textContent = `distance ${(+r.distance).toFixed(3)}`;
+        const name = document.createElement("div");
+        name.className = "name";
+        name.textContent = `${day(r.before_acquired)} → ${day(r.acquired)}`;
+        card.append(was, img, meta, name);
+        gal.appendChild(card);
+        continue;
+      }
       const meta = document.createElement("div");
       meta.className = "meta";
       meta.innerHTML = "<span></span><span></span>";
@@ -252,7 +316,7 @@
       meta.children[1].textContent = `${isClassifier(doc) ? "p" : vname} ${(+r[vname]).toFixed(3)}`;
       const name = document.createElement("div");
       name.className = "name";
-      name.textContent = r.image_path.split("/").pop();
+      name.textContent = r.image_path.split("/").pop() + (r.acquired ? ` · ${day(r.acquired)}` : "");
       const marksRow = document.createElement("div");
       marksRow.className = "marks";
       for (const [kind, text] of [["positive", "+"], ["negative", "−"]]) {
@@ -346,7 +410,7 @@
       const a = document.createElement("a");
       a.textContent = p.name;
       a.addEventListener("click", () => openImage(p.id));
-      li.append(a, ` — ${p.tiles} tiles, ${p.crs ? p.crs : "no CRS (gallery only)"}${p.status !== "done" ? ", " + p.status : ""}`);
+      li.append(a, ` — ${p.tiles} tiles, ${p.acquired ? day(p.acquired) + ", " : ""}${p.crs ? p.crs : "no CRS (gallery only)"}${p.status !== "done" ? ", " + p.status : ""}`);
       list.appendChild(li);
     }
     return fc;
@@ -393,6 +457,13 @@
   // ---- controls -------------------------------------------------------------------------------
 
   $("rerun").addEventListener("click", rerunWithMarks);
+  $("changes-run").addEventListener("click", showChanges);
+  for (const id of ["date-from", "date-to"]) { // a new date range answers the current query again
+    $(id).addEventListener("change", () => {
+      if (!hasQuery(state) || state.changes || upload) return;
+      search(Object.assign({}, state, { date: rangeOf("date-from", "date-to") }));
+    });
+  }
   $("clear-marks").addEventListener("click", () => {
     marks = new Map();
     for (const el of document.querySelectorAll(".result")) el.classList.remove("positive", "negative");
@@ -414,7 +485,7 @@
     setBusy(true, "exporting…");
     try {
       let blob;
-      if (upload) { // the hits on the page: an upload cannot be searched again by address
+      if (upload || isChanges(last)) { // the hits on the page (an upload cannot be searched again by address)
         const feats = (last.footprints ? last.footprints.features : []).filter((f) => f.properties.role === "result");
         blob = new Blob([JSON.stringify({ type: "FeatureCollection", features: feats })], { type: "application/geo+json" });
       } else {
@@ -436,6 +507,12 @@
     $("classifier").checked = s.classifier;
     $("in-view").checked = Boolean(s.bbox);
     $("threshold-mode").checked = s.threshold !== null;
+    setRange("date-from", "date-to", s.date);
+    if (s.changes) {
+      $("changes-box").open = true;
+      setRange("before-from", "before-to", s.changes.before);
+      setRange("after-from", "after-to", s.changes.after);
+    }
     $("threshold").disabled = s.threshold === null;
     $("k").disabled = s.threshold !== null;
     if (s.threshold !== null) {

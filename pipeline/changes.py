@@ -1,0 +1,360 @@
+"""What changed between flights: ``aerial-search changes --before FROM/TO --after FROM/TO``.
+
+**Pairing** (:func:`pair_windows`, on the driver, from the image table and per-tile metadata
+only): every valid window of an "after" image (done, acquired in the after range, centre in
+``bbox`` when given) is paired with the "before" window over the same ground. Its four corners
+go through its image's affine and CRS into each before image's pixel grid (pyproj where the
+CRSs differ); the overlap with each candidate before window (the grid windows at multiples of
+128 px that its footprint touches) is the area of their intersection, exact for any rotation or
+reprojection of the quadrilateral (shapely; a product of two intervals where it stays
+axis-aligned, the usual north-up case). A pair needs an overlap of at least 50 % of the smaller
+window; the best-overlapping valid before window wins (ties: the later before image, then the
+lower uid). Images without a CRS cannot be placed on the ground: they are left out, with a
+warning. The result is one partner slot per slot of the store (-1: none).
+
+**Ranking**: the partner slots go into the search graph (:func:`pipeline.search.graph.pair_blocks`:
+each block that holds after windows gathers its partners' rows), and a
+:class:`~pipeline.search.scorers.PairScorer` feeds the same per-chunk top-k and threshold map
+and tree reduction as every search: pairs ranked by the Euclidean distance between their
+fingerprints after the store's post-processing (DBA where current), the largest first.
+``changes`` runs on the NumPy engine (the pair scorer has no device kernel).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import grid
+from pipeline.dates import DateRange, iso
+from pipeline.errors import SearchError
+from pipeline.search import graph
+from pipeline.search.kernels import Exclusions, Filters, pair_distances
+from pipeline.search.results import Result
+from pipeline.search.scorers import PairScorer
+
+MIN_OVERLAP = 0.5  # of the smaller window's area
+_AREA = float(grid.TILE * grid.TILE)
+
+
+# --------------------------------------------------------------------------------------------
+# Pairing
+
+
+@dataclass
+class Pairing:
+    """The partner slot of every slot (-1: none) and what the pairing saw."""
+
+    partner: np.ndarray
+    overlap: np.ndarray  # fraction of the smaller window, per slot (0 where unpaired)
+    after_ids: tuple[int, ...]
+    before_ids: tuple[int, ...]
+    without_crs: list[str] = field(default_factory=list)
+
+    @property
+    def pairs(self) -> int:
+        return int((self.partner >= 0).sum())
+
+
+def _corners(rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, 4)`` pixel x and y of the windows' corners, clockwise from the top-left."""
+    t = grid.TILE
+    x = cols[:, None] + np.array([0, t, t, 0], dtype=np.float64)
+    y = rows[:, None] + np.array([0, 0, t, t], dtype=np.float64)
+    return x, y
+
+
+def _to_pixels(x: np.ndarray, y: np.ndarray, t_from: Sequence[float], crs_from: str, t_to: Sequence[float],
+               crs_to: str) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Pixel coordinates of one image into another's pixel grid, through both CRSs."""
+    from affine import Affine
+
+    a = Affine(*t_from)
+    gx = a.a * x + a.b * y + a.c
+    gy = a.d * x + a.e * y + a.f
+    if crs_from != crs_to:
+        from pyproj import Transformer
+
+        gx, gy = Transformer.from_crs(crs_from, crs_to, always_xy=True).transform(gx, gy)
+        gx, gy = np.asarray(gx), np.asarray(gy)
+    inv = ~Affine(*t_to)
+    return inv.a * gx + inv.b * gy + inv.c, inv.d * gx + inv.e * gy + inv.f
+
+
+def _footprint_lonlat(transform: Sequence[float], crs: str, width: int, height: int) -> tuple[float, ...]:
+    from pipeline.geo import to_lonlat
+
+    c, r = grid.cropped_size(width), grid.cropped_size(height)
+    x, y = _corners(np.array([0.0]), np.array([0.0]))
+    x, y = (x * (c / grid.TILE)).ravel(), (y * (r / grid.TILE)).ravel()
+    a = [float(v) for v in transform]
+    lon, lat = to_lonlat(a[0] * x + a[1] * y + a[2], a[3] * x + a[4] * y + a[5], crs)
+    return float(lon.min()), float(lat.min()), float(lon.max()), float(lat.max())
+
+
+def _overlap(qx: np.ndarray, qy: np.ndarray, c: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Area of each quadrilateral (``(n, 4)`` corners) inside the window at column ``c``, row ``r``."""
+    t = grid.TILE
+    aligned = (np.abs(qx[:, 0] - qx[:, 3]) < 1e-6) & (np.abs(qx[:, 1] - qx[:, 2]) < 1e-6) & (
+        np.abs(qy[:, 0] - qy[:, 1]) < 1e-6) & (np.abs(qy[:, 2] - qy[:, 3]) < 1e-6)  # fmt: skip
+    out = np.empty(len(qx))
+    lo_x, hi_x = qx.min(1), qx.max(1)
+    lo_y, hi_y = qy.min(1), qy.max(1)
+    wx = np.clip(np.minimum(hi_x, c + t) - np.maximum(lo_x, c), 0, None)
+    wy = np.clip(np.minimum(hi_y, r + t) - np.maximum(lo_y, r), 0, None)
+    out[aligned] = (wx * wy)[aligned]
+    bent = np.flatnonzero(~aligned)
+    if len(bent):
+        import shapely
+
+        quads = shapely.polygons(np.stack([qx[bent], qy[bent]], axis=-1))
+        boxes = shapely.box(c[bent], r[bent], c[bent] + t, r[bent] + t)
+        out[bent] = shapely.area(shapely.intersection(quads, boxes))
+    return out
+
+
+def _quad_area(qx: np.ndarray, qy: np.ndarray) -> np.ndarray:
+    """Shoelace area of each quadrilateral."""
+    return 0.5 * np.abs((qx * np.roll(qy, -1, 1) - np.roll(qx, -1, 1) * qy).sum(1))
+
+
+def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int],
+                 bbox: tuple[float, float, float, float] | None = None) -> Pairing:  # fmt: skip
+    """Partner slots of the valid windows of images ``after_ids`` among those of ``before_ids``
+    (see the module docstring)."""
+    ds = index.ds
+    n = ds.sizes["tile"]
+    partner = np.full(n, -1, dtype=np.int64)
+    overlap = np.zeros(n)
+    table = index.image_table
+    geom = index.geometry
+    paths = index.image_paths
+    chunk_px = int(index.provenance["layout"]["chunk_px"])
+    crs = [str(c) for c in geom["crs"]]
+    acquired = index.acquired
+    without = sorted({str(paths[i]) for i in (*after_ids, *before_ids) if not crs[i]})
+    if without:
+        warnings.warn(f"{len(without)} image(s) without a CRS cannot be paired with another flight and are left out "
+                      f"(e.g. {without[0]})", stacklevel=3)  # fmt: skip
+    after = [int(i) for i in after_ids if crs[int(i)]]
+    before = [int(i) for i in before_ids if crs[int(i)]]
+    width, height = table["width"], table["height"]
+    feet = {i: _footprint_lonlat(geom["transform"][i], crs[i], int(width[i]), int(height[i])) for i in {*after, *before}}
+    valid_of: dict[int, np.ndarray] = {}
+
+    def slots(i: int) -> slice:
+        start = int(table["tile_start"][i])
+        return slice(start, start + int(ds["tile_count"].values[i]))
+
+    def valid(i: int) -> np.ndarray:
+        if i not in valid_of:
+            valid_of[i] = ds["valid"][slots(i)].values.astype(bool)
+        return valid_of[i]
+
+    for a in after:
+        sl = slots(a)
+        rows, cols = ds["row"][sl].values.astype(np.int64), ds["col"][sl].values.astype(np.int64)
+        keep = valid(a).copy()
+        if bbox is not None:
+            lon, lat = ds["lon"][sl].values, ds["lat"][sl].values
+            with np.errstate(invalid="ignore"):
+                keep &= (lon >= bbox[0]) & (lon <= bbox[2]) & (lat >= bbox[1]) & (lat <= bbox[3])
+        idx = np.flatnonzero(keep)
+        if not len(idx):
+            continue
+        ax, ay = _corners(rows[idx].astype(np.float64), cols[idx].astype(np.float64))
+        best = np.zeros(len(idx))
+        best_slot = np.full(len(idx), -1, dtype=np.int64)
+        best_when = np.full(len(idx), np.datetime64("NaT", "s"))
+        fa = feet[a]
+        for b in before:
+            if b == a:
+                continue
+            fb = feet[b]
+            if fb[0] > fa[2] or fb[2] < fa[0] or fb[1] > fa[3] or fb[3] < fa[1]:
+                continue  # the images' footprints do not meet
+            qx, qy = _to_pixels(ax, ay, geom["transform"][a], crs[a], geom["transform"][b], crs[b])
+            qx, qy = qx.reshape(ax.shape), qy.reshape(ay.shape)
+            area = np.minimum(_quad_area(qx, qy), _AREA)
+            ny, nx = grid.windows_per_axis(int(height[b])), grid.windows_per_axis(int(width[b]))
+            if not (ny and nx):
+                continue
+            s = grid.STRIDE
+            j0 = np.floor((qx.min(1) - grid.TILE) / s).astype(np.int64) + 1
+            j1 = np.floor(qx.max(1) / s).astype(np.int64)
+            i0 = np.floor((qy.min(1) - grid.TILE) / s).astype(np.int64) + 1
+            i1 = np.floor(qy.max(1) / s).astype(np.int64)
+            span_j = int(max(0, (j1 - j0).max() + 1)) if len(j0) else 0
+            span_i = int(max(0, (i1 - i0).max() + 1)) if len(i0) else 0
+            bvalid = valid(b)
+            start_b = int(table["tile_start"][b])
+            when_b = acquired[b]
+            for di in range(span_i):
+                for dj in range(span_j):
+                    i, j = i0 + di, j0 + dj
+                    ok = (i <= i1) & (j <= j1) & (i >= 0) & (i < ny) & (j >= 0) & (j < nx)
+                    w = np.flatnonzero(ok)
+                    if not len(w):
+                        continue
+                    r, c = i[w] * s, j[w] * s
+                    off = grid.slots_in_images(r, c, np.full(len(w), height[b]), np.full(len(w), width[b]), chunk_px)
+                    good = bvalid[off]
+                    w, r, c, off = w[good], r[good], c[good], off[good]
+                    if not len(w):
+                        continue
+                    frac = _overlap(qx[w], qy[w], c.astype(np.float64), r.astype(np.float64)) / area[w]
+                    slot_b = start_b + off
+                    better = frac > best[w] + 1e-9
+                    tie = (np.abs(frac - best[w]) <= 1e-9) & (best_slot[w] >= 0)
+                    if not np.isnat(when_b):
+                        later = np.isnat(best_when[w]) | (best_when[w] < when_b)
+                        same = best_when[w] == when_b
+                    else:
+                        later, same = np.zeros(len(w), bool), np.isnat(best_when[w])
+                    better |= tie & (later | (same & (slot_b < best_slot[w])))
+                    upd = w[better]
+                    best[upd], best_slot[upd], best_when[upd] = frac[better], slot_b[better], when_b
+        paired = best >= MIN_OVERLAP - 1e-9
+        partner[sl.start + idx[paired]] = best_slot[paired]
+        overlap[sl.start + idx[paired]] = best[paired]
+    return Pairing(partner, overlap, tuple(after), tuple(before), without)
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class ChangeResult(Result):
+    """Ranked pairs: each result is an after window (``uid``, ``image_path``, ``row``, ``col``,
+    ``acquired``) with its before window (``before_*``) and ``distance``, the largest first."""
+
+    before: dict[str, Any] = field(default_factory=dict)
+
+    def records(self) -> list[dict[str, Any]]:
+        out = super().records()
+        for i, rec in enumerate(out):
+            rec["before_uid"] = str(int(self.before["uid"][i]))
+            rec["before_image_path"] = str(self.before["image_path"][i])
+            rec["before_row"] = int(self.before["row"][i])
+            rec["before_col"] = int(self.before["col"][i])
+            rec["before_acquired"] = iso(self.before["acquired"][i])
+            rec["overlap"] = round(float(self.before["overlap"][i]), 4)
+        return out
+
+    def table(self) -> str:
+        lines = [f"changes: {self.query.get('label', '')}" + (
+            f"  ({self.total} pairs passed; showing {len(self)})" if self.total is not None and self.total > len(self)
+            else ""),  # fmt: skip
+            f"{'rank':>4}  {'distance':>9}  {'uid':>15}  {'row':>5}  {'col':>5}  {'acquired':<10}  "
+            f"{'before uid':>15}  {'row':>5}  {'col':>5}  {'acquired':<10}  image / before image"]  # fmt: skip
+        for r in self.records():
+            lines.append(
+                f"{r['rank']:>4}  {r['distance']:>9.4f}  {r['uid']:>15}  {r['row']:>5}  {r['col']:>5}  "
+                f"{(r['acquired'] or '-')[:10]:<10}  {r['before_uid']:>15}  {r['before_row']:>5}  {r['before_col']:>5}  "
+                f"{(r['before_acquired'] or '-')[:10]:<10}  {Path(r['image_path']).name} / {Path(r['before_image_path']).name}"
+            )
+        return "\n".join(lines)
+
+
+def changes(
+    index: Any,
+    before: DateRange,
+    after: DateRange,
+    bbox: tuple[float, float, float, float] | None = None,
+    k: int | None = 100,
+    min_distance: float | None = None,
+    limit: int = 10_000,
+) -> tuple[ChangeResult, Pairing]:
+    """The pairs of after and before windows (see the module docstring), the ``k`` most changed
+    or every pair at least ``min_distance`` apart (the largest ``limit``)."""
+    if (k is None) == (min_distance is None):
+        raise SearchError("choose one: -k for the k most changed windows, or --min-distance D for every pair past D")
+    if k is not None and k <= 0:
+        raise SearchError(f"k must be a positive number of results, got {k}")
+    after_ids, after_note = index.image_ids_acquired(after, flag="--after")
+    before_ids, before_note = index.image_ids_acquired(before, flag="--before")
+    pairing = pair_windows(index, after_ids, before_ids, bbox)
+    query = {"type": "changes", "label": f"after {after.text} against before {before.text}",
+             "before": before_note, "after": after_note, "bbox": list(bbox) if bbox else None,
+             "pairs": pairing.pairs}  # fmt: skip
+    if not pairing.pairs:
+        warnings.warn(f"no window of the {len(pairing.after_ids)} after image(s) overlaps a window of the "
+                      f"{len(pairing.before_ids)} before image(s) by {MIN_OVERLAP:.0%}: nothing to compare", stacklevel=2)  # fmt: skip
+    scorer = PairScorer()
+    filters = Filters(include_overlapping=True, bbox=bbox, image_ids=tuple(pairing.after_ids) or (-1,))
+    total = None
+    if pairing.pairs:
+        blocks = pair_blocks(index, pairing)
+        if min_distance is None:
+            g = graph.topk_graph(list(blocks.values()), scorer, k, filters, Exclusions.none(), index.half_m,
+                                 index.split_every, index.usable)  # fmt: skip
+            [raw] = index._compute(g)[0]
+        else:
+            g = graph.threshold_graph(list(blocks.values()), scorer, scorer.internal(min_distance), limit, filters,
+                                      Exclusions.none(), index.half_m, index.split_every, index.usable)  # fmt: skip
+            ([raw], counts) = index._compute(g)[0]
+            total = int(counts[0])
+    else:
+        from pipeline.search.topk import RESULT_DTYPE
+
+        raw = np.zeros(0, dtype=RESULT_DTYPE)
+        total = 0 if min_distance is not None else None
+    res = Result.from_topk(raw, query, scorer.report(raw["score"]), index.image_paths, scorer.name, total,
+                           index.geometry, higher_is_better=True)  # fmt: skip
+    slots = index.slots_of(res.uid)
+    bslots = pairing.partner[slots]
+    ds = index.ds
+    buid = ds["uid"].values[bslots] if len(bslots) else np.zeros(0, np.uint64)
+    bimage, brow, bcol = grid.unpack_uid(buid)
+    before_fields = {
+        "uid": buid, "image_path": [str(index.image_paths[i]) for i in bimage], "row": brow, "col": bcol,
+        "acquired": index.acquired[bimage], "overlap": pairing.overlap[slots],
+    }  # fmt: skip
+    out = ChangeResult(**{f: getattr(res, f) for f in Result.__dataclass_fields__}, before=before_fields)
+    return out, pairing
+
+
+def pair_blocks(index: Any, pairing: Pairing) -> dict[int, Any]:
+    """The store's blocks that hold paired after windows, each with its partners' rows."""
+    dba = index.uses_dba
+    post = None if dba else index.postprocess
+    blocks = graph.store_blocks(index.ds, postprocess=post, use_dba=dba)
+    rows = int(index.ds["fingerprint"].data.chunksize[0])
+    return graph.pair_blocks(index.ds, blocks, rows, pairing.partner, "fingerprint_dba" if dba else "fingerprint", post)
+
+
+def change_maps(index: Any, pairing: Pairing, out: str | Path) -> list[Path]:
+    """A change map per after image (``--heatmap DIR``): a float32 COG (and PNG) whose pixel is
+    the distance of the window at row ``128 i``, col ``128 j`` to its before window (NaN where it
+    has none), laid out as ``heatmap``'s score maps. Computed through the same paired blocks."""
+    import dask
+
+    from pipeline.heatmap import map_transform, write_cog, write_png
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = pair_blocks(index, pairing) if pairing.pairs else {}
+    parts = index._compute(*[dask.delayed(pair_distances)(b) for b in blocks.values()]) if blocks else []
+    uid = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint64)
+    dist = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
+    image, row, col = grid.unpack_uid(uid)
+    table, geom = index.image_table, index.geometry
+    stems = [Path(str(p)).stem for p in index.image_paths]
+    written = []
+    for a in pairing.after_ids:
+        ny, nx = grid.windows_per_axis(int(table["height"][a])), grid.windows_per_axis(int(table["width"][a]))
+        values = np.full((ny, nx), np.nan)
+        mine = image == a
+        values[row[mine] // grid.STRIDE, col[mine] // grid.STRIDE] = dist[mine]
+        stem = stems[a] if stems.count(stems[a]) == 1 else f"{stems[a]}-{a}"
+        path = out / f"{stem}.tif"
+        write_cog(path, values, map_transform(geom["transform"][a]), str(geom["crs"][a]))
+        write_png(path.with_suffix(".png"), values, f"change since before, {stems[a]}", "distance")
+        written.append(path)
+    return written

@@ -1,0 +1,258 @@
+"""``aerial-search changes`` (issue 26): two dated flights of the same ground, the second a copy of
+the first with patches pasted from another image at known windows and its georeference shifted
+by a few metres. The CLI's top N are exactly the windows touching the patches; the pairing equals
+a brute force over every window pair with shapely (also for a rotated georeference); JSON,
+GeoJSON and the change maps are checked against rasterio-computed footprints and NumPy
+distances of the stored fingerprints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import textured, write_tif
+
+from pipeline.cli import main
+from pipeline.store import open_store
+
+PX = 0.5
+X0, Y0 = 400000.0, 3300000.0
+SHIFT = (7.0, -5.0)  # metres: the second flight's georeference, off by 14 and 10 pixels
+PATCHES = [(300, 420, 600, 700), (40, 100, 40, 90), (880, 1000, 880, 1010)]  # rows r0:r1, cols c0:c1 of after.tif
+PROBE = ["--model", "probe", "--weights", "random", "--chunk-px", "512", "--chunk-tiles", "8", "--no-progress"]
+
+
+def touching(patches, size: int) -> set[tuple[int, int]]:
+    """(row, col) of the grid windows of an image of ``size`` px that touch any patch."""
+    out = set()
+    for r0, r1, c0, c1 in patches:
+        for r in range(0, size - 255, 128):
+            for c in range(0, size - 255, 128):
+                if r < r1 and r + 256 > r0 and c < c1 and c + 256 > c0:
+                    out.add((r, c))
+    return out
+
+
+@pytest.fixture(scope="module")
+def flights2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("change")
+    src = root / "src"
+    src.mkdir()
+    base = textured(1024, 1024, seed=61)
+    other = textured(1024, 1024, seed=62)
+    write_tif(src / "before.tif", base, transform=(PX, 0, X0, 0, -PX, Y0))
+    after = base.copy()
+    for r0, r1, c0, c1 in PATCHES:
+        after[:, r0:r1, c0:c1] = other[:, r0:r1, c0:c1]
+    write_tif(src / "after.tif", after, transform=(PX, 0, X0 + SHIFT[0], 0, -PX, Y0 + SHIFT[1]))
+    write_tif(src / "far.tif", textured(512, 512, seed=63), transform=(PX, 0, X0 + 50000, 0, -PX, Y0))  # no partner
+    (root / "dates.csv").write_text("path,acquired\nbefore.tif,2019-06-01\nafter.tif,2021-06-01\nfar.tif,2021-07-01\n")
+    path = root / "s.zarr"
+    assert main(["ingest", str(src), "--store", str(path), *PROBE, "--dates", str(root / "dates.csv")]) == 0
+    return root, src, path
+
+
+def footprint(transform, row: int, col: int, crs_from: str):
+    """A window's corners (lon, lat) computed by rasterio: its affine, then rasterio.warp."""
+    from rasterio.warp import transform as warp
+
+    xs, ys = [], []
+    for c, r in ((col, row), (col + 256, row), (col + 256, row + 256), (col, row + 256), (col, row)):
+        x, y = transform * (c, r)
+        xs.append(x)
+        ys.append(y)
+    lon, lat = warp(crs_from, "EPSG:4326", xs, ys)
+    return np.column_stack([lon, lat])
+
+
+def test_changes_ranks_exactly_the_pasted_windows_first(flights2, tmp_path, capsys):
+    import rasterio
+    from shapely.geometry import Polygon
+
+    root, src, path = flights2
+    expect = touching(PATCHES, 1024)
+    n = len(expect)
+    out, gj = tmp_path / "c.json", tmp_path / "c.geojson"
+    capsys.readouterr()
+    assert main(["changes", "--store", str(path), "--before", "2019-01-01/2019-12-31", "--after", "2021-01-01/",
+                 "-k", str(n), "--json", str(out), "--geojson", str(gj)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "after 2021-01-01/ against before 2019-01-01/2019-12-31" in text
+    doc = json.loads(out.read_text())
+    res = doc["results"]
+    assert {(r["row"], r["col"]) for r in res} == expect and len(res) == n
+    assert all(r["image_path"].endswith("after.tif") and r["before_image_path"].endswith("before.tif") for r in res)
+    assert all(r["acquired"] == "2021-06-01T00:00:00Z" and r["before_acquired"] == "2019-06-01T00:00:00Z" for r in res)
+    d = [r["distance"] for r in res]
+    assert d == sorted(d, reverse=True) and min(d) > 0
+    # every distance against NumPy over the stored fingerprints of the two windows
+    ds = open_store(path)
+    v = ds["valid"].values  # padding slots hold uid 0 too
+    fp = {int(u): f for u, f in zip(ds["uid"].values[v], ds["fingerprint"].values[v].astype(np.float64))}
+    for r in res:
+        assert r["distance"] == pytest.approx(np.linalg.norm(fp[int(r["uid"])] - fp[int(r["before_uid"])]), rel=1e-9)
+    # footprints: GeoJSON polygons are the after windows' corners as rasterio computes them, and
+    # each before window covers at least half of its after window (in the images' CRS)
+    feats = json.loads(gj.read_text())["features"]
+    assert [f["properties"]["uid"] for f in feats] == [r["uid"] for r in res]
+    with rasterio.open(src / "after.tif") as fa, rasterio.open(src / "before.tif") as fb:
+        for f, r in zip(feats, res):
+            for key in ("before_uid", "before_image_path", "before_row", "before_col", "before_acquired", "distance"):
+                assert f["properties"][key] == r[key], key
+            np.testing.assert_allclose(np.array(f["geometry"]["coordinates"][0]),
+                                       footprint(fa.transform, r["row"], r["col"], fa.crs), atol=1e-9)  # fmt: skip
+            wa = Polygon([fa.transform * (c, rr) for c, rr in ((r["col"], r["row"]), (r["col"] + 256, r["row"]),
+                                                                (r["col"] + 256, r["row"] + 256), (r["col"], r["row"] + 256))])
+            bc, br = r["before_col"], r["before_row"]
+            wb = Polygon([fb.transform * (c, rr) for c, rr in ((bc, br), (bc + 256, br), (bc + 256, br + 256), (bc, br + 256))])
+            assert wa.intersection(wb).area >= 0.5 * wa.area
+            assert r["overlap"] == pytest.approx(wa.intersection(wb).area / wa.area, abs=1e-4)
+
+
+def brute_pairs(src, after: str, befores: list[str]) -> dict[tuple[int, int], tuple[str, int, int]]:
+    """The best-overlapping before window (>= 50 % of the smaller) of every after window, over every
+    window pair, with shapely in the after image's CRS (rasterio.warp for other CRSs)."""
+    import rasterio
+    from rasterio.warp import transform as warp
+    from shapely.geometry import Polygon
+
+    def windows(ds):
+        h, w = ds.height // 256 * 256, ds.width // 256 * 256
+        return [(r, c) for r in range(0, h - 255, 128) for c in range(0, w - 255, 128)]
+
+    def poly(ds, r, c, crs):
+        pts = [ds.transform * (cc, rr) for cc, rr in ((c, r), (c + 256, r), (c + 256, r + 256), (c, r + 256))]
+        if ds.crs != crs:
+            xs, ys = warp(ds.crs, crs, [p[0] for p in pts], [p[1] for p in pts])
+            pts = list(zip(xs, ys))
+        return Polygon(pts)
+
+    out = {}
+    with rasterio.open(src / after) as fa:
+        polys = {name: None for name in befores}
+        for name in befores:
+            with rasterio.open(src / name) as fb:
+                polys[name] = [(r, c, poly(fb, r, c, fa.crs)) for r, c in windows(fb)]
+        for r, c in windows(fa):
+            pa = poly(fa, r, c, fa.crs)
+            best = (0.0, None)
+            for name in befores:
+                for br, bc, pb in polys[name]:
+                    if not pa.intersects(pb):
+                        continue
+                    frac = pa.intersection(pb).area / min(pa.area, pb.area)
+                    if frac > best[0] + 1e-9:
+                        best = (frac, (name, br, bc))
+            if best[0] >= 0.5 - 1e-9:
+                out[(r, c)] = best[1]
+    return out
+
+
+def pairing_of(path):
+    from pipeline.changes import pair_windows
+    from pipeline.dates import DateRange
+    from pipeline.search import SearchIndex
+
+    index = SearchIndex.open(str(path))
+    after, _ = index.image_ids_acquired(DateRange.parse("2021"))
+    before, _ = index.image_ids_acquired(DateRange.parse("2019"))
+    pairing = pair_windows(index, after, before)
+    ds = index.ds
+    got = {}
+    for s in np.flatnonzero(pairing.partner >= 0):
+        b = pairing.partner[s]
+        got[(int(ds["row"].values[s]), int(ds["col"].values[s]), int(ds["image"].values[s]))] = (
+            str(index.image_paths[int(ds["image"].values[b])]).rsplit("/", 1)[-1],
+            int(ds["row"].values[b]), int(ds["col"].values[b]))  # fmt: skip
+    return index, got
+
+
+def test_pairing_equals_a_brute_force_over_every_window_pair(flights2):
+    _, src, path = flights2
+    index, got = pairing_of(path)
+    a = [i for i, p in enumerate(index.image_paths) if str(p).endswith("after.tif")][0]
+    expect = brute_pairs(src, "after.tif", ["before.tif"])
+    assert {(r, c): v for (r, c, i), v in got.items() if i == a} == expect
+    assert len(expect) == 49  # every after window: the shift is small
+    assert not any(i != a for (_, _, i) in got)  # far.tif meets no before image
+
+
+def test_pairing_through_a_rotated_and_reprojected_georeference(tmp_path):
+    """The after flight in another CRS (EPSG:3857) with a rotated, coarser pixel grid: the general
+    path (pyproj, shapely intersections) against the brute force."""
+    import math
+
+    from pyproj import Transformer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tif(src / "before.tif", textured(768, 768, seed=71), transform=(PX, 0, X0, 0, -PX, Y0))
+    x, y = Transformer.from_crs("EPSG:32617", "EPSG:3857", always_xy=True).transform(X0 + 40, Y0 - 30)
+    th, s = math.radians(12), 0.62  # EPSG:3857 metres are ~1.15 ground metres here
+    write_tif(src / "after.tif", textured(512, 512, seed=72), crs="EPSG:3857",
+              transform=(s * math.cos(th), -s * math.sin(th), x, -s * math.sin(th), -s * math.cos(th), y))  # fmt: skip
+    (tmp_path / "d.csv").write_text("path,acquired\nbefore.tif,2019-01-01\nafter.tif,2021-01-01\n")
+    path = tmp_path / "s.zarr"
+    assert main(["ingest", str(src), "--store", str(path), *PROBE, "--dates", str(tmp_path / "d.csv")]) == 0
+    index, got = pairing_of(path)
+    expect = brute_pairs(src, "after.tif", ["before.tif"])
+    assert len(expect) >= 4, expect  # the rotated grid still meets the before grid at 50 % in places
+    assert {(r, c): v for (r, c, _), v in got.items()} == expect
+
+
+def test_threshold_heatmap_bbox_post_processing_and_images_without_crs(flights2, tmp_path, capsys):
+    import rasterio
+
+    root, src, path = flights2
+    store = tmp_path / "s.zarr"
+    shutil.copytree(path, store)
+    assert main(["postprocess", "--store", str(store), "--method", "l2"]) == 0
+    ds = open_store(store)
+    v = ds["valid"].values
+    fp = {int(u): f / max(np.linalg.norm(f), 1e-12) for u, f in zip(ds["uid"].values[v],
+                                                                      ds["fingerprint"].values[v].astype(np.float64))}  # fmt: skip
+    out = tmp_path / "all.json"
+    assert main(["changes", "--store", str(store), "--before", "2019", "--after", "2021", "-k", "1000",
+                 "--json", str(out), "--heatmap", str(tmp_path / "maps")]) == 0  # fmt: skip
+    every = json.loads(out.read_text())["results"]
+    assert len(every) == 49
+    dist = {r["uid"]: r["distance"] for r in every}
+    for r in every:  # after the store's post-processing (L2), as search ranks
+        assert r["distance"] == pytest.approx(np.linalg.norm(fp[int(r["uid"])] - fp[int(r["before_uid"])]), abs=1e-6)
+    ranked = sorted(dist.values(), reverse=True)
+    cut = (ranked[5] + ranked[6]) / 2  # six pairs past it (a cut on a value itself would test float rounding)
+    assert main(["changes", "--store", str(store), "--before", "2019", "--after", "2021", "--min-distance", str(cut),
+                 "--limit", "4", "--json", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert doc["total_passed"] == sum(v >= cut for v in dist.values()) and len(doc["results"]) == 4
+    assert [r["uid"] for r in doc["results"]] == [r["uid"] for r in every[:4]]
+    with rasterio.open(tmp_path / "maps" / "after.tif") as m:
+        values = m.read(1)
+    for r in every:
+        assert values[r["row"] // 128, r["col"] // 128] == pytest.approx(r["distance"], rel=1e-5)
+    assert (tmp_path / "maps" / "after.png").is_file()
+    with rasterio.open(tmp_path / "maps" / "far.tif") as m:  # an after image without a partner: all NaN
+        assert np.isnan(m.read(1)).all()
+    # bbox: only after windows centred inside
+    lon, lat = ds["lon"].values, ds["lat"].values
+    img = ds["image"].values
+    a = int(img[[i for i, u in enumerate(ds["uid"].values) if str(int(u)) == every[0]["uid"]][0]])
+    sel = img == a
+    w, e = float(np.min(lon[sel])), float(np.median(lon[sel]))
+    s_, n = float(np.min(lat[sel])), float(np.max(lat[sel]))
+    assert main(["changes", "--store", str(store), "--before", "2019", "--after", "2021", "-k", "1000",
+                 f"--bbox={w},{s_},{e},{n}", "--json", str(out)]) == 0  # fmt: skip
+    inside = json.loads(out.read_text())["results"]
+    assert inside and all(w <= r["lon"] <= e for r in inside) and len(inside) < 49
+    # an image without a CRS cannot be placed: a warning, and it is left out
+    nocrs = tmp_path / "nocrs"
+    nocrs.mkdir()
+    write_tif(nocrs / "x.tif", textured(512, 512, seed=64), crs=None, transform=None)
+    (tmp_path / "x.csv").write_text("path,acquired\nx.tif,2021-03-01\n")
+    assert main(["ingest", str(nocrs), "--store", str(store), *PROBE, "--dates", str(tmp_path / "x.csv")]) == 0
+    capsys.readouterr()
+    assert main(["changes", "--store", str(store), "--before", "2019", "--after", "2021", "--json", str(out)]) == 0
+    assert "1 image(s) without a CRS cannot be paired" in capsys.readouterr().err
+    assert len(json.loads(out.read_text())["results"]) == 49
