@@ -13,10 +13,10 @@ pystac-client and pass the file.
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
 import numpy as np
 
@@ -144,8 +144,10 @@ def _absolute(item: Any, href: str, base: str) -> str:
     if "://" in href or os.path.isabs(href):
         return href if "://" in href else str(Path(href).resolve())
     own = item.get_self_href() or base
-    if "://" in own:
-        return urljoin(own, href)
+    if "://" in own:  # urljoin knows http(s) only: s3://, gs:// are joined as paths
+        scheme, rest = own.split("://", 1)
+        host, _, key = rest.partition("/")
+        return f"{scheme}://{host}/{posixpath.normpath(posixpath.join(posixpath.dirname(key), href))}"
     return str((Path(own).parent / href).resolve())
 
 

@@ -149,6 +149,26 @@ def read_valid(path: Path | str) -> np.ndarray:
     return np.asarray(_group(path, "r")["valid"][:], dtype=bool)
 
 
+def snapshot_id(path: Path | str) -> str:
+    """What a reader's snapshot of the store is: a digest of the consolidated metadata (every
+    array's shape, the attributes) and of the image statuses (an ingest commits images by
+    writing statuses, between consolidations). Equal ids: nothing a search sees has changed."""
+    import hashlib
+
+    from pipeline.locations import filesystem
+
+    root = str(path).rstrip("/")
+    if is_remote(root):
+        fs, key = filesystem(root)
+        meta = fs.cat_file(f"{key}/zarr.json")
+    else:
+        meta = (Path(root) / "zarr.json").read_bytes()
+    h = hashlib.sha256(meta)
+    status = _group(path, "r")["status"][...]
+    h.update("\0".join(str(s) for s in np.asarray(status).ravel()).encode())
+    return h.hexdigest()[:16]
+
+
 def read_attrs(path: Path | str) -> dict[str, Any]:
     """The group attributes, without opening the arrays."""
     return _plain(dict(_group(path, "r").attrs))

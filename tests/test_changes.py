@@ -223,6 +223,11 @@ def test_threshold_heatmap_bbox_post_processing_and_images_without_crs(flights2,
         assert r["distance"] == pytest.approx(np.linalg.norm(fp[int(r["uid"])] - fp[int(r["before_uid"])]), abs=1e-6)
     ranked = sorted(dist.values(), reverse=True)
     cut = (ranked[5] + ranked[6]) / 2  # six pairs past it (a cut on a value itself would test float rounding)
+    raw_fp = {int(u): f for u, f in zip(ds["uid"].values[v], ds["fingerprint"].values[v].astype(np.float64))}
+    assert main(["changes", "--store", str(store), "--before", "2019", "--after", "2021", "-k", "3", "--raw",
+                 "--json", str(tmp_path / "raw.json")]) == 0  # fmt: skip
+    for r in json.loads((tmp_path / "raw.json").read_text())["results"]:  # --raw: the fingerprints as stored
+        assert r["distance"] == pytest.approx(np.linalg.norm(raw_fp[int(r["uid"])] - raw_fp[int(r["before_uid"])]), rel=1e-9)
     assert main(["changes", "--store", str(store), "--before", "2019", "--after", "2021", "--min-distance", str(cut),
                  "--limit", "4", "--json", str(out)]) == 0  # fmt: skip
     doc = json.loads(out.read_text())
@@ -256,3 +261,37 @@ def test_threshold_heatmap_bbox_post_processing_and_images_without_crs(flights2,
     assert main(["changes", "--store", str(store), "--before", "2019", "--after", "2021", "--json", str(out)]) == 0
     assert "1 image(s) without a CRS cannot be paired" in capsys.readouterr().err
     assert len(json.loads(out.read_text())["results"]) == 49
+
+
+def test_the_readme_example_script_builds_a_second_flight_whose_patches_rank_first(tmp_path):
+    """docs/second_flight.py (the README's worked example) on GeoTIFFs written here: the top N of
+    `changes` are exactly the windows that touch its pasted patches, and its picture is drawn."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "second_flight.py"
+    image = write_tif(tmp_path / "flight.tif", textured(1000, 1000, seed=66), transform=(0.25, 0, 120000.0, 0, -0.25, 480000.0),
+                      crs="EPSG:28992")  # fmt: skip
+    donor = write_tif(tmp_path / "donor.tif", textured(700, 700, seed=67))
+    out = tmp_path / "flights"
+    subprocess.run([sys.executable, str(script), "build", str(out), "--image", str(image), "--donor", str(donor)],
+                   check=True, capture_output=True)  # fmt: skip
+    sys.path.insert(0, str(script.parent))
+    try:
+        from second_flight import touching
+    finally:
+        sys.path.remove(str(script.parent))
+    patches = json.loads((out / "patches.json").read_text())["patches"]
+    expect = touching(patches, 1000, 1000)
+    store = tmp_path / "flights.zarr"
+    assert main(["ingest", str(out), "--store", str(store), *PROBE, "--dates", str(out / "dates.csv")]) == 0
+    res = tmp_path / "changes.json"
+    assert main(["changes", "--store", str(store), "--before", "2019", "--after", "2021", "-k", str(len(expect)),
+                 "--json", str(res)]) == 0  # fmt: skip
+    assert {(r["row"], r["col"]) for r in json.loads(res.read_text())["results"]} == expect
+    subprocess.run([sys.executable, str(script), "picture", str(res), str(tmp_path / "p.jpg")], check=True,
+                   capture_output=True)  # fmt: skip
+    from PIL import Image
+
+    assert Image.open(tmp_path / "p.jpg").size[0] > 500

@@ -110,3 +110,34 @@ def test_s3_store_interrupted_run_is_invisible_then_resumed(s3, cfg, monkeypatch
     monkeypatch.setattr(tiles, "embed_chunks", real)
     report = ingest([f"{bucket}/flights/a.tif"], url, cfg)
     assert report.processed == 1 and open_store(url)["status"].values.astype(object).tolist() == ["done"]
+
+
+def test_a_stac_item_collection_on_s3_with_relative_and_s3_hrefs(s3, tmp_path):
+    """A STAC ItemCollection JSON on object storage (read through fsspec), its items' assets on
+    S3: an s3:// href, and one relative to the JSON's own location."""
+    import datetime as dt
+
+    import boto3
+    import pystac
+    from shapely.geometry import box, mapping
+
+    from pipeline import store
+    from pipeline.cli import main
+
+    bucket, _ = s3
+    items = []
+    for k, (href, when) in enumerate([(f"{bucket}/flights/a.tif", "2019-11-09T16:00:00"),
+                                      ("../flights/sub/b.tiff", "2021-10-02T15:30:00")]):  # fmt: skip
+        item = pystac.Item(f"scene-{k}", mapping(box(0, 0, 1, 1)), [0, 0, 1, 1],
+                           dt.datetime.fromisoformat(when).replace(tzinfo=dt.timezone.utc), {})  # fmt: skip
+        item.add_asset("visual", pystac.Asset(href, media_type=pystac.MediaType.COG, roles=["visual"]))
+        items.append(item.to_dict(include_self_link=False, transform_hrefs=False))
+    doc = {"type": "FeatureCollection", "features": items}
+    boto3.client("s3").put_object(Bucket="imagery", Key="stac/search.json", Body=json.dumps(doc).encode())
+    path = tmp_path / "s.zarr"
+    assert main(["ingest", f"{bucket}/stac/search.json", "--store", str(path), "--model", "probe", "--weights",
+                 "random", "--no-progress"]) == 0  # fmt: skip
+    table = store.read_table(path)
+    assert table["image_path"].tolist() == [f"{bucket}/flights/a.tif", f"{bucket}/flights/sub/b.tiff"]
+    assert table["item_id"].tolist() == ["scene-0", "scene-1"]
+    assert np.asarray(table["acquired"], "datetime64[s]").tolist()[1] == np.datetime64("2021-10-02T15:30:00", "s").item()

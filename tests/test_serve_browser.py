@@ -243,3 +243,114 @@ def test_page_search_mark_rerun_and_permalink(server, browser, tmp_path):
     assert "no tile covers" in page.inner_text("#error")
     shot(page, tmp_path / "6-error.png")
     assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def dated_server(tmp_path_factory):
+    """Two dated flights of the same ground (the second with patches pasted in) and a third image
+    elsewhere without a date, served on a free port."""
+    import uvicorn
+    from conftest import textured, write_tif
+
+    root = tmp_path_factory.mktemp("dated-page")
+    src = root / "src"
+    src.mkdir()
+    base, other = textured(1024, 1024, seed=61), textured(1024, 1024, seed=62)
+    write_tif(src / "before.tif", base, transform=(0.5, 0, 400000.0, 0, -0.5, 3300000.0))
+    after = base.copy()
+    after[:, 300:420, 600:700] = other[:, 300:420, 600:700]
+    write_tif(src / "after.tif", after, transform=(0.5, 0, 400007.0, 0, -0.5, 3299995.0))
+    write_tif(src / "undated.tif", textured(512, 512, seed=63), transform=(0.5, 0, 400600.0, 0, -0.5, 3300000.0))
+    (root / "d.csv").write_text("path,acquired\nbefore.tif,2019-06-01\nafter.tif,2021-06-01\n")
+    path = root / "s.zarr"
+    assert main(["ingest", str(src), "--store", str(path), "--model", "probe", "--weights", "random",
+                 "--dates", str(root / "d.csv"), "--no-progress"]) == 0  # fmt: skip
+    service = Service.open(str(path))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    srv = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = srv.force_exit = True
+    thread.join(10)
+    service.close()
+
+
+def test_page_date_range_and_changes_mode_with_permalinks(dated_server, browser, tmp_path):
+    import httpx
+
+    server = dated_server
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server + "/", wait_until="domcontentloaded")
+    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+    fc = httpx.get(server + "/api/images").json()
+    ring = np.array(next(f for f in fc["features"] if f["properties"]["name"] == "after.tif")["geometry"]["coordinates"][0])
+    fit = (f"aerialSearch.map.fitBounds([[{ring[:, 1].min()}, {ring[:, 0].min()}], "
+           f"[{ring[:, 1].max()}, {ring[:, 0].max()}]], {{animate: false}})")  # fmt: skip
+    page.evaluate(fit)
+    page.wait_for_selector(".leaflet-tile-loaded", timeout=30_000)
+    box = page.locator("#map").bounding_box()
+
+    # the date range: only the 2021 flight answers, the page says how many images it left out
+    page.fill("#k", "8")
+    page.fill("#date-from", "2021-01-01")
+    page.fill("#date-to", "2021-12-31")
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    wait_seq(page, 1)
+    recs = page.evaluate("aerialSearch.last.results")
+    assert len(recs) == 8 and {r["image_path"].rsplit("/", 1)[-1] for r in recs} == {"after.tif"}
+    assert "2 left out (1 without a date)" in page.inner_text("#status")
+    lon, lat = page.evaluate("aerialSearch.state.lonlat")
+    oracle = httpx.get(server + "/api/search", params={"lonlat": f"{lon},{lat}", "k": 8, "date": "2021-01-01/2021-12-31"})
+    assert [r["uid"] for r in recs] == [r["uid"] for r in oracle.json()["results"]]
+    link = page.url
+    assert "date=2021-01-01%2F2021-12-31" in link or "date=2021-01-01/2021-12-31" in link
+    # a new range answers the same query again
+    page.evaluate("""(() => { document.getElementById('date-from').value = '2019-01-01';
+        const to = document.getElementById('date-to'); to.value = '2019-12-31';
+        to.dispatchEvent(new Event('change')); })()""")  # one change event, one search
+    wait_seq(page, 2)
+    assert {r["image_path"].rsplit("/", 1)[-1] for r in page.evaluate("aerialSearch.last.results")} == {"before.tif"}
+    again = browser.new_page(viewport={"width": 1400, "height": 900})
+    again.goto(link, wait_until="domcontentloaded")
+    wait_seq(again, 1)
+    assert gallery_uids(again) == [r["uid"] for r in recs]
+    assert again.input_value("#date-from") == "2021-01-01" and again.input_value("#date-to") == "2021-12-31"
+
+    # changes in this view: the pasted patch's windows first, before and after tiles side by side
+    page.evaluate("document.getElementById('date-from').value = document.getElementById('date-to').value = ''")
+    page.evaluate(fit)
+    page.click("#changes-box summary")
+    page.fill("#before-from", "2019-01-01")
+    page.fill("#before-to", "2019-12-31")
+    page.fill("#after-from", "2021-01-01")
+    page.fill("#k", "9")
+    page.click("#changes-run")
+    wait_seq(page, 3)
+    doc = page.evaluate("aerialSearch.last")
+    assert doc["query"]["type"] == "changes"
+    w, s, e, n = page.evaluate("aerialSearch.state.bbox")
+    api = httpx.get(server + "/api/changes", params={"before": "2019-01-01/2019-12-31", "after": "2021-01-01/",
+                                                     "k": 9, "bbox": f"{w},{s},{e},{n}"}).json()  # fmt: skip
+    assert gallery_uids(page) == [r["uid"] for r in api["results"]] and len(api["results"]) == 9
+    patch = {(r, c) for r in range(0, 769, 128) for c in range(0, 769, 128) if r < 420 and r + 256 > 300
+             and c < 700 and c + 256 > 600}  # fmt: skip
+    assert {(r["row"], r["col"]) for r in api["results"]} == patch
+    assert page.locator("#gallery .result.change img.before").count() == 9
+    assert page.locator("path.result-outline").count() == 9
+    assert "most changed of" in page.inner_text("#status")
+    shot(page, tmp_path / "7-changes.png")
+    link = page.url
+    assert "changes=1" in link and "before=" in link and "after=" in link
+    again.goto(link, wait_until="domcontentloaded")
+    again.reload(wait_until="domcontentloaded")
+    wait_seq(again, 1)
+    assert gallery_uids(again) == gallery_uids(page)
+    assert again.evaluate("document.getElementById('changes-box').open")
+    assert not errors, errors

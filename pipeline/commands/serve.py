@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", dest="query_weights",
                    help="local copy of the store's weights file, for uploaded query images")  # fmt: skip
     p.add_argument("--device", dest="model.device", help="auto | cpu | cuda for uploaded query images")
+    p.add_argument("--follow-seconds", type=float, default=5.0,
+                   help="check the store for new, finished or removed images this often and serve them without a "
+                        "restart (default 5; 0: serve the snapshot loaded at start)")  # fmt: skip
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest query image upload (default 20 MB)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages of this origin to call the API (repeatable; default: none)")  # fmt: skip
@@ -84,6 +87,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         held = service.index.index_description()
         print(f"index of {tiles:,} tiles in {len(service.rings)} images loaded in {time.perf_counter() - start:.1f} s "
               f"({held['index_dtype']} on {held['index_device']})", flush=True)  # fmt: skip
+        service.follow(args.follow_seconds)
         app = create_app(service, token, args.cors_origin)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

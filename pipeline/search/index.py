@@ -200,8 +200,6 @@ class SearchIndex:
         space's dtype in memory (default the store's); float16 halves a float32 store, scores
         still accumulate in float32. Refuses, naming the numbers, when the index does not fit.
         """
-        import uuid
-
         client = getattr(self.runtime, "client", None)
         chunk = int(self.ds["fingerprint"].data.chunksize[0]) or 1
         n = self.ds.sizes["tile"]
@@ -228,27 +226,43 @@ class SearchIndex:
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
         meta = self.check_codes() if self.codes else {}
-        with_codes, kind = ("also" if meta else ""), meta.get("kind", "binary")
         if local_device:
             device_mod.check_fits(n, self.device_bytes_per_tile(dtype, meta), local_device, f"store {self.path}")
         elif not dba and self.postprocess.method == "none" and (dtype or self.ds["fingerprint"].dtype) == np.float16:
             scorers.use_torch_conversion()  # every query converts the float16 blocks again: the faster way pays
-        blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows, postprocess=None if dba else self.postprocess,
-                                    use_dba=dba, codes=with_codes, code_kind=kind)  # fmt: skip
+        self._block_rows = block_rows
+        self._blocks_hold_codes = bool(meta)
+        self.device, self.dtype = (local_device or device or ""), (dtype or "")
+        self._blocks = self._load_blocks(range(-(-n // block_rows)), device, local_device, dtype)
+        return self
+
+    def _load_blocks(self, which: Sequence[int], device: str | None, local_device: str | None,
+                     dtype: str | None) -> list:  # fmt: skip
+        """Blocks ``which`` (of :attr:`block_rows` rows each) of the store, loaded the way
+        :meth:`persist` holds them: in this process, on its device, or persisted on the cluster."""
+        import uuid
+
+        client = getattr(self.runtime, "client", None)
+        chunk = int(self.ds["fingerprint"].data.chunksize[0]) or 1
+        n, block_rows = self.ds.sizes["tile"], self._block_rows
+        dba = self.uses_dba
+        kind = self.check_codes().get("kind", "binary") if self._blocks_hold_codes else "binary"
+        with_codes = "also" if self._blocks_hold_codes else ""
+        post = None if dba else self.postprocess
+        which = list(which)
+        blocks = graph.store_blocks(self.ds, with_norms=True, rows=block_rows, postprocess=post, use_dba=dba,
+                                    codes=with_codes, code_kind=kind)  # fmt: skip
+        blocks = [blocks[i] for i in which]
         if dtype and not device:
             blocks = [dask.delayed(kernels.as_dtype, pure=True)(b, dtype) for b in blocks]
-        self._block_rows = block_rows
-        self._blocks_hold_codes = bool(with_codes)
-        self.device, self.dtype = (local_device or device or ""), (dtype or "")
         if client is not None:
             if device:
                 blocks = [dask.delayed(device_mod.to_device, pure=False)(b, device, dtype) for b in blocks]
-            self._blocks = client.persist(blocks)
-            return self
+            return client.persist(blocks)
         tag = uuid.uuid4().hex
         if local_device:  # store chunks a wave at a time into each device block: host memory holds a few chunks
-            parts = graph.store_blocks(self.ds, with_norms=True, rows=chunk, postprocess=None if dba else self.postprocess,
-                                       use_dba=dba, codes=with_codes, code_kind=kind)  # fmt: skip
+            parts = graph.store_blocks(self.ds, with_norms=True, rows=chunk, postprocess=post, use_dba=dba,
+                                       codes=with_codes, code_kind=kind)  # fmt: skip
             threads = getattr(self.runtime, "dask_threads", 0) or resources.cpu_count()
 
             def waves(group: list) -> Any:
@@ -256,12 +270,59 @@ class SearchIndex:
                     yield from dask.compute(*group[a : a + threads], scheduler=local_get())
 
             per = block_rows // chunk
-            loaded = [device_mod.assemble(waves(parts[g : g + per]), min(block_rows, n - g * chunk), local_device, dtype)
-                      for g in range(0, len(parts), per)]  # fmt: skip
+            loaded = [device_mod.assemble(waves(parts[i * per : (i + 1) * per]), min(block_rows, n - i * block_rows),
+                                          local_device, dtype) for i in which]  # fmt: skip
         else:
             loaded = dask.compute(*blocks, scheduler=local_get())
-        self._blocks = [dask.delayed(b, name=f"index-{tag}-{i}", traverse=False) for i, b in enumerate(loaded)]
-        return self
+        return [dask.delayed(b, name=f"index-{tag}-{i}", traverse=False) for i, b in zip(which, loaded)]
+
+    # ---- following a store that changes (serve) ---------------------------------------------
+
+    def snapshot(self) -> str:
+        """The identity of what this index was opened on (:func:`pipeline.store.snapshot_id`)."""
+        return self._cache.get("snapshot") or self._cache.setdefault("snapshot", store.snapshot_id(self.path))
+
+    def follow(self) -> tuple[SearchIndex, str]:
+        """This index over the store's current snapshot, and how it was brought there: ``same``
+        (nothing changed: this index), ``grown`` (images were added, became done or left: a new
+        index whose blocks are this one's where their slots did not change, the rest loaded; the
+        statuses are re-read, so removals drop out at once) or ``reloaded`` (the store was
+        compacted, migrated, post-processed or shrank: a new index persisted from scratch, within
+        the same memory check). This index is left as it is, so searches in flight finish on it
+        and a caller swaps in the new one whole: no search sees a half-updated index."""
+        now = store.snapshot_id(self.path)
+        if now == self.snapshot():
+            return self, "same"
+        ds = store.open_store(self.path)
+        new = dataclasses.replace(self, ds=ds, _blocks=None, _blocks_hold_codes=False, _block_rows=0, _cache={})
+        new._cache["snapshot"] = now
+        if self._blocks is None:
+            return new, "grown"
+        old_attrs, attrs = store.provenance(self.ds), store.provenance(ds)
+        same_layout = all(old_attrs.get(key) == attrs.get(key) for key in ("schema_version", "compacted", "migrated",
+                                                                            "postprocess", "layout"))  # fmt: skip
+        n_old, n = self.ds.sizes["tile"], ds.sizes["tile"]
+        if not same_layout or n < n_old or ds.sizes["img"] < self.ds.sizes["img"]:
+            return new.persist(device=self.device or None, dtype=self.dtype or None), "reloaded"
+        br = self._block_rows
+        old_status = self.ds["status"].values.astype(object)
+        status = ds["status"].values.astype(object)
+        changed = np.zeros(n, dtype=bool)  # slots whose fingerprints may differ from what the blocks hold
+        for i in np.flatnonzero(status == "done"):
+            if i >= len(old_status) or old_status[i] != "done":
+                a = int(ds["tile_start"].values[i])
+                changed[a : a + int(ds["tile_count"].values[i])] = True
+        changed[n_old:] = True
+        n_blocks = -(-n // br)
+        reload = [i for i in range(n_blocks) if (i + 1) * br > n_old or changed[i * br : (i + 1) * br].any()]
+        if self.device and not getattr(self.runtime, "client", None):
+            meta = self.check_codes() if self._blocks_hold_codes else {}
+            device_mod.check_fits(n, self.device_bytes_per_tile(self.dtype or None, meta), self.device,
+                                  f"store {self.path}")  # fmt: skip
+        new._block_rows, new._blocks_hold_codes = br, self._blocks_hold_codes
+        loaded = dict(zip(reload, new._load_blocks(reload, self.device or None, self.device or None, self.dtype or None)))
+        new._blocks = [loaded[i] if i in loaded else self._blocks[i] for i in range(n_blocks)]
+        return new, "grown"
 
     def device_bytes_per_tile(self, dtype: str | None = None, codes_meta: dict[str, Any] | None = None) -> int:
         """Bytes one tile of this index takes on a device (:func:`pipeline.search.device.bytes_per_tile`):

@@ -15,6 +15,8 @@ the index, as ``search --uid A --uid B`` answers both in one pass.
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import math
 import re
 import threading
@@ -31,6 +33,8 @@ from pipeline.errors import AerialSearchError, SearchError
 from pipeline.search import Filters, Queries, SearchIndex
 from pipeline.search.results import Result
 from pipeline.serve.basemap import Basemap, encode_png, footprint_ring
+
+log = logging.getLogger(__name__)
 
 MAX_QUERIES = 64  # uid / place queries per request
 MAX_EXAMPLES = 500  # positives + negatives per example set
@@ -221,20 +225,62 @@ class Service:
         self.device = device
         self.max_upload = max_upload
         self.batcher = Batcher()
+        self.follows = {"grown": 0, "reloaded": 0, "errors": 0, "last_error": ""}
+        self._follower: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._adopt(index)
+
+    def _adopt(self, index: SearchIndex) -> None:
+        """Serve ``index``: its footprints, tile counts and basemap, then the index itself."""
         ds = index.ds
         pre = index.provenance.get("preprocessing", {})
         self.bands = tuple(pre.get("bands", (1, 2, 3)))
         self.scale = pre.get("scale")
         geom = index.geometry
         table = index.image_table
-        self.rings = [
+        rings = [
             footprint_ring(geom["transform"][i], str(geom["crs"][i]), int(table["width"][i]), int(table["height"][i]))
             for i in range(ds.sizes["img"])
         ]
         image = ds["image"].values
         valid = ds["valid"].values & (image >= 0)
         self.tiles_per_image = np.bincount(image[valid], minlength=ds.sizes["img"])
-        self.basemap = Basemap(index.image_paths, self.rings, self.bands, self.scale)
+        self.basemap = Basemap(index.image_paths, rings, self.bands, self.scale)
+        self.rings = rings
+        self.index = index
+        self.loaded_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+    # ---- following the store ------------------------------------------------------------------
+
+    def refresh(self) -> str:
+        """Bring the index up to the store's current snapshot (:meth:`SearchIndex.follow`): new
+        images done are added as new blocks and statuses re-read (removals drop out at once);
+        a compacted, migrated or re-post-processed store is loaded anew. The new index is built
+        beside the served one and swapped in between two searches (on the search thread), so no
+        search sees a half-updated index. Returns ``same``, ``grown`` or ``reloaded``."""
+        new, how = self.index.follow()
+        if how != "same":
+            self.batcher.call(lambda: self._adopt(new))
+            self.follows[how] += 1
+            log.info("store %s %s: now snapshot %s", self.index.path, how, new.snapshot())
+        return how
+
+    def follow(self, seconds: float) -> None:
+        """Check the store for changes every ``seconds`` on a background thread (``serve``)."""
+        if seconds <= 0 or self._follower is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(seconds):
+                try:
+                    self.refresh()
+                except Exception as e:  # noqa: BLE001 (a store mid-write, storage hiccup: keep serving, retry)
+                    self.follows["errors"] += 1
+                    self.follows["last_error"] = str(e)[:300]
+                    log.warning("following the store failed (serving the previous snapshot): %s", e)
+
+        self._follower = threading.Thread(target=loop, name="aerial-search-follow", daemon=True)
+        self._follower.start()
 
     @classmethod
     def open(cls, store: str, runtime: Any = None, index_device: str = "", index_dtype: str = "", **kwargs: Any) -> Service:
@@ -244,6 +290,7 @@ class Service:
         return cls(index.persist(device=index_device or None, dtype=index_dtype or None), **kwargs)
 
     def close(self) -> None:
+        self._stop.set()
         self.batcher.close()
 
     # ---- searches ------------------------------------------------------------------------
@@ -419,6 +466,8 @@ class Service:
             "images_without_crs": sum(r is None for r in self.rings),
             "max_upload_bytes": self.max_upload,
             "value_names": {"uid": "distance", "examples": "score", "classifier": "probability"},
+            "snapshot": {"id": self.index.snapshot(), "loaded": self.loaded_at, "images": int(len(self.rings)),
+                         "tiles": int(self.tiles_per_image.sum()), **{k: v for k, v in self.follows.items()}},
         }
         return doc
 

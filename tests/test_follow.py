@@ -1,0 +1,164 @@
+"""``serve`` follows its store (issue 26): images ingested, finished or removed while it runs are
+searched without a restart, the persisted blocks of unchanged slots are kept (only new and
+changed ones load), a compacted store is loaded anew, ``/api/info`` names the snapshot served,
+and every answer equals a NumPy brute force over the store as it is on disk."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from conftest import textured, write_tif
+
+from pipeline import store
+from pipeline.cli import main
+from pipeline.search import SearchIndex
+from pipeline.store import open_store
+
+pytest.importorskip("fastapi", reason="serve needs fastapi: pip install -e .")
+
+PROBE = ["--model", "probe", "--weights", "random", "--chunk-px", "512", "--chunk-tiles", "8", "--no-progress"]
+
+
+def brute(path, uid: int, k: int) -> list[str]:
+    """The k nearest valid tiles of done images to tile ``uid`` (its own image's overlapping
+    windows excluded, other images' ground overlap too when both have a CRS: none overlap here)."""
+    ds = open_store(path)
+    done = ds["status"].values.astype(object) == "done"
+    image, uids = ds["image"].values, ds["uid"].values
+    ok = ds["valid"].values & (image >= 0)
+    ok &= done[np.clip(image, 0, None)]
+    fp = ds["fingerprint"].values.astype(np.float64)
+    q = int(np.flatnonzero(ok & (uids == uid))[0])
+    ok &= ~((image == image[q]) & (np.abs(ds["row"].values - ds["row"].values[q]) < 256)
+            & (np.abs(ds["col"].values - ds["col"].values[q]) < 256))  # fmt: skip
+    cand = np.flatnonzero(ok)
+    d = np.sqrt(((fp[cand] - fp[q]) ** 2).sum(1))
+    return [str(int(u)) for u in uids[cand][np.lexsort((uids[cand], d))][:k]]
+
+
+def far(k: int) -> tuple[float, ...]:
+    return (0.5, 0, 400000.0 + 5000 * k, 0, -0.5, 3300000.0)  # images never overlap on the ground
+
+
+def test_serve_follows_a_growing_shrinking_and_compacted_store(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pipeline.serve.app import create_app
+    from pipeline.serve.service import Service
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(2):
+        write_tif(src / f"a{k}.tif", textured(768, 768, seed=900 + k), transform=far(k))
+    path = tmp_path / "s.zarr"
+    assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+    index = SearchIndex.open(str(path)).persist(block_rows=16)
+    service = Service(index)
+    client = TestClient(create_app(service))
+    try:
+        ds = open_store(path)
+        uid = int(ds["uid"].values[ds["valid"].values][3])
+        info = client.get("/api/info").json()["server"]["snapshot"]
+        assert info["id"] == store.snapshot_id(path) and info["images"] == 2
+
+        def answer():
+            r = client.get("/api/search", params={"uid": str(uid), "k": 30})
+            assert r.status_code == 200, r.text
+            return [x["uid"] for x in r.json()["results"]]
+
+        assert answer() == brute(path, uid, 30)
+        assert service.refresh() == "same"
+
+        # a new image: appended as new blocks, the full blocks of old slots kept as they were
+        write_tif(src / "a2.tif", textured(768, 768, seed=902), transform=far(2))
+        assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+        old_blocks, n_old = list(index._blocks), index.ds.sizes["tile"]
+        assert service.refresh() == "grown"
+        grown = service.index
+        assert grown is not index and grown.ds.sizes["tile"] > n_old
+        kept = [i for i in range(len(old_blocks)) if (i + 1) * 16 <= n_old]
+        assert kept and all(grown._blocks[i] is old_blocks[i] for i in kept)
+        got = answer()
+        assert got == brute(path, uid, 30) and any(int(u) >> 40 == 2 for u in map(int, got))
+        info = client.get("/api/info").json()["server"]["snapshot"]
+        assert info["id"] == store.snapshot_id(path) and info["images"] == 3 and info["grown"] == 1
+        fresh = SearchIndex.open(str(path))
+        [res] = fresh.search(fresh.queries_from_uids([uid])[0], 30)
+        assert [str(int(u)) for u in res.uid] == got
+
+        # a removal drops out at once
+        assert main(["remove", "--store", str(path), "a2.tif"]) == 0
+        assert service.refresh() == "grown"
+        got = answer()
+        assert got == brute(path, uid, 30) and not any(int(u) >> 40 == 2 for u in map(int, got))
+
+        # compaction renumbers slots: a full reload
+        assert main(["compact", "--store", str(path)]) == 0
+        assert service.refresh() == "reloaded"
+        assert answer() == brute(path, uid, 30)
+        assert client.get("/api/info").json()["server"]["snapshot"]["reloaded"] == 1
+    finally:
+        service.close()
+
+
+def test_the_follower_thread_serves_an_ingest_without_a_restart(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pipeline.serve.app import create_app
+    from pipeline.serve.service import Service
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tif(src / "a0.tif", textured(512, 512, seed=910), transform=far(0))
+    path = tmp_path / "s.zarr"
+    assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+    service = Service.open(str(path))
+    service.follow(0.2)
+    client = TestClient(create_app(service))
+    try:
+        first = client.get("/api/info").json()["server"]["snapshot"]["id"]
+        write_tif(src / "a1.tif", textured(512, 512, seed=911), transform=far(1))
+        assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+        deadline = time.time() + 20
+        while client.get("/api/info").json()["server"]["snapshot"]["id"] == first:
+            assert time.time() < deadline, "the server never picked up the grown store"
+            time.sleep(0.1)
+        ds = open_store(path)
+        uid = int(ds["uid"].values[ds["valid"].values & (ds["image"].values == 1)][0])
+        r = client.get("/api/search", params={"uid": str(uid), "k": 5})
+        assert r.status_code == 200 and [x["uid"] for x in r.json()["results"]] == brute(path, uid, 5)
+    finally:
+        service.close()
+
+
+def test_serve_command_follow_seconds(tmp_path):
+    """``serve --follow-seconds`` through the command line: an image ingested while it runs is
+    searched without a restart."""
+    import httpx
+    from test_serve import start_serve
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tif(src / "a0.tif", textured(512, 512, seed=920), transform=far(0))
+    path = tmp_path / "s.zarr"
+    assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+    proc, url, _ = start_serve(["--store", str(path), "--port", "0", "--follow-seconds", "0.3"])
+    try:
+        first = httpx.get(url + "/api/info").json()["server"]["snapshot"]
+        assert first["images"] == 1
+        write_tif(src / "a1.tif", textured(512, 512, seed=921), transform=far(1))
+        assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+        deadline = time.time() + 30
+        while (snap := httpx.get(url + "/api/info").json()["server"]["snapshot"])["images"] != 2:
+            assert time.time() < deadline, "serve never followed the store"
+            time.sleep(0.2)
+        assert snap["id"] == store.snapshot_id(path) and snap["grown"] == 1
+        ds = open_store(path)
+        uid = int(ds["uid"].values[ds["valid"].values & (ds["image"].values == 1)][0])
+        doc = httpx.get(url + "/api/search", params={"uid": str(uid), "k": 4}).json()
+        assert [x["uid"] for x in doc["results"]] == brute(path, uid, 4)
+    finally:
+        proc.terminate()
+        proc.wait(30)
