@@ -146,6 +146,9 @@ def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int]
     width, height = table["width"], table["height"]
     feet = {i: _footprint_lonlat(geom["transform"][i], crs[i], int(width[i]), int(height[i])) for i in {*after, *before}}
     valid_of: dict[int, np.ndarray] = {}
+    import shapely
+
+    tree = shapely.STRtree([shapely.box(*feet[b]) for b in before])  # before images meeting an after one: a query
 
     def slots(i: int) -> slice:
         start = int(table["tile_start"][i])
@@ -171,13 +174,9 @@ def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int]
         best = np.zeros(len(idx))
         best_slot = np.full(len(idx), -1, dtype=np.int64)
         best_when = np.full(len(idx), np.datetime64("NaT", "s"))
-        fa = feet[a]
-        for b in before:
+        for b in (before[j] for j in sorted(tree.query(shapely.box(*feet[a])))):
             if b == a:
                 continue
-            fb = feet[b]
-            if fb[0] > fa[2] or fb[2] < fa[0] or fb[1] > fa[3] or fb[3] < fa[1]:
-                continue  # the images' footprints do not meet
             qx, qy = _to_pixels(ax, ay, geom["transform"][a], crs[a], geom["transform"][b], crs[b])
             qx, qy = qx.reshape(ax.shape), qy.reshape(ay.shape)
             area = np.minimum(_quad_area(qx, qy), _AREA)
