@@ -8,6 +8,7 @@ fails the run like any real-data test's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -47,11 +48,12 @@ def real_store(tmp_path_factory, data_dir, shared_weights):
     return path
 
 
-@pytest.fixture(scope="module")
-def server(real_store):
+@contextlib.contextmanager
+def serving(store):
+    """The app over ``store`` served by uvicorn on a free port of 127.0.0.1, on a thread: its URL."""
     import uvicorn
 
-    service = Service.open(str(real_store))
+    service = Service.open(str(store))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -60,11 +62,19 @@ def server(real_store):
     thread.start()
     while not srv.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = srv.force_exit = True  # the browser's keep-alive connections would hold a graceful exit
-    thread.join(10)
-    assert not thread.is_alive()
-    service.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = srv.force_exit = True  # the browser's keep-alive connections would hold a graceful exit
+        thread.join(10)
+        assert not thread.is_alive()
+        service.close()
+
+
+@pytest.fixture(scope="module")
+def server(real_store):
+    with serving(real_store) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +259,6 @@ def test_page_search_mark_rerun_and_permalink(server, browser, tmp_path):
 def dated_server(tmp_path_factory):
     """Two dated flights of the same ground (the second with patches pasted in) and a third image
     elsewhere without a date, served on a free port."""
-    import uvicorn
     from conftest import textured, write_tif
 
     root = tmp_path_factory.mktemp("dated-page")
@@ -265,19 +274,8 @@ def dated_server(tmp_path_factory):
     path = root / "s.zarr"
     assert main(["ingest", str(src), "--store", str(path), "--model", "probe", "--weights", "random",
                  "--dates", str(root / "d.csv"), "--no-progress"]) == 0  # fmt: skip
-    service = Service.open(str(path))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    srv = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = srv.force_exit = True
-    thread.join(10)
-    service.close()
+    with serving(path) as url:
+        yield url
 
 
 def test_page_date_range_and_changes_mode_with_permalinks(dated_server, browser, tmp_path):
