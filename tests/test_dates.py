@@ -142,12 +142,14 @@ def test_a_date_that_is_no_date_stops_the_ingest_before_the_store_changes(dated,
     assert not (tmp_path / "fresh.zarr").exists() and not list(tmp_path.glob(".fresh.zarr*"))
 
 
-def test_a_later_ingest_with_dates_dates_images_already_in_the_store(dated, tmp_path):
+def test_a_later_ingest_with_dates_dates_images_already_in_the_store(dated, tmp_path, capsys):
     root, src, path = dated
     copy = tmp_path / "s.zarr"
     shutil.copytree(path, copy)
     (tmp_path / "more.csv").write_text("path,acquired\nplain.tif,2022-01-02\n")
+    capsys.readouterr()
     assert main(["ingest", str(src), "--store", str(copy), *PROBE, "--dates", str(tmp_path / "more.csv")]) == 0
+    assert "dates        1 image(s) already in the store dated" in capsys.readouterr().out
     got = acquired_of(copy)
     assert got["plain.tif"] == t("2022-01-02T00:00:00")
     assert got["a.tif"] == t("2018-05-01T00:00:00")  # the CSV does not name it: kept (not its tag)
@@ -184,6 +186,10 @@ def test_migrate_from_version_2_adds_acquired_unknown_then_dates_come_from_the_n
     assert ds.attrs["migrated"]["added"] == ["acquired", "item_id"]
     assert main(["info", "--store", str(path)]) == 0
     assert "acquired      unknown for every image" in capsys.readouterr().out
+    uid = str(int(ds["uid"].values[ds["valid"].values][0]))
+    assert main(["search", "--store", str(path), "--uid", uid, "--date", "2019/"]) == 2
+    err = capsys.readouterr().err
+    assert "no searchable image has an acquisition time" in err and "--dates FILE" in err
 
 
 # --------------------------------------------------------------------------------------------

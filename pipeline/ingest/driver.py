@@ -64,6 +64,7 @@ class IngestReport:
     processed: int = 0  # images fingerprinted by this run
     skipped: int = 0  # unchanged images already in the store
     replaced: int = 0  # changed images re-ingested (their old tiles invalidated)
+    dated: int = 0  # images already in the store given an acquisition time by this run (--dates, --date-pattern, STAC)
     empty_images: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), also in the store
 
@@ -80,6 +81,8 @@ class IngestReport:
             f"time         {self.seconds:.1f} s ({self.tiles_per_second:.1f} tiles/s) on {self.scheduler}",
             f"weights      {self.weights_id}",
         ]
+        if self.dated:
+            lines.insert(2, f"dates        {self.dated} image(s) already in the store dated or re-dated")
         lines += [f"FAILED       {p}: {why}" for p, why in self.failed]
         return "\n".join(lines)
 
@@ -200,8 +203,9 @@ def _ingest(
                 store.grow(work, max(n_tiles, n_slots), n_images + len(plans))
                 store.write_rows(work, np.array([p.image_id for p in plans]),
                                  plan.table_rows(plans, found.hashes, acquired, dates.items))  # fmt: skip
+            dated = 0
             if have_store and dates.explicit():
-                _redate(work, table, {p: a for p, a in acquired.items() if p not in fresh}, dates.items)
+                dated = _redate(work, table, {p: a for p, a in acquired.items() if p not in fresh}, dates.items)
             for _path, why in failures:  # files that could not even be opened: reported, not in the table
                 warnings.warn(f"skipped {why}", stacklevel=3)
             old_plans = [
@@ -241,6 +245,7 @@ def _ingest(
         replaced=len([i for i in replaced_of if i in done]),
         empty_images=[p.info.path for p in plans if not p.tile_count],
         failed=failures,
+        dated=dated,
     )
 
 
@@ -487,10 +492,10 @@ def _culprit(error: BaseException, batch: plan.Batch) -> plan.ImagePlan | None:
 
 
 def _redate(work: Path | str, table: dict[str, np.ndarray], acquired: dict[str, np.datetime64],
-            items: dict[str, str]) -> None:  # fmt: skip
+            items: dict[str, str]) -> int:  # fmt: skip
     """Images already in the store get the acquisition times (and STAC ids) this run's explicit
     sources give them, where those are known and differ: dating an archive after its ingest
-    needs no re-ingest."""
+    needs no re-ingest. Returns how many changed."""
     have = np.asarray(table["acquired"], dtype="datetime64[s]") if "acquired" in table else None
     ids, when, item = [], [], []
     for i, (path, status) in enumerate(zip(table["image_path"], table["status"])):
@@ -506,6 +511,7 @@ def _redate(work: Path | str, table: dict[str, np.ndarray], acquired: dict[str, 
         store.write_rows(work, np.array(ids), {"acquired": np.array(when, dtype="datetime64[s]"),
                                                "item_id": np.array(item, dtype=object)})  # fmt: skip
         log.info("acquired: %d image(s) already in the store dated", len(ids))
+    return len(ids)
 
 
 def _commit(work: Path | str, done_ids: list[int], failed: list[tuple[int, str]], replaced_of: dict[int, int]) -> None:

@@ -733,7 +733,8 @@ class SearchIndex:
             a = self.acquired[usable]
             dated = a[~np.isnat(a)]
             have = (f"the searchable images were acquired from {dates.iso(dated.min())} to {dates.iso(dated.max())}"
-                    if len(dated) else "no searchable image has an acquisition time")  # fmt: skip
+                    if len(dated) else "no searchable image has an acquisition time: date them with `aerial-search "
+                    "ingest SOURCE --store STORE --dates FILE` or `--date-pattern REGEX`, no re-ingest needed")  # fmt: skip
             raise SearchError(f"{flag} {rng.text}: no image acquired in that range ({have}; {counts['undated']} "
                               f"without a date fail every date filter)")  # fmt: skip
         return ids, {**rng.describe(), **counts}
