@@ -165,3 +165,38 @@ def test_serve_command_follow_seconds(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_an_image_that_becomes_done_after_the_blocks_loaded_is_reloaded(tmp_path):
+    """The race an ingest's commit makes: the index loads while an image is pending (its rows not
+    yet written), then its rows are written and it becomes done. The statuses the index compares
+    are those read before its blocks, so the image's blocks are reloaded, never served stale."""
+    import zarr
+
+    from pipeline.serve.service import Service
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(2):
+        write_tif(src / f"a{k}.tif", textured(768, 768, seed=930 + k), transform=far(k))
+    path = tmp_path / "s.zarr"
+    assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+    table = store.read_table(path)
+    a, n = int(table["tile_start"][1]), int(table["tile_count"][1])
+    g = zarr.open_group(str(path), mode="r+", zarr_format=3, use_consolidated=False)
+    rows, valid = g["fingerprint"][a : a + n], g["valid"][a : a + n]
+    store.set_status(path, [1], "pending")  # as an ingest has it before its rows are written
+    g["fingerprint"][a : a + n] = np.zeros_like(rows)
+    g["valid"][a : a + n] = np.zeros_like(valid)
+    service = Service(SearchIndex.open(str(path)).persist(block_rows=16))
+    try:
+        g["fingerprint"][a : a + n] = rows  # the ingest writes the rows, then commits the image
+        g["valid"][a : a + n] = valid
+        store.set_status(path, [1], "done")
+        assert service.refresh() == "grown"
+        ds = open_store(path)
+        uid = int(ds["uid"].values[ds["valid"].values & (ds["image"].values == 1)][0])
+        [res] = service.index.search(service.index.queries_from_uids([uid])[0], 10)
+        assert [str(int(u)) for u in res.uid] == brute(path, uid, 10)
+    finally:
+        service.close()

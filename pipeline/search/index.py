@@ -92,7 +92,13 @@ class SearchIndex:
         """Per image: searchable (its ingest is done). None when the store has no status table."""
         if "status" not in self.ds:
             return None
-        return self._once("usable", lambda: self.ds["status"].values.astype(object) == "done")
+        return self._once("usable", lambda: self.statuses == "done")
+
+    @property
+    def statuses(self) -> np.ndarray:
+        """Each image's status, read once (:meth:`persist` reads it before the blocks, so that what
+        the index calls done is never newer than what its blocks hold)."""
+        return self._once("status", lambda: self.ds["status"].values.astype(object))
 
     @property
     def image_table(self) -> dict[str, np.ndarray]:
@@ -226,6 +232,9 @@ class SearchIndex:
         block_rows = -(-block_rows // chunk) * chunk  # whole store chunks: reads stay aligned
         dba = self.uses_dba
         meta = self.check_codes() if self.codes else {}
+        if "status" in self.ds and self.path:
+            self.snapshot()  # what it loads from: the snapshot, then the statuses, then the blocks
+            _ = self.usable  # (an ingest may commit meanwhile: the blocks are then at least as new)
         if local_device:
             device_mod.check_fits(n, self.device_bytes_per_tile(dtype, meta), local_device, f"store {self.path}")
         elif not dba and self.postprocess.method == "none" and (dtype or self.ds["fingerprint"].dtype) == np.float16:
@@ -296,6 +305,7 @@ class SearchIndex:
         ds = store.open_store(self.path)
         new = dataclasses.replace(self, ds=ds, _blocks=None, _blocks_hold_codes=False, _block_rows=0, _cache={})
         new._cache["snapshot"] = now
+        status = new.statuses  # before any block is read: blocks are then at least as new as these
         if self._blocks is None:
             return new, "grown"
         old_attrs, attrs = store.provenance(self.ds), store.provenance(ds)
@@ -305,8 +315,7 @@ class SearchIndex:
         if not same_layout or n < n_old or ds.sizes["img"] < self.ds.sizes["img"]:
             return new.persist(device=self.device or None, dtype=self.dtype or None), "reloaded"
         br = self._block_rows
-        old_status = self.ds["status"].values.astype(object)
-        status = ds["status"].values.astype(object)
+        old_status = self.statuses  # as they were when this index's blocks were loaded
         changed = np.zeros(n, dtype=bool)  # slots whose fingerprints may differ from what the blocks hold
         for i in np.flatnonzero(status == "done"):
             if i >= len(old_status) or old_status[i] != "done":

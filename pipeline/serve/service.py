@@ -474,7 +474,7 @@ class Service:
     def images(self) -> dict[str, Any]:
         """The images as a GeoJSON FeatureCollection of footprints (geometry null without a CRS)."""
         ds = self.index.ds
-        status = ds["status"].values.astype(object) if "status" in ds else ["done"] * ds.sizes["img"]
+        status = self.index.statuses if "status" in ds else ["done"] * ds.sizes["img"]
         table, geom = self.index.image_table, self.index.geometry
         feats = []
         for i, path in enumerate(self.index.image_paths):
