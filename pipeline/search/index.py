@@ -289,6 +289,8 @@ class SearchIndex:
 
     def snapshot(self) -> str:
         """The identity of what this index was opened on (:func:`pipeline.store.snapshot_id`)."""
+        if not self.path:  # an index made in memory (evaluate) has no store to follow
+            return ""
         return self._cache.get("snapshot") or self._cache.setdefault("snapshot", store.snapshot_id(self.path))
 
     def follow(self) -> tuple[SearchIndex, str]:
@@ -299,6 +301,8 @@ class SearchIndex:
         compacted, migrated, post-processed or shrank: a new index persisted from scratch, within
         the same memory check). This index is left as it is, so searches in flight finish on it
         and a caller swaps in the new one whole: no search sees a half-updated index."""
+        if not self.path:
+            return self, "same"
         now = store.snapshot_id(self.path)
         if now == self.snapshot():
             return self, "same"
