@@ -42,18 +42,24 @@ def far(k: int) -> tuple[float, ...]:
     return (0.5, 0, 400000.0 + 5000 * k, 0, -0.5, 3300000.0)  # images never overlap on the ground
 
 
+def archive(tmp_path, n: int, size: int, seed: int):
+    """``n`` images of ``size`` px far apart in ``tmp_path/src``, ingested into ``tmp_path/s.zarr``."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(n):
+        write_tif(src / f"a{k}.tif", textured(size, size, seed=seed + k), transform=far(k))
+    path = tmp_path / "s.zarr"
+    assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+    return src, path
+
+
 def test_serve_follows_a_growing_shrinking_and_compacted_store(tmp_path):
     from fastapi.testclient import TestClient
 
     from pipeline.serve.app import create_app
     from pipeline.serve.service import Service
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for k in range(2):
-        write_tif(src / f"a{k}.tif", textured(768, 768, seed=900 + k), transform=far(k))
-    path = tmp_path / "s.zarr"
-    assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+    src, path = archive(tmp_path, 2, 768, 900)
     index = SearchIndex.open(str(path)).persist(block_rows=16)
     service = Service(index)
     client = TestClient(create_app(service))
@@ -109,11 +115,7 @@ def test_the_follower_thread_serves_an_ingest_without_a_restart(tmp_path):
     from pipeline.serve.app import create_app
     from pipeline.serve.service import Service
 
-    src = tmp_path / "src"
-    src.mkdir()
-    write_tif(src / "a0.tif", textured(512, 512, seed=910), transform=far(0))
-    path = tmp_path / "s.zarr"
-    assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+    src, path = archive(tmp_path, 1, 512, 910)
     service = Service.open(str(path))
     service.follow(0.2)
     client = TestClient(create_app(service))
@@ -141,11 +143,7 @@ def test_serve_command_follow_seconds(tmp_path):
     import httpx
     from test_serve import start_serve
 
-    src = tmp_path / "src"
-    src.mkdir()
-    write_tif(src / "a0.tif", textured(512, 512, seed=920), transform=far(0))
-    path = tmp_path / "s.zarr"
-    assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+    src, path = archive(tmp_path, 1, 512, 920)
     proc, url, _ = start_serve(["--store", str(path), "--port", "0", "--follow-seconds", "0.3"])
     try:
         first = httpx.get(url + "/api/info").json()["server"]["snapshot"]
@@ -175,12 +173,7 @@ def test_an_image_that_becomes_done_after_the_blocks_loaded_is_reloaded(tmp_path
 
     from pipeline.serve.service import Service
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for k in range(2):
-        write_tif(src / f"a{k}.tif", textured(768, 768, seed=930 + k), transform=far(k))
-    path = tmp_path / "s.zarr"
-    assert main(["ingest", str(src), "--store", str(path), *PROBE]) == 0
+    src, path = archive(tmp_path, 2, 768, 930)
     table = store.read_table(path)
     a, n = int(table["tile_start"][1]), int(table["tile_count"][1])
     g = zarr.open_group(str(path), mode="r+", zarr_format=3, use_consolidated=False)

@@ -321,10 +321,11 @@ class SearchIndex:
         br = self._block_rows
         old_status = self.statuses  # as they were when this index's blocks were loaded
         changed = np.zeros(n, dtype=bool)  # slots whose fingerprints may differ from what the blocks hold
-        for i in np.flatnonzero(status == "done"):
-            if i >= len(old_status) or old_status[i] != "done":
-                a = int(ds["tile_start"].values[i])
-                changed[a : a + int(ds["tile_count"].values[i])] = True
+        was_done = np.zeros(len(status), dtype=bool)
+        was_done[: len(old_status)] = old_status == "done"
+        starts, counts = ds["tile_start"].values, ds["tile_count"].values
+        for i in np.flatnonzero((status == "done") & ~was_done):  # images done since the blocks loaded
+            changed[int(starts[i]) : int(starts[i]) + int(counts[i])] = True
         changed[n_old:] = True
         n_blocks = -(-n // br)
         reload = [i for i in range(n_blocks) if (i + 1) * br > n_old or changed[i * br : (i + 1) * br].any()]
