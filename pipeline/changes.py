@@ -150,9 +150,11 @@ def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int]
 
     tree = shapely.STRtree([shapely.box(*feet[b]) for b in before])  # before images meeting an after one: a query
 
+    counts = ds["tile_count"].values  # once: each .values of a lazy variable is a read
+
     def slots(i: int) -> slice:
         start = int(table["tile_start"][i])
-        return slice(start, start + int(ds["tile_count"].values[i]))
+        return slice(start, start + int(counts[i]))
 
     def valid(i: int) -> np.ndarray:
         if i not in valid_of:
