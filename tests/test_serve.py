@@ -308,6 +308,60 @@ def test_basemap_tile_shows_the_image_where_it_lies(client, tmp_path):
         svc.close()
 
 
+def test_basemap_shows_the_latest_flight_on_top_or_the_flights_of_a_date_range(tmp_path):
+    """Three flights over the same ground, each one colour: 2019 (red), 2021 (blue), undated
+    (green, covering both and more), their file names sorting in the opposite order (image ids
+    follow the names). Where they overlap, the plain map
+    shows the 2021 flight; ``date=`` keeps only that range's flights (undated ones in none),
+    transparent where they do not reach; a bad range is a 400 naming ``date``."""
+    import morecantile
+    from PIL import Image
+    from rasterio.warp import transform as warp
+
+    red, blue, green = (200, 30, 30), (30, 30, 200), (30, 200, 30)
+    solid = lambda c, n: np.broadcast_to(np.array(c, np.uint8)[:, None, None], (3, n, n)).copy()  # noqa: E731
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tif(src / "c_2019.tif", solid(red, 512), transform=(1.0, 0, 500000.0, 0, -1.0, 3300000.0))
+    write_tif(src / "b_2021.tif", solid(blue, 512), transform=(1.0, 0, 500256.0, 0, -1.0, 3300000.0))
+    write_tif(src / "a_undated.tif", solid(green, 1024), transform=(1.0, 0, 499900.0, 0, -1.0, 3300100.0))
+    (tmp_path / "d.csv").write_text("path,acquired\nc_2019.tif,2019-05-01\nb_2021.tif,2021-05-01\n")
+    path = tmp_path / "flights.zarr"
+    assert main(["ingest", str(src), "--store", str(path), "--model", "probe", "--weights", "random",
+                 "--dates", str(tmp_path / "d.csv"), "--no-progress"]) == 0  # fmt: skip
+    tms = morecantile.tms.get("WebMercatorQuad")
+
+    def colour_at(c, x: float, y: float, date: str | None) -> tuple[int, ...] | None:
+        lon, lat = warp("EPSG:32617", "EPSG:4326", [x], [y])
+        t = tms.tile(lon[0], lat[0], 19)
+        url = f"/tiles/{t.z}/{t.x}/{t.y}.png" + (f"?date={date}" if date else "")
+        rgba = np.asarray(Image.open(io.BytesIO(ok_bytes(c.get(url)))).convert("RGBA")).astype(int)
+        mx, my = tms.xy(lon[0], lat[0])
+        b = tms.xy_bounds(t)
+        px, py = int((mx - b.left) / (b.right - b.left) * 256), int((b.top - my) / (b.top - b.bottom) * 256)
+        return None if rgba[py, px, 3] == 0 else tuple(rgba[py, px, :3])
+
+    def near(got, want) -> bool:
+        return got is not None and max(abs(g - w) for g, w in zip(got, want)) <= 2
+
+    svc = Service.open(str(path))
+    try:
+        c = TestClient(create_app(svc))
+        both, only_2019, only_undated = (500384.0, 3299744.0), (500100.0, 3299744.0), (499950.0, 3300050.0)
+        assert near(colour_at(c, *both, None), blue)  # the latest flight on top
+        assert near(colour_at(c, *only_2019, None), red)  # older flights where the latest is not
+        assert near(colour_at(c, *only_undated, None), green)  # undated flights under every dated one
+        assert near(colour_at(c, *both, "2019-01-01/2019-12-31"), red)
+        assert near(colour_at(c, *both, "2020/"), blue)
+        assert colour_at(c, *only_2019, "2020/") is None  # the 2021 flight does not reach there
+        assert colour_at(c, *only_undated, "/2030") is None  # undated flights are in no range
+        assert colour_at(c, *both, "1990/1991") is None  # no flight in the range: transparent
+        bad = c.get("/tiles/19/0/0.png?date=2019-13-45/")
+        assert bad.status_code == 400 and "date" in bad.json()["error"]
+    finally:
+        svc.close()
+
+
 def test_preview_and_pixel_to_uid(client, tiles):
     from PIL import Image
 

@@ -309,6 +309,8 @@ def test_page_date_range_and_changes_mode_with_permalinks(dated_server, browser,
     assert [r["uid"] for r in recs] == [r["uid"] for r in oracle.json()["results"]]
     link = page.url
     assert "date=2021-01-01%2F2021-12-31" in link or "date=2021-01-01/2021-12-31" in link
+    # the map shows the flights of the range
+    page.wait_for_selector("img.leaflet-tile-loaded[src*='date=2021-01-01%2F2021-12-31']", timeout=30_000)
     # a new range answers the same query again
     page.evaluate("""(() => { document.getElementById('date-from').value = '2019-01-01';
         const to = document.getElementById('date-to'); to.value = '2019-12-31';
@@ -343,7 +345,19 @@ def test_page_date_range_and_changes_mode_with_permalinks(dated_server, browser,
     assert page.locator("#gallery .result.change img.before").count() == 9
     assert page.locator("path.result-outline").count() == 9
     assert "most changed of" in page.inner_text("#status")
+    # the map shows the 'after' flight, the 'before' one a click away in the layer switch
+    switch = page.locator(".leaflet-control-layers-base label")
+    assert switch.count() == 2
+    assert switch.nth(0).inner_text().strip() == "after: from 2021-01-01"
+    assert switch.nth(1).inner_text().strip() == "before: 2019-01-01 – 2019-12-31"
+    page.wait_for_selector("img.leaflet-tile-loaded[src*='date=2021-01-01%2F']", timeout=30_000)
     shot(page, tmp_path / "7-changes.png")
+    switch.nth(1).click()
+    page.wait_for_selector("img.leaflet-tile-loaded[src*='date=2019-01-01%2F2019-12-31']", timeout=30_000)
+    assert page.evaluate("aerialSearch.map.hasLayer(aerialSearch.beforeMap) && !aerialSearch.map.hasLayer(aerialSearch.basemap)")
+    tiles = page.eval_on_selector_all(".leaflet-tile-pane img.leaflet-tile", "els => els.map(e => e.src)")
+    assert tiles and all("date=2019-01-01%2F2019-12-31" in t for t in tiles), tiles
+    shot(page, tmp_path / "7b-changes-before.png")
     link = page.url
     assert "changes=1" in link and "before=" in link and "after=" in link
     again.goto(link, wait_until="domcontentloaded")
@@ -351,4 +365,12 @@ def test_page_date_range_and_changes_mode_with_permalinks(dated_server, browser,
     wait_seq(again, 1)
     assert gallery_uids(again) == gallery_uids(page)
     assert again.evaluate("document.getElementById('changes-box').open")
+    # a plain search leaves changes mode: one basemap again, of every date, no layer switch
+    page.evaluate(fit)  # the whole after image, clicked away from the changed windows' outlines
+    page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.2)
+    wait_seq(page, 4)
+    assert page.locator(".leaflet-control-layers").count() == 0
+    assert page.evaluate("aerialSearch.map.hasLayer(aerialSearch.basemap) && !aerialSearch.beforeMap")
+    page.wait_for_selector("img.leaflet-tile-loaded[src$='.png']", timeout=30_000)
+    assert page.evaluate("aerialSearch.basemap._url") == "/tiles/{z}/{x}/{y}.png"
     assert not errors, errors

@@ -17,7 +17,8 @@ Routes (all JSON unless said; every error is a 4xx/5xx with ``{"error": "<one li
   ``min_distance`` (+ ``limit``), ``footprints``: ``aerial-search changes --json``'s document.
 - ``GET /api/tiles/{uid}.png`` (``size``), ``GET /api/images`` (footprints),
   ``GET /api/images/{id}/preview.png``, ``GET /api/images/{id}/uid?x=&y=``, ``GET /api/info``.
-- ``GET /tiles/{z}/{x}/{y}.png``: the archive as an XYZ basemap.
+- ``GET /tiles/{z}/{x}/{y}.png`` (``date``): the archive as an XYZ basemap, latest flight on
+  top, or only the flights of a date range.
 - ``GET /``: the map page; ``/static/*`` its code and Leaflet (``static/vendor/leaflet``, shipped
   in the package: nothing is fetched from a CDN or needs npm at run time); ``/openapi.json``, the
   API's description (no ``/docs`` page: Swagger UI would be 10 MB more in the package).
@@ -317,11 +318,18 @@ def create_app(service: Service, token: str | None = None, cors_origins: list[st
         return service.info()
 
     @app.get("/tiles/{z}/{x}/{y}.png", tags=["pixels"], response_class=Response)
-    def basemap(z: int, x: int, y: int) -> Response:
-        """The archive's images as an XYZ (Web Mercator) basemap; transparent where none."""
+    def basemap(
+        z: int, x: int, y: int,
+        date: Annotated[str | None, Query(description="FROM/TO: only images acquired in this range (ISO dates, "
+                                                      "either end open)")] = None,
+    ) -> Response:  # fmt: skip
+        """The archive's images as an XYZ (Web Mercator) basemap, the most recently acquired on
+        top where they overlap; transparent where none."""
         try:
-            png = service.basemap.tile(z, x, y)
-        except ValueError as e:
+            png = service.basemap_tile(z, x, y, date)
+        except RequestError:
+            raise
+        except ValueError as e:  # no such tile
             raise RequestError(str(e), 404) from None
         return Response(png, media_type=PNG, headers={"Cache-Control": "private, max-age=3600"})
 

@@ -1,7 +1,8 @@
 """Pixels for the page, read from the archive itself (no internet, no tile server elsewhere):
 
 - :class:`Basemap`: XYZ tiles (Web Mercator, 256 px) cut from the source GeoTIFFs by rio-tiler,
-  several images mosaicked (first image wins where they overlap, transparent where none);
+  several images mosaicked (the most recently acquired wins where they overlap, then undated
+  images by id; transparent where none), optionally only the images of a date range;
 - image footprints in EPSG:4326 (each image's outline, edges densified through its CRS);
 - previews of whole images (decimated reads), for images without a CRS, which have no place
   on the map and are searched from the gallery view.
@@ -64,10 +65,13 @@ class Basemap:
     """XYZ tiles of the images that have a CRS.
 
     ``paths``, ``rings``: per image id (ring None: not on the map); ``bands``, ``scale``: the
-    store's preprocessing (non-uint8 pixels are mapped to uint8 with ``scale`` as ingest does).
+    store's preprocessing (non-uint8 pixels are mapped to uint8 with ``scale`` as ingest does);
+    ``acquired``: per image id (``datetime64``, NaT unknown), which orders the mosaic: where
+    flights overlap, the map shows the latest one, as a map of "now" should.
     """
 
-    def __init__(self, paths: Sequence[str], rings: Sequence[list | None], bands: Sequence[int], scale: Any):
+    def __init__(self, paths: Sequence[str], rings: Sequence[list | None], bands: Sequence[int], scale: Any,
+                 acquired: np.ndarray | None = None):  # fmt: skip
         # rio-tiler's modules import each other: a first import from several request threads at
         # once can see one half-initialized, so they are imported here, before any request.
         import morecantile  # noqa: F401
@@ -83,8 +87,13 @@ class Basemap:
                 xy = np.asarray(ring)
                 boxes[i] = xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max()
         self.boxes = boxes
+        when = np.asarray(acquired if acquired is not None else np.full(len(paths), "NaT"), "datetime64[s]")
+        undated = np.isnat(when)
+        newest = np.where(undated, 0, -when.astype(np.int64))
+        # undated last, newest first, ties by id (np.lexsort: the last key is the primary one)
+        self.order = np.lexsort((np.arange(len(paths)), newest, undated))
         self._empty: bytes | None = None
-        self._cache: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int, int, Any], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -94,10 +103,11 @@ class Basemap:
             self._empty = encode_png(np.zeros((4, 256, 256), np.uint8))
         return self._empty
 
-    def images_in(self, z: int, x: int, y: int) -> list[int]:
+    def images_in(self, z: int, x: int, y: int, keep: np.ndarray | None = None) -> list[int]:
         """Ids of the images whose lon/lat box meets tile ``z/x/y`` and spans at least
         :data:`MIN_PIXELS` of it (zoomed out, the footprints show where images are; reading
-        whole images to draw a few pixels each would make every world-view tile slow)."""
+        whole images to draw a few pixels each would make every world-view tile slow), in mosaic
+        order (latest acquired first); ``keep``: a boolean per image id, only those."""
         import morecantile
 
         w, s, e, n = morecantile.tms.get("WebMercatorQuad").bounds(morecantile.Tile(x, y, z))
@@ -105,24 +115,26 @@ class Basemap:
         with np.errstate(invalid="ignore"):
             hit = (b[:, 0] <= e) & (b[:, 2] >= w) & (b[:, 1] <= n) & (b[:, 3] >= s)
             big = np.maximum((b[:, 2] - b[:, 0]) / (e - w), (b[:, 3] - b[:, 1]) / (n - s)) * 256 >= MIN_PIXELS
-        return [int(i) for i in np.flatnonzero(hit & big)]
+        use = hit & big if keep is None else hit & big & keep
+        return [int(i) for i in self.order if use[i]]
 
-    def tile(self, z: int, x: int, y: int) -> bytes:
-        """PNG bytes of tile ``z/x/y`` (the transparent tile where no image covers it); the
-        latest :data:`CACHE_TILES` are kept."""
-        key = (z, x, y)
+    def tile(self, z: int, x: int, y: int, keep: np.ndarray | None = None, key: Any = None) -> bytes:
+        """PNG bytes of tile ``z/x/y`` (the transparent tile where no image covers it) of the
+        images ``keep`` marks (all when None; ``key`` names that selection in the cache, e.g. a
+        date range); the latest :data:`CACHE_TILES` are kept."""
+        key = (z, x, y, key)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        png = self._render(z, x, y)
+        png = self._render(z, x, y, keep)
         with self._lock:
             self._cache[key] = png
             while len(self._cache) > CACHE_TILES:
                 self._cache.popitem(last=False)
         return png
 
-    def _render(self, z: int, x: int, y: int) -> bytes:
+    def _render(self, z: int, x: int, y: int, keep: np.ndarray | None) -> bytes:
         from rasterio.enums import MaskFlags
         from rasterio.errors import RasterioIOError
         from rio_tiler.errors import TileOutsideBounds
@@ -131,7 +143,7 @@ class Basemap:
 
         if not (0 <= z <= MAX_ZOOM and 0 <= x < 1 << z and 0 <= y < 1 << z):
             raise ValueError(f"tile {z}/{x}/{y} does not exist (zoom 0..{MAX_ZOOM}, x and y 0..2**zoom - 1)")
-        ids = self.images_in(z, x, y)
+        ids = self.images_in(z, x, y, keep)
         if not ids:
             return self.empty
 

@@ -245,10 +245,20 @@ class Service:
         image = ds["image"].values
         valid = ds["valid"].values & (image >= 0)
         self.tiles_per_image = np.bincount(image[valid], minlength=ds.sizes["img"])
-        self.basemap = Basemap(index.image_paths, rings, self.bands, self.scale)
+        self.basemap = Basemap(index.image_paths, rings, self.bands, self.scale, index.acquired)
         self.rings = rings
         self.index = index
         self.loaded_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+    def basemap_tile(self, z: int, x: int, y: int, date: str | None = None) -> bytes:
+        """XYZ tile ``z/x/y`` of the archive, the latest flight on top; ``date`` (FROM/TO): only
+        the images acquired in that range (undated images are in none; none at all: transparent)."""
+        if not date:
+            return self.basemap.tile(z, x, y)
+        with _as_request_errors():
+            rng = DateRange.parse(str(date), "date")
+        keep = rng.mask(self.index.acquired)
+        return self.basemap.tile(z, x, y, keep, key=(str(rng.start), str(rng.stop)))
 
     # ---- following the store ------------------------------------------------------------------
 

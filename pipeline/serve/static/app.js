@@ -120,7 +120,32 @@
   // ---- the map --------------------------------------------------------------------------------
 
   const map = L.map("map", { zoomControl: true, maxZoom: 24, worldCopyJump: false }).setView([20, 0], 2);
-  L.tileLayer("/tiles/{z}/{x}/{y}.png", { maxZoom: 24, tileSize: 256, attribution: "the archive's own imagery" }).addTo(map);
+  // The basemap is the archive itself, the latest flight on top; it shows the flights the query
+  // looks at: those of the date range, or in changes mode the 'after' ones, with the 'before'
+  // ones a click away in the layer switch.
+  const tileUrl = (range) => "/tiles/{z}/{x}/{y}.png" + (range ? "?date=" + encodeURIComponent(range) : "");
+  const tileOptions = { maxZoom: 24, tileSize: 256, attribution: "the archive's own imagery" };
+  const basemap = L.tileLayer(tileUrl(null), tileOptions).addTo(map);
+  let basemapRange = null;
+  let beforeMap = null;
+  let flightSwitch = null;
+  function rangeLabel(range) {
+    const [a, b] = range.split("/");
+    return a && b ? `${a} – ${b}` : a ? `from ${a}` : `to ${b}`;
+  }
+  function showFlights(s) {
+    const range = s.changes ? s.changes.after : s.date;
+    if (range !== basemapRange) { basemap.setUrl(tileUrl(range)); basemapRange = range; }
+    if (flightSwitch) { map.removeControl(flightSwitch); flightSwitch = null; }
+    if (beforeMap) { map.removeLayer(beforeMap); beforeMap = null; }
+    if (!map.hasLayer(basemap)) basemap.addTo(map);
+    if (!s.changes) return;
+    beforeMap = L.tileLayer(tileUrl(s.changes.before), tileOptions);
+    flightSwitch = L.control.layers({
+      [`after: ${rangeLabel(s.changes.after)}`]: basemap,
+      [`before: ${rangeLabel(s.changes.before)}`]: beforeMap,
+    }, null, { collapsed: false, position: "topright" }).addTo(map);
+  }
   const footprintLayer = L.geoJSON(null, {
     style: { color: "#9fd3ff", weight: 1.5, dashArray: "4 3", fill: false, interactive: false },
   }).addTo(map);
@@ -186,6 +211,7 @@
       const [method, path, body] = request(s);
       const doc = await api(method, path, body);
       state = s;
+      showFlights(s);
       if (push) history.pushState(null, "", "#" + encode(s));
       show(Array.isArray(doc) ? doc[0] : doc, performance.now() - t0);
     } catch (e) {
@@ -208,6 +234,7 @@
       form.append("file", file, file.name);
       const doc = await api("POST", "/api/search/image?" + p.toString(), form);
       state = s;
+      showFlights(s);
       upload = { file };
       history.pushState(null, "", location.pathname + location.search); // uploads are not in permalinks
       show(doc, performance.now() - t0);
@@ -458,10 +485,12 @@
 
   $("rerun").addEventListener("click", rerunWithMarks);
   $("changes-run").addEventListener("click", showChanges);
-  for (const id of ["date-from", "date-to"]) { // a new date range answers the current query again
+  for (const id of ["date-from", "date-to"]) { // a new date range: its flights, and the current query again
     $(id).addEventListener("change", () => {
+      const date = rangeOf("date-from", "date-to");
+      if (!state.changes) showFlights({ date, changes: null });
       if (!hasQuery(state) || state.changes || upload) return;
-      search(Object.assign({}, state, { date: rangeOf("date-from", "date-to") }));
+      search(Object.assign({}, state, { date }));
     });
   }
   $("clear-marks").addEventListener("click", () => {
@@ -549,6 +578,6 @@
     document.body.dataset.ready = "1";
   }
 
-  window.aerialSearch = { map, get state() { return state; }, get last() { return last; }, encode, decode };
+  window.aerialSearch = { map, basemap, get beforeMap() { return beforeMap; }, get state() { return state; }, get last() { return last; }, encode, decode };
   start();
 })();
