@@ -28,7 +28,7 @@ import datetime as dt
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,24 +177,31 @@ class DateSources:
         in the store)."""
         return bool(self.stac or self.csv_path or self.pattern)
 
-    def resolve(self, paths: Sequence[str], tags: Sequence[str]) -> np.ndarray:
+    def resolve(self, paths: Sequence[str], tags: Sequence[str], fresh: Collection[str] | None = None) -> np.ndarray:
         """``datetime64[s]`` per path: STAC, CSV, pattern, then the TIFF ``DateTime`` tag
         (``tags``, ``""`` without one). Raises :class:`DateError` for a CSV or pattern value
-        that is no date; warns (once, with a count) about tags that are not."""
+        that is no date; warns (once, with a count) about tags that are not, and about the
+        images of ``fresh`` (default: all) that the CSV has no line for (with the CSV's lines
+        that name no image: a misspelt name is the usual cause)."""
         out = np.full(len(paths), NAT)
         table = read_csv(self.csv_path) if self.csv_path else {}
         regex = compile_pattern(self.pattern) if self.pattern else None
         junk: list[tuple[str, str]] = []
         unmatched: list[str] = []
+        uncovered: list[str] = []
+        used: set[str] = set()
         for i, (path, tag) in enumerate(zip(paths, tags)):
             if path in self.stac:
                 out[i] = self.stac[path]
                 continue
             if table:
-                t = _csv_lookup(table, path)
-                if t is not None:
-                    out[i] = t
+                hit = _csv_lookup(table, path)
+                if hit is not None:
+                    out[i], line = hit
+                    used.add(line)
                     continue
+                if fresh is None or path in fresh:
+                    uncovered.append(path)
             if regex is not None:
                 t = from_pattern(regex, path)
                 if t is not None:
@@ -211,6 +218,14 @@ class DateSources:
             more = f" (and {len(junk) - 1} more file(s))" if len(junk) > 1 else ""
             warnings.warn(f"{path}: TIFF DateTime tag {tag!r} is not a date; acquired left unknown (NaT){more}",
                           stacklevel=3)  # fmt: skip
+        if uncovered:
+            stray = sorted({line for _, line in table.values()} - used)
+            then = "--date-pattern, then the TIFF DateTime tag" if regex is not None else "TIFF DateTime tag"
+            hint = (f"; {len(stray)} line(s) of it name no image of this ingest (e.g. {stray[0]}): check the "
+                    f"spelling" if stray else "")  # fmt: skip
+            of = len(paths) if fresh is None else sum(p in fresh for p in paths)
+            warnings.warn(f"--dates {self.csv_path} has no line for {len(uncovered)} of {of} new image(s) (e.g. "
+                          f"{os.path.basename(uncovered[0])}); those take the {then}, if any{hint}", stacklevel=3)  # fmt: skip
         if unmatched and regex is not None:
             warnings.warn(f"--date-pattern {self.pattern!r} finds no date in {len(unmatched)} of {len(paths)} file "
                           f"name(s) (e.g. {os.path.basename(unmatched[0])}); those take the TIFF DateTime tag, if any",
@@ -218,13 +233,14 @@ class DateSources:
         return out
 
 
-def read_csv(path: str) -> dict[str, np.datetime64]:
-    """``path -> time`` from a CSV with columns ``path`` and ``acquired`` (keys: the path as
-    written, resolved against the CSV's folder, and the bare file name)."""
+def read_csv(path: str) -> dict[str, tuple[np.datetime64, str]]:
+    """``path -> (time, the path as the line wrote it)`` from a CSV with columns ``path`` and
+    ``acquired`` (keys: the path as written, resolved against the CSV's folder, and the bare
+    file name)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DateError(f"--dates {path} does not exist: pass a CSV with a header line path,acquired")
-    out: dict[str, np.datetime64] = {}
+    out: dict[str, tuple[np.datetime64, str]] = {}
     with p.open(newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "acquired"} <= {n.strip() for n in reader.fieldnames}:
@@ -241,14 +257,14 @@ def read_csv(path: str) -> dict[str, np.datetime64]:
                     f"(2019-11-09 or 2019-11-09T10:30:00Z) and rerun: the store was not changed"
                 ) from None
             name = row["path"]
-            out[name] = t
+            out[name] = (t, name)
             if "://" not in name:
-                out[str((p.parent / name).expanduser().resolve())] = t
-            out.setdefault("\0" + name.rsplit("/", 1)[-1], t)
+                out[str((p.parent / name).expanduser().resolve())] = (t, name)
+            out.setdefault("\0" + name.rsplit("/", 1)[-1], (t, name))
     return out
 
 
-def _csv_lookup(table: dict[str, np.datetime64], path: str) -> np.datetime64 | None:
+def _csv_lookup(table: dict[str, tuple[np.datetime64, str]], path: str) -> tuple[np.datetime64, str] | None:
     if path in table:
         return table[path]
     return table.get("\0" + path.rsplit("/", 1)[-1])

@@ -93,6 +93,8 @@ def test_the_four_sources_of_dates_in_their_order(dated):
     err = (root / "ingest.err").read_text()
     assert re.search(r"junk.tif: TIFF DateTime tag .* is not a date; acquired left unknown \(NaT\)", err), err
     assert "finds no date in 3 of 6 file name(s)" in err  # the CSV dated two, the pattern one
+    assert "dates.csv has no line for 4 of 6 new image(s)" in err and "take the --date-pattern, then" in err
+    assert "name no image" not in err  # both lines found their image
     got = acquired_of(path)
     assert got["a.tif"] == t("2018-05-01T00:00:00")  # the CSV wins over the file's own tag
     assert got["b.tif"] == t("2019-07-01T01:00:00")  # an offset becomes UTC
@@ -142,6 +144,21 @@ def test_a_date_that_is_no_date_stops_the_ingest_before_the_store_changes(dated,
     assert not (tmp_path / "fresh.zarr").exists() and not list(tmp_path.glob(".fresh.zarr*"))
 
 
+def test_a_csv_that_misses_images_says_which_and_names_its_lines_that_match_none(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for k, name in enumerate(("a.tif", "b.tif", "c.tif")):
+        write_tif(src / name, textured(512, 512, seed=310 + k), transform=(0.5, 0, 400000.0 + 2000 * k, 0, -0.5, 3300000.0))
+    (tmp_path / "d.csv").write_text("path,acquired\na.tif,2019-01-01\nbb.tif,2020-01-01\nsub/cc.tif,2021-01-01\n")
+    capsys.readouterr()
+    assert main(["ingest", str(src), "--store", str(tmp_path / "s.zarr"), *PROBE, "--dates", str(tmp_path / "d.csv")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"d\.csv has no line for 2 of 3 new image\(s\) \(e\.g\. b\.tif\); those take the TIFF DateTime "
+                     r"tag, if any; 2 line\(s\) of it name no image of this ingest \(e\.g\. bb\.tif\)", err), err  # fmt: skip
+    got = acquired_of(tmp_path / "s.zarr")
+    assert got["a.tif"] == t("2019-01-01T00:00:00") and np.isnat(got["b.tif"]) and np.isnat(got["c.tif"])
+
+
 def test_a_later_ingest_with_dates_dates_images_already_in_the_store(dated, tmp_path, capsys):
     root, src, path = dated
     copy = tmp_path / "s.zarr"
@@ -149,7 +166,9 @@ def test_a_later_ingest_with_dates_dates_images_already_in_the_store(dated, tmp_
     (tmp_path / "more.csv").write_text("path,acquired\nplain.tif,2022-01-02\n")
     capsys.readouterr()
     assert main(["ingest", str(src), "--store", str(copy), *PROBE, "--dates", str(tmp_path / "more.csv")]) == 0
-    assert "dates        1 image(s) already in the store dated" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "dates        1 image(s) already in the store dated" in out
+    assert "has no line" not in err  # a CSV for images already in the store: nothing new to date
     got = acquired_of(copy)
     assert got["plain.tif"] == t("2022-01-02T00:00:00")
     assert got["a.tif"] == t("2018-05-01T00:00:00")  # the CSV does not name it: kept (not its tag)

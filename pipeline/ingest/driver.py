@@ -191,7 +191,7 @@ def _ingest(
             fresh = {i.path for i in found.new} | {i.path for _, i in found.redo}
             known = [h.info for h in headers if h.info is not None]
             tags = [i.datetime_tag if i.path in fresh else "" for i in known]
-            acquired = dict(zip([i.path for i in known], dates.resolve([i.path for i in known], tags)))
+            acquired = dict(zip([i.path for i in known], dates.resolve([i.path for i in known], tags, fresh)))
             if not have_store:
                 store.create_store(work, attrs, spec.dim, cfg.store.dtype, cfg.store.chunk_tiles, cfg.store.compressor)
             n_images, n_slots = len(table["image_path"]), int(table["n_tiles"])
