@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -60,6 +61,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg.override(**dotted)
 
 
+NUMBER_LISTS = ("--lonlat", "--bbox")  # flags whose value may start with a minus sign (west, south)
+_NEGATIVE_LIST = re.compile(r"-\d[\d.eE+-]*(,[+-]?[\d.eE+-]*)+")
+
+
+def join_negative_lists(argv: Sequence[str]) -> list[str]:
+    """``--lonlat -81.99,29.69`` as ``--lonlat=-81.99,29.69``: argparse would take a value that
+    starts with ``-`` and is no plain number for a flag, and a western longitude does."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1] in NUMBER_LISTS and _NEGATIVE_LIST.fullmatch(a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 ARGV_LOG = "AERIAL_SEARCH_ARGV_LOG"  # tests: a file each command line is appended to (tests/test_cli_flags.py)
 
 
@@ -68,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get(ARGV_LOG):  # the test suite checks that its CLI runs use every flag
         _log_argv(os.environ[ARGV_LOG], list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_lists(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(message)s"
     )

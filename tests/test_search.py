@@ -282,6 +282,11 @@ def test_cli_json_sheet_and_lonlat(stores, tmp_path, capsys):
     assert main(["search", "--store", str(stores["float32"]), "-k", "2", f"--lonlat={s['lon'][t] + 1e-6},{s['lat'][t]}",
                  "--json", str(out_json)]) == 0  # fmt: skip
     assert json.loads(out_json.read_text())["query"]["uid"] == str(int(s["uid"][t]))
+    # a western longitude as a separate argument (argparse alone would take it for a flag)
+    assert s["lon"][t] < 0
+    assert main(["search", "--store", str(stores["float32"]), "-k", "2", "--lonlat", f"{s['lon'][t]},{s['lat'][t]}",
+                 "--json", str(out_json)]) == 0  # fmt: skip
+    assert json.loads(out_json.read_text())["query"]["uid"] == str(int(s["uid"][t]))
     assert main(["search", "--store", str(stores["float32"]), "--lonlat", "10,10"]) == 2
     assert re.search(r"nearest tile centre is \d+ m away", capsys.readouterr().err)
 
