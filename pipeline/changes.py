@@ -280,6 +280,11 @@ def changes(
         raise SearchError(f"k must be a positive number of results, got {k}")
     after_ids, after_note = index.image_ids_acquired(after, flag="--after")
     before_ids, before_note = index.image_ids_acquired(before, flag="--before")
+    both = sorted(set(after_ids) & set(before_ids))
+    if both:
+        warnings.warn(f"--before {before.text} and --after {after.text} share {len(both)} image(s) (e.g. "
+                      f"{index.image_paths[both[0]]}): an image is never paired with itself, but such images are "
+                      f"both 'before' and 'after' for their neighbours; give ranges that do not overlap", stacklevel=2)  # fmt: skip
     pairing = pair_windows(index, after_ids, before_ids, bbox)
     query = {"type": "changes", "label": f"after {after.text} against before {before.text}",
              "before": before_note, "after": after_note, "bbox": list(bbox) if bbox else None,

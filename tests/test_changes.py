@@ -8,6 +8,7 @@ distances of the stored fingerprints."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -261,6 +262,25 @@ def test_threshold_heatmap_bbox_post_processing_and_images_without_crs(flights2,
     assert main(["changes", "--store", str(store), "--before", "2019", "--after", "2021", "--json", str(out)]) == 0
     assert "1 image(s) without a CRS cannot be paired" in capsys.readouterr().err
     assert len(json.loads(out.read_text())["results"]) == 49
+
+
+def test_overlapping_ranges_warn_and_never_pair_an_image_with_itself(flights2, tmp_path, capsys):
+    """after.tif (2021-06-01) is in both ranges: a warning names it; it is still only paired with
+    before.tif, so the answer is the disjoint ranges' answer."""
+    _, _, path = flights2
+    out, ref = tmp_path / "o.json", tmp_path / "r.json"
+    assert main(["changes", "--store", str(path), "--before", "2019", "--after", "2021", "-k", "60", "--json", str(ref)]) == 0
+    capsys.readouterr()
+    assert main(["changes", "--store", str(path), "--before", "2019/2021-06-30", "--after", "2021", "-k", "60",
+                 "--json", str(out)]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert re.search(r"--before 2019/2021-06-30 and --after 2021 share 1 image\(s\) \(e\.g\. \S+after\.tif\)", err), err
+    got = json.loads(out.read_text())["results"]
+    assert [(r["uid"], r["before_uid"]) for r in got] == [(r["uid"], r["before_uid"]) for r in json.loads(ref.read_text())["results"]]
+    assert all(r["uid"] != r["before_uid"] and r["image_path"] != r["before_image_path"] for r in got)
+    capsys.readouterr()
+    assert main(["changes", "--store", str(path), "--before", "2019", "--after", "2021", "-k", "5"]) == 0
+    assert "share" not in capsys.readouterr().err  # disjoint ranges: no warning
 
 
 def test_the_readme_example_script_builds_a_second_flight_whose_patches_rank_first(tmp_path):
