@@ -1,7 +1,7 @@
 """What changed between flights: ``aerial-search changes --before FROM/TO --after FROM/TO``.
 
-**Pairing** (:func:`pair_windows`, on the driver, from the image table and per-tile metadata
-only): every valid window of an "after" image (done, acquired in the after range, centre in
+**Pairing** (:func:`pair_windows`: planned on the driver from the image table, run as dask
+tasks over groups of after images that read only per-tile metadata): every valid window of an "after" image (done, acquired in the after range, centre in
 ``bbox`` when given) is paired with the "before" window over the same ground. Its four corners
 go through its image's affine and CRS into each before image's pixel grid (pyproj where the
 CRSs differ); the overlap with each candidate before window (the grid windows at multiples of
@@ -10,7 +10,8 @@ reprojection of the quadrilateral (shapely; a product of two intervals where it 
 axis-aligned, the usual north-up case). A pair needs an overlap of at least 50 % of the smaller
 window; the best-overlapping valid before window wins (ties: the later before image, then the
 lower uid). Images without a CRS cannot be placed on the ground: they are left out, with a
-warning. The result is one partner slot per slot of the store (-1: none).
+warning. The result holds the pairs only (:class:`Pairing`), never an array per slot of the
+store.
 
 **Ranking**: the partner slots go into the search graph (:func:`pipeline.search.graph.pair_blocks`:
 each block that holds after windows gathers its partners' rows), and a
@@ -48,17 +49,29 @@ _AREA = float(grid.TILE * grid.TILE)
 
 @dataclass
 class Pairing:
-    """The partner slot of every slot (-1: none) and what the pairing saw."""
+    """The pairs, as many entries as paired after windows (never one per slot of the store):
+    ``slots`` (ascending) the after windows' slots, ``partner`` their before windows' slots,
+    ``overlap`` the fraction of the smaller window they share; and what the pairing saw."""
 
+    slots: np.ndarray
     partner: np.ndarray
-    overlap: np.ndarray  # fraction of the smaller window, per slot (0 where unpaired)
+    overlap: np.ndarray
     after_ids: tuple[int, ...]
     before_ids: tuple[int, ...]
     without_crs: list[str] = field(default_factory=list)
 
     @property
     def pairs(self) -> int:
-        return int((self.partner >= 0).sum())
+        return len(self.slots)
+
+    def partner_of(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(partner slot, overlap)`` of each of ``slots`` (-1 and 0 where it has none)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if not len(self.slots):
+            return np.full(len(slots), -1, np.int64), np.zeros(len(slots))
+        at = np.minimum(np.searchsorted(self.slots, slots), len(self.slots) - 1)
+        hit = self.slots[at] == slots
+        return np.where(hit, self.partner[at], -1), np.where(hit, self.overlap[at], 0.0)
 
 
 def _corners(rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,20 +136,29 @@ def _quad_area(qx: np.ndarray, qy: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs((qx * np.roll(qy, -1, 1) - np.roll(qx, -1, 1) * qy).sum(1))
 
 
+GROUP_TILES = 1 << 16  # after windows per pairing task (about 1 MB of metadata read)
+GROUP_IMAGES = 64  # after images per pairing task at most
+
+
 def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int],
                  bbox: tuple[float, float, float, float] | None = None) -> Pairing:  # fmt: skip
     """Partner slots of the valid windows of images ``after_ids`` among those of ``before_ids``
-    (see the module docstring)."""
+    (see the module docstring).
+
+    Planned on the driver from the image table alone: footprints, an STRtree of the before
+    images, and (with ``bbox``) only the after images whose footprint meets it. The pairing
+    itself is a dask graph of tasks over groups of after images (:data:`GROUP_TILES` windows,
+    :data:`GROUP_IMAGES` images), each reading its images' per-tile metadata (row, col, valid;
+    lon/lat with ``bbox``) and its before neighbours' validity: it runs on the cluster's workers,
+    and the driver keeps only the pairs."""
+    import dask
+
     ds = index.ds
-    n = ds.sizes["tile"]
-    partner = np.full(n, -1, dtype=np.int64)
-    overlap = np.zeros(n)
     table = index.image_table
     geom = index.geometry
     paths = index.image_paths
     chunk_px = int(index.provenance["layout"]["chunk_px"])
     crs = [str(c) for c in geom["crs"]]
-    acquired = index.acquired
     without = sorted({str(paths[i]) for i in (*after_ids, *before_ids) if not crs[i]})
     if without:
         warnings.warn(f"{len(without)} image(s) without a CRS cannot be paired with another flight and are left out "
@@ -145,28 +167,64 @@ def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int]
     before = [int(i) for i in before_ids if crs[int(i)]]
     width, height = table["width"], table["height"]
     feet = {i: _footprint_lonlat(geom["transform"][i], crs[i], int(width[i]), int(height[i])) for i in {*after, *before}}
-    valid_of: dict[int, np.ndarray] = {}
     import shapely
 
-    tree = shapely.STRtree([shapely.box(*feet[b]) for b in before])  # before images meeting an after one: a query
-
+    if bbox is not None:  # the after images in view: a map page's "changes in this view" reads no others
+        view = shapely.box(*bbox)
+        after = [a for a in after if shapely.intersects(shapely.box(*feet[a]), view)]
+    tree = shapely.STRtree([shapely.box(*feet[b]) for b in before])
+    near = {a: [b for b in (before[j] for j in sorted(tree.query(shapely.box(*feet[a])))) if b != a] for a in after}
     counts = ds["tile_count"].values  # once: each .values of a lazy variable is a read
+    starts = np.asarray(table["tile_start"], dtype=np.int64)
+    acquired = index.acquired
 
-    def slots(i: int) -> slice:
-        start = int(table["tile_start"][i])
-        return slice(start, start + int(counts[i]))
+    def meta(i: int) -> dict[str, Any]:
+        return {"transform": tuple(float(v) for v in geom["transform"][i]), "crs": crs[i], "width": int(width[i]),
+                "height": int(height[i]), "start": int(starts[i]), "acquired": acquired[i]}  # fmt: skip
 
-    def valid(i: int) -> np.ndarray:
-        if i not in valid_of:
-            valid_of[i] = ds["valid"][slots(i)].values.astype(bool)
-        return valid_of[i]
+    def read(name: str, i: int) -> Any:
+        return ds[name].data[int(starts[i]) : int(starts[i]) + int(counts[i])]
 
-    for a in after:
-        sl = slots(a)
-        rows, cols = ds["row"][sl].values.astype(np.int64), ds["col"][sl].values.astype(np.int64)
-        keep = valid(a).copy()
+    groups: list[list[int]] = [[]]
+    size = 0
+    for a in (a for a in after if near[a]):
+        if groups[-1] and (size + int(counts[a]) > GROUP_TILES or len(groups[-1]) >= GROUP_IMAGES):
+            groups.append([])
+            size = 0
+        groups[-1].append(a)
+        size += int(counts[a])
+    task = dask.delayed(_pair_group, pure=True)
+    names = ("row", "col", "valid", "lon", "lat") if bbox is not None else ("row", "col", "valid")
+    tasks = []
+    for g in groups:
+        if not g:
+            continue
+        bs = sorted({b for a in g for b in near[a]})
+        tasks.append(task(
+            {a: meta(a) for a in g}, {a: near[a] for a in g}, {b: meta(b) for b in bs},
+            {a: [read(n, a) for n in names] for a in g}, {b: read("valid", b) for b in bs}, bbox, chunk_px,
+        ))  # fmt: skip
+    parts = index._compute(*tasks) if tasks else []
+    slots = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    order = np.argsort(slots, kind="stable")
+    cat = (lambda k, dt: np.concatenate([p[k] for p in parts])[order] if parts else np.zeros(0, dt))  # noqa: E731
+    return Pairing(slots[order], cat(1, np.int64), cat(2, np.float64), tuple(after), tuple(before), without)
+
+
+def _pair_group(after: dict[int, dict], near: dict[int, list[int]], before: dict[int, dict],
+                arrays: dict[int, list[np.ndarray]], before_valid: dict[int, np.ndarray],
+                bbox: tuple[float, float, float, float] | None, chunk_px: int) -> tuple[np.ndarray, ...]:  # fmt: skip
+    """One pairing task: ``(slots, partner, overlap)`` of the paired windows of the after images
+    ``after`` (their metadata, and per image its windows' ``row``, ``col``, ``valid`` [, ``lon``,
+    ``lat``] in ``arrays``) among their ``near`` before images (``before``: metadata,
+    ``before_valid``: validity per slot)."""
+    out_slots, out_partner, out_overlap = [], [], []
+    s = grid.STRIDE
+    for a, ma in after.items():
+        rows, cols, valid, *lonlat = (np.asarray(v) for v in arrays[a])
+        keep = valid.astype(bool)
         if bbox is not None:
-            lon, lat = ds["lon"][sl].values, ds["lat"][sl].values
+            lon, lat = lonlat
             with np.errstate(invalid="ignore"):
                 keep &= (lon >= bbox[0]) & (lon <= bbox[2]) & (lat >= bbox[1]) & (lat <= bbox[3])
         idx = np.flatnonzero(keep)
@@ -176,54 +234,61 @@ def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int]
         best = np.zeros(len(idx))
         best_slot = np.full(len(idx), -1, dtype=np.int64)
         best_when = np.full(len(idx), np.datetime64("NaT", "s"))
-        for b in (before[j] for j in sorted(tree.query(shapely.box(*feet[a])))):
-            if b == a:
-                continue
-            qx, qy = _to_pixels(ax, ay, geom["transform"][a], crs[a], geom["transform"][b], crs[b])
+        for b in near[a]:
+            mb = before[b]
+            qx, qy = _to_pixels(ax, ay, ma["transform"], ma["crs"], mb["transform"], mb["crs"])
             qx, qy = qx.reshape(ax.shape), qy.reshape(ay.shape)
             area = np.minimum(_quad_area(qx, qy), _AREA)
-            ny, nx = grid.windows_per_axis(int(height[b])), grid.windows_per_axis(int(width[b]))
+            ny, nx = grid.windows_per_axis(mb["height"]), grid.windows_per_axis(mb["width"])
             if not (ny and nx):
                 continue
-            s = grid.STRIDE
             j0 = np.floor((qx.min(1) - grid.TILE) / s).astype(np.int64) + 1
             j1 = np.floor(qx.max(1) / s).astype(np.int64)
             i0 = np.floor((qy.min(1) - grid.TILE) / s).astype(np.int64) + 1
             i1 = np.floor(qy.max(1) / s).astype(np.int64)
-            span_j = int(max(0, (j1 - j0).max() + 1)) if len(j0) else 0
-            span_i = int(max(0, (i1 - i0).max() + 1)) if len(i0) else 0
-            bvalid = valid(b)
-            start_b = int(table["tile_start"][b])
-            when_b = acquired[b]
-            for di in range(span_i):
-                for dj in range(span_j):
-                    i, j = i0 + di, j0 + dj
-                    ok = (i <= i1) & (j <= j1) & (i >= 0) & (i < ny) & (j >= 0) & (j < nx)
-                    w = np.flatnonzero(ok)
-                    if not len(w):
-                        continue
-                    r, c = i[w] * s, j[w] * s
-                    off = grid.slots_in_images(r, c, np.full(len(w), height[b]), np.full(len(w), width[b]), chunk_px)
-                    good = bvalid[off]
-                    w, r, c, off = w[good], r[good], c[good], off[good]
-                    if not len(w):
-                        continue
-                    frac = _overlap(qx[w], qy[w], c.astype(np.float64), r.astype(np.float64)) / area[w]
-                    slot_b = start_b + off
-                    better = frac > best[w] + 1e-9
-                    tie = (np.abs(frac - best[w]) <= 1e-9) & (best_slot[w] >= 0)
-                    if not np.isnat(when_b):
-                        later = np.isnat(best_when[w]) | (best_when[w] < when_b)
-                        same = best_when[w] == when_b
-                    else:
-                        later, same = np.zeros(len(w), bool), np.isnat(best_when[w])
-                    better |= tie & (later | (same & (slot_b < best_slot[w])))
-                    upd = w[better]
-                    best[upd], best_slot[upd], best_when[upd] = frac[better], slot_b[better], when_b
+            span_i, span_j = int(max(0, (i1 - i0).max() + 1)), int(max(0, (j1 - j0).max() + 1))
+            if not (span_i and span_j):
+                continue
+            # every (after window, candidate before window) at once: the grid windows its footprint touches
+            w = np.repeat(np.arange(len(idx)), span_i * span_j)
+            i = i0[w] + np.tile(np.repeat(np.arange(span_i), span_j), len(idx))
+            j = j0[w] + np.tile(np.tile(np.arange(span_j), span_i), len(idx))
+            ok = (i <= i1[w]) & (j <= j1[w]) & (i >= 0) & (i < ny) & (j >= 0) & (j < nx)
+            w, r, c = w[ok], i[ok] * s, j[ok] * s
+            off = grid.slots_in_images(r, c, np.full(len(w), mb["height"]), np.full(len(w), mb["width"]), chunk_px)
+            good = np.asarray(before_valid[b]).astype(bool)[off]
+            w, r, c, off = w[good], r[good], c[good], off[good]
+            if not len(w):
+                continue
+            frac = _overlap(qx[w], qy[w], c.astype(np.float64), r.astype(np.float64)) / area[w]
+            slot_b = mb["start"] + off
+            # this before image's best window per after window: the largest overlap, ties (1e-9) the lower slot
+            top = np.full(len(idx), -np.inf)
+            np.maximum.at(top, w, frac)
+            near_top = frac >= top[w] - 1e-9
+            w, frac, slot_b = w[near_top], frac[near_top], slot_b[near_top]
+            order = np.lexsort((slot_b, w))
+            first = order[np.r_[True, w[order][1:] != w[order][:-1]]]
+            w, frac, slot_b = w[first], frac[first], slot_b[first]
+            # against the best of the before images so far: larger overlap; ties the later image, then the lower slot
+            better = frac > best[w] + 1e-9
+            tie = (np.abs(frac - best[w]) <= 1e-9) & (best_slot[w] >= 0)
+            when_b = mb["acquired"]
+            if not np.isnat(when_b):
+                later = np.isnat(best_when[w]) | (best_when[w] < when_b)
+                same = best_when[w] == when_b
+            else:
+                later, same = np.zeros(len(w), bool), np.isnat(best_when[w])
+            better |= tie & (later | (same & (slot_b < best_slot[w])))
+            upd = w[better]
+            best[upd], best_slot[upd], best_when[upd] = frac[better], slot_b[better], when_b
         paired = best >= MIN_OVERLAP - 1e-9
-        partner[sl.start + idx[paired]] = best_slot[paired]
-        overlap[sl.start + idx[paired]] = best[paired]
-    return Pairing(partner, overlap, tuple(after), tuple(before), without)
+        out_slots.append(ma["start"] + idx[paired])
+        out_partner.append(best_slot[paired])
+        out_overlap.append(best[paired])
+    if not out_slots:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(out_slots).astype(np.int64), np.concatenate(out_partner), np.concatenate(out_overlap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,14 +378,13 @@ def changes(
         total = 0 if min_distance is not None else None
     res = Result.from_topk(raw, query, scorer.report(raw["score"]), index.image_paths, scorer.name, total,
                            index.geometry, higher_is_better=True)  # fmt: skip
-    slots = index.slots_of(res.uid)
-    bslots = pairing.partner[slots]
+    bslots, overlap = pairing.partner_of(index.slots_of(res.uid))
     ds = index.ds
     buid = ds["uid"].values[bslots] if len(bslots) else np.zeros(0, np.uint64)
     bimage, brow, bcol = grid.unpack_uid(buid)
     before_fields = {
         "uid": buid, "image_path": [str(index.image_paths[i]) for i in bimage], "row": brow, "col": bcol,
-        "acquired": index.acquired[bimage], "overlap": pairing.overlap[slots],
+        "acquired": index.acquired[bimage], "overlap": overlap,
     }  # fmt: skip
     out = ChangeResult(**{f: getattr(res, f) for f in Result.__dataclass_fields__}, before=before_fields)
     return out, pairing
@@ -332,7 +396,8 @@ def pair_blocks(index: Any, pairing: Pairing) -> dict[int, Any]:
     post = None if dba else index.postprocess
     blocks = graph.store_blocks(index.ds, postprocess=post, use_dba=dba)
     rows = int(index.ds["fingerprint"].data.chunksize[0])
-    return graph.pair_blocks(index.ds, blocks, rows, pairing.partner, "fingerprint_dba" if dba else "fingerprint", post)
+    return graph.pair_blocks(index.ds, blocks, rows, pairing.slots, pairing.partner, "fingerprint_dba" if dba else "fingerprint",
+                             post)  # fmt: skip
 
 
 def change_maps(index: Any, pairing: Pairing, out: str | Path) -> list[Path]:

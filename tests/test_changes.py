@@ -162,8 +162,10 @@ def pairing_of(path):
     pairing = pair_windows(index, after, before)
     ds = index.ds
     got = {}
-    for s in np.flatnonzero(pairing.partner >= 0):
-        b = pairing.partner[s]
+    assert (np.diff(pairing.slots) > 0).all()  # one entry per paired after window, ascending
+    partner, overlap = pairing.partner_of(np.arange(ds.sizes["tile"]))
+    assert np.array_equal(np.flatnonzero(partner >= 0), pairing.slots) and (overlap[partner < 0] == 0).all()
+    for s, b in zip(pairing.slots, pairing.partner):
         got[(int(ds["row"].values[s]), int(ds["col"].values[s]), int(ds["image"].values[s]))] = (
             str(index.image_paths[int(ds["image"].values[b])]).rsplit("/", 1)[-1],
             int(ds["row"].values[b]), int(ds["col"].values[b]))  # fmt: skip
@@ -262,6 +264,50 @@ def test_threshold_heatmap_bbox_post_processing_and_images_without_crs(flights2,
     assert main(["changes", "--store", str(store), "--before", "2019", "--after", "2021", "--json", str(out)]) == 0
     assert "1 image(s) without a CRS cannot be paired" in capsys.readouterr().err
     assert len(json.loads(out.read_text())["results"]) == 49
+
+
+def test_pairing_tasks_and_the_view_give_the_same_pairs(tmp_path, monkeypatch):
+    """A survey of 3 x 3 overlapping images per flight: the pairing split into one task per after
+    image (or per few windows) equals the pairing in one task; with a bbox, only the after
+    images that meet it are paired, and their pairs are exactly the windows centred inside."""
+    from pipeline import changes as changes_mod
+    from pipeline.dates import DateRange
+    from pipeline.search import SearchIndex
+
+    src = tmp_path / "src"
+    src.mkdir()
+    base = textured(512, 512, seed=81)
+    step = 512 * PX * 0.7  # 30 % overlap between neighbours
+    lines = ["path,acquired"]
+    for f, (dx, dy, year) in enumerate([(0.0, 0.0, 2019), (3.0, -2.0, 2021)]):
+        for i in range(3):
+            for j in range(3):
+                name = f"f{f}_{i}{j}.tif"
+                write_tif(src / name, base, transform=(PX, 0, X0 + j * step + dx, 0, -PX, Y0 - i * step + dy))
+                lines.append(f"{name},{year}-06-01")
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    path = tmp_path / "s.zarr"
+    assert main(["ingest", str(src), "--store", str(path), *PROBE, "--dates", str(tmp_path / "d.csv")]) == 0
+    index = SearchIndex.open(str(path))
+    after, _ = index.image_ids_acquired(DateRange.parse("2021"))
+    before, _ = index.image_ids_acquired(DateRange.parse("2019"))
+    one = changes_mod.pair_windows(index, after, before)
+    assert one.pairs == 9 * 9 and set(one.after_ids) == set(after)
+    for images, tiles in ((1, 1 << 16), (64, 20)):  # a task per image; a task per two images (9 windows each)
+        monkeypatch.setattr(changes_mod, "GROUP_IMAGES", images)
+        monkeypatch.setattr(changes_mod, "GROUP_TILES", tiles)
+        split = changes_mod.pair_windows(index, after, before)
+        for name in ("slots", "partner", "overlap"):
+            assert np.array_equal(getattr(split, name), getattr(one, name)), name
+    ds = index.ds
+    lon, lat = ds["lon"].values, ds["lat"].values
+    first = [i for i, p in enumerate(index.image_paths) if str(p).endswith("f1_00.tif")][0]
+    mine = (ds["image"].values == first) & ds["valid"].values
+    bbox = (float(lon[mine].min()), float(lat[mine].min()), float(np.median(lon[mine])), float(lat[mine].max()))
+    view = changes_mod.pair_windows(index, after, before, bbox)
+    assert 0 < len(view.after_ids) < len(after)  # the images far from the view are not even read
+    inside = (lon[one.slots] >= bbox[0]) & (lon[one.slots] <= bbox[2]) & (lat[one.slots] >= bbox[1]) & (lat[one.slots] <= bbox[3])
+    assert np.array_equal(view.slots, one.slots[inside]) and np.array_equal(view.partner, one.partner[inside])
 
 
 def test_overlapping_ranges_warn_and_never_pair_an_image_with_itself(flights2, tmp_path, capsys):

@@ -197,21 +197,25 @@ def nearest_centre_graph(ds: Any, lon: float, lat: float, usable: np.ndarray | N
 
 
 def pair_blocks(
-    ds: Any, blocks: Sequence[Delayed], block_rows: int, partner: np.ndarray, space: str, postprocess: Any
-) -> dict[int, Delayed]:
-    """The blocks holding tiles with a partner (``aerial-search changes``: ``partner`` int64 per
-    slot, -1 none), each with its partners' rows gathered from the store (``space``: the
-    fingerprint variable searched) by :func:`~pipeline.search.kernels.attach_partners`: only the
-    Zarr chunks that hold partners are read, and blocks without partners are not in the graph."""
+    ds: Any, blocks: Sequence[Delayed], block_rows: int, slots: np.ndarray, partner: np.ndarray, space: str,
+    postprocess: Any,
+) -> dict[int, Delayed]:  # fmt: skip
+    """The blocks holding tiles with a partner (``aerial-search changes``: the pairs' after
+    ``slots``, ascending, and their ``partner`` slots), each with its partners' rows gathered
+    from the store (``space``: the fingerprint variable searched) by
+    :func:`~pipeline.search.kernels.attach_partners`: only the Zarr chunks that hold partners
+    are read, and blocks without partners are not in the graph."""
     arr = ds[space].data
+    n = int(arr.shape[0])
     out: dict[int, Delayed] = {}
     attach = dask.delayed(kernels.attach_partners, pure=True)
     for i, block in enumerate(blocks):
-        local = partner[i * block_rows : (i + 1) * block_rows]
-        paired = local >= 0
-        if not paired.any():
+        lo, hi = np.searchsorted(slots, [i * block_rows, (i + 1) * block_rows])
+        if lo == hi:
             continue
-        need, pos = np.unique(local[paired], return_inverse=True)
+        paired = np.zeros(min(block_rows, n - i * block_rows), bool)
+        paired[slots[lo:hi] - i * block_rows] = True
+        need, pos = np.unique(partner[lo:hi], return_inverse=True)
         rows = arr[need].rechunk({0: -1, 1: -1})
         key = "pair-block-" + tokenize(block.key, need, pos, postprocess)
         out[i] = attach(block, rows, paired, pos, postprocess, dask_key_name=key)
