@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import locations, schema, store
+from pipeline import grid, locations, schema, store
 from pipeline.cluster import local_scheduler
 from pipeline.dates import iso, year_counts
 from pipeline.search.device import bytes_per_tile
@@ -51,6 +51,42 @@ def _summarize(path: str | os.PathLike[str], ds) -> dict[str, Any]:
             [str(p), str(e)] for p, e, st in zip(ds["image_path"].values, ds["error"].values, status) if st == "failed"
         ],
     }
+
+
+def images(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """One row per image of a store (``aerial-search info --images``): ``id``, ``path``,
+    ``status``, ``tiles`` (valid windows), ``acquired``, ``width``, ``height``, and the valid
+    tile nearest the image's centre as a query to start from: ``uid``, ``lon``, ``lat`` (None
+    where the image has no valid tile; lon/lat None without a CRS)."""
+    with local_scheduler():
+        ds = store.open_store(path)
+        image = ds["image"].values.astype(np.int64)
+        valid = ds["valid"].values.astype(bool) & (image >= 0)
+        row, col = ds["row"].values.astype(np.float64), ds["col"].values.astype(np.float64)
+        n = int(ds.sizes["img"])
+        width, height = ds["width"].values.astype(np.int64), ds["height"].values.astype(np.int64)
+        # the valid tile whose window centre is nearest the cropped image's centre, per image
+        at = np.flatnonzero(valid)
+        img = image[at]
+        cy = np.array([grid.cropped_size(int(h)) / 2 for h in height])[img] if n else np.zeros(0)
+        cx = np.array([grid.cropped_size(int(w)) / 2 for w in width])[img] if n else np.zeros(0)
+        d = (row[at] + grid.TILE / 2 - cy) ** 2 + (col[at] + grid.TILE / 2 - cx) ** 2
+        order = np.lexsort((ds["uid"].values[at], d, img))
+        first = order[np.r_[True, img[order][1:] != img[order][:-1]]] if len(order) else order
+        centre = dict(zip(img[first].tolist(), at[first].tolist()))
+        counts = np.bincount(img, minlength=n)
+        uid, lon, lat = ds["uid"].values, ds["lon"].values, ds["lat"].values
+        out = []
+        for i, (p, st, a) in enumerate(zip(ds["image_path"].values, ds["status"].values, ds["acquired"].values)):
+            t = centre.get(i)
+            ok = t is not None and np.isfinite(lon[t]) and np.isfinite(lat[t])
+            out.append({
+                "id": i, "path": str(p), "status": str(st), "tiles": int(counts[i]),
+                "acquired": iso(np.datetime64(a, "s")), "width": int(width[i]), "height": int(height[i]),
+                "uid": None if t is None else str(int(uid[t])),
+                "lon": round(float(lon[t]), 7) if ok else None, "lat": round(float(lat[t]), 7) if ok else None,
+            })  # fmt: skip
+        return out
 
 
 def _acquired(ds, done: np.ndarray) -> dict[str, Any]:

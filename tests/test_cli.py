@@ -202,3 +202,36 @@ def test_workers_size_their_torch_threads_to_their_cores(tmp_path):
     with runtime(ClusterConfig(scheduler="local", n_workers=1, threads=2, progress=False)) as rt:
         got = list(rt.client.run(torch_threads).values())
     assert got == [(max(1, cpu_count() // 2), str(max(1, cpu_count() // 2)))]
+
+
+def test_info_images_lists_each_image_with_its_centre_tile_to_search_from(flights, ingest_store, capsys):
+    """``info --images``: per image, its valid tile count and the valid tile nearest its centre
+    (a brute force over the store's tiles), lon/lat where it has a CRS; the uid is searchable."""
+    from pipeline import grid
+
+    path = ingest_store(flights)
+    capsys.readouterr()
+    assert main(["info", "--store", str(path), "--images", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["image_list"]
+    ds = open_store(path)
+    image, valid = ds["image"].values, ds["valid"].values.astype(bool)
+    assert [r["path"] for r in rows] == [str(p) for p in ds["image_path"].values]
+    for i, r in enumerate(rows):
+        mine = np.flatnonzero(valid & (image == i))
+        assert r["id"] == i and r["tiles"] == len(mine) and r["status"] == "done"
+        if not len(mine):
+            assert r["uid"] is None
+            continue
+        cy, cx = grid.cropped_size(r["height"]) / 2, grid.cropped_size(r["width"]) / 2
+        d = (ds["row"].values[mine] + 128 - cy) ** 2 + (ds["col"].values[mine] + 128 - cx) ** 2
+        tied = mine[d == d.min()]
+        t = tied[np.argmin(ds["uid"].values[tied])]  # ties: the lowest uid
+        assert r["uid"] == str(int(ds["uid"].values[t])), i
+        assert (r["lon"] is None) == (not np.isfinite(ds["lon"].values[t]))
+        if r["lon"] is not None:
+            assert abs(r["lon"] - ds["lon"].values[t]) < 1e-6 and abs(r["lat"] - ds["lat"].values[t]) < 1e-6
+    assert any(r["lon"] is None and r["uid"] for r in rows)  # the image without a CRS still has a uid
+    assert main(["info", "--store", str(path), "--images"]) == 0
+    text = capsys.readouterr().out
+    assert "centre uid" in text and all(r["uid"] in text for r in rows if r["uid"])
+    assert main(["search", "--store", str(path), "--uid", rows[0]["uid"], "-k", "3"]) == 0

@@ -1,4 +1,5 @@
-"""``aerial-search info --store S``: what a store holds, how it was made, what is stale."""
+"""``aerial-search info --store S [--images]``: what a store holds, how it was made, what is stale,
+and (``--images``) each image with a tile to start searching from."""
 
 from __future__ import annotations
 
@@ -13,17 +14,32 @@ def add_parser(sub) -> None:
     p = sub.add_parser("info", help="summarize a store")
     p.add_argument("--store", required=True)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--images", action="store_true",
+                   help="one line per image: status, tiles, date, and the uid of its centre tile to search from")  # fmt: skip
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.summary import summarize
+    from pipeline.summary import images, summarize
 
     summary = summarize(args.store)
+    if args.images:
+        summary["image_list"] = images(args.store)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print_summary(summary)
+        if args.images:
+            print_images(summary["image_list"])
     return 0
+
+
+def print_images(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'id':>5}  {'status':<8} {'tiles':>7}  {'acquired':<10}  {'centre uid':>15}  {'lon':>12}  {'lat':>11}  path")
+    for r in rows:
+        lon = f"{r['lon']:12.6f}" if r["lon"] is not None else f"{'-':>12}"
+        lat = f"{r['lat']:11.6f}" if r["lat"] is not None else f"{'-':>11}"
+        print(f"{r['id']:>5}  {r['status']:<8} {r['tiles']:>7}  {(r['acquired'] or '-')[:10]:<10}  "
+              f"{r['uid'] or '-':>15}  {lon}  {lat}  {r['path']}")  # fmt: skip
 
 
 def print_summary(summary: dict[str, Any]) -> None:
