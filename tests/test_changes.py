@@ -266,6 +266,45 @@ def test_threshold_heatmap_bbox_post_processing_and_images_without_crs(flights2,
     assert len(json.loads(out.read_text())["results"]) == 49
 
 
+def test_geoparquet_and_dissolved_change_areas(flights2, tmp_path):
+    """``--geoparquet`` holds the JSON's pairs (acquisition times as UTC timestamps); ``--dissolve``
+    merges the changed windows into areas: as many as the connected parts of the windows'
+    polygons (computed here from rasterio's corners), each with its windows' count and largest
+    distance."""
+    import geopandas as gpd
+    import pandas as pd
+    import rasterio
+    from shapely.geometry import Polygon
+    from shapely.ops import unary_union
+
+    _, src, path = flights2
+    n = len(touching(PATCHES, 1024))
+    js, pq, dj = tmp_path / "c.json", tmp_path / "c.parquet", tmp_path / "d.geojson"
+    assert main(["changes", "--store", str(path), "--before", "2019", "--after", "2021", "-k", str(n),
+                 "--json", str(js), "--geoparquet", str(pq)]) == 0  # fmt: skip
+    res = json.loads(js.read_text())["results"]
+    gdf = gpd.read_parquet(pq)
+    assert list(gdf["uid"]) == [r["uid"] for r in res] and list(gdf["before_uid"]) == [r["before_uid"] for r in res]
+    assert list(gdf["distance"]) == pytest.approx([r["distance"] for r in res])
+    for col in ("acquired", "before_acquired"):
+        assert str(gdf[col].dtype).startswith("datetime64") and str(gdf[col].dt.tz) == "UTC"
+        assert list(gdf[col]) == [pd.Timestamp(r[col]) for r in res]
+    assert main(["changes", "--store", str(path), "--before", "2019", "--after", "2021", "-k", str(n),
+                 "--geojson", str(dj), "--dissolve"]) == 0  # fmt: skip
+    areas = json.loads(dj.read_text())["features"]
+    with rasterio.open(src / "after.tif") as fa:
+        polys = [Polygon(footprint(fa.transform, r["row"], r["col"], fa.crs)) for r in res]
+    parts = list(getattr(unary_union(polys), "geoms", [unary_union(polys)]))
+    assert len(areas) == len(parts) >= 2
+    assert sum(a["properties"]["hits"] for a in areas) == n
+    for a in areas:
+        shape = Polygon(a["geometry"]["coordinates"][0])
+        inside = [r["distance"] for r, p in zip(res, polys) if p.representative_point().within(shape)]
+        assert a["properties"]["hits"] == len(inside)
+        assert a["properties"]["best_distance"] == pytest.approx(max(inside))
+        assert a["properties"]["area_m2"] > 256 * 256 * PX * PX * 0.99  # at least one window of ground
+
+
 def test_pairing_tasks_and_the_view_give_the_same_pairs(tmp_path, monkeypatch):
     """A survey of 3 x 3 overlapping images per flight: the pairing split into one task per after
     image (or per few windows) equals the pairing in one task; with a bbox, only the after

@@ -22,6 +22,10 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=10_000, help="--min-distance: at most this many (default 10,000)")
     p.add_argument("--json", dest="json_out", help="write the ranked pairs as JSON to this file")
     p.add_argument("--geojson", help="write the after windows' polygons (EPSG:4326) with their pair's fields")
+    p.add_argument("--geoparquet", help="the same as GeoParquet (acquisition times as timestamps)")
+    p.add_argument("--dissolve", action="store_true",
+                   help="GeoJSON/GeoParquet: merge touching changed windows per image into areas (hits, "
+                        "best_distance, area_m2)")  # fmt: skip
     p.add_argument("--heatmap", metavar="DIR", help="a change map per after image (float32 COG + PNG)")
     p.add_argument("--raw", action="store_true", help="ignore the store's post-processing")
     add_common(p)
@@ -54,8 +58,11 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         if args.json_out:
             write_json([res], args.json_out)
         if args.geojson:
-            export.write_geojson([res], args.geojson)
+            export.write_geojson([res], args.geojson, dissolved=args.dissolve)
             print(f"GeoJSON written to {args.geojson}")
+        if args.geoparquet:
+            export.write_geoparquet([res], args.geoparquet, dissolved=args.dissolve)
+            print(f"GeoParquet written to {args.geoparquet}")
         if args.heatmap:
             paths = change_maps(index, pairing, args.heatmap)
             print(f"{len(paths)} change map(s) written to {args.heatmap} (GeoTIFF + PNG each)")
