@@ -6,7 +6,8 @@ first of these that knows it:
 1. the STAC item the image came from (its ``datetime``, else ``start_datetime``);
 2. ``ingest --dates FILE``: a CSV with a header ``path,acquired``, one image per line (a path
    relative to the CSV's folder, an absolute path or URI, or a bare file name);
-3. ``ingest --date-pattern REGEX``: named groups over the file name: ``date`` (``20191109``,
+3. ``ingest --date-pattern REGEX``: named groups over the file name (else the whole path, for
+   flights kept in dated folders): ``date`` (``20191109``,
    ``2019-11-09``, any ISO 8601 date or time), or ``year`` with ``month``, ``day`` and optionally
    ``hour``, ``minute``, ``second``. NAIP's ``m_3008601_ne_16_060_20191109.tif``:
    ``_(?P<date>\\d{8})\\.tif$``;
@@ -228,7 +229,7 @@ class DateSources:
                           f"{os.path.basename(uncovered[0])}); those take the {then}, if any{hint}", stacklevel=3)  # fmt: skip
         if unmatched and regex is not None:
             warnings.warn(f"--date-pattern {self.pattern!r} finds no date in {len(unmatched)} of {len(paths)} file "
-                          f"name(s) (e.g. {os.path.basename(unmatched[0])}); those take the TIFF DateTime tag, if any",
+                          f"name(s) or path(s) (e.g. {os.path.basename(unmatched[0])}); those take the TIFF DateTime tag, if any",
                           stacklevel=3)  # fmt: skip
         return out
 
@@ -285,9 +286,10 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
 
 
 def from_pattern(regex: re.Pattern[str], path: str) -> np.datetime64 | None:
-    """The time ``regex`` finds in the file name of ``path``; None when it does not match."""
+    """The time ``regex`` finds in the file name of ``path``, else in the whole path (flights
+    kept in dated folders); None when it matches neither."""
     name = path.rsplit("/", 1)[-1]
-    m = regex.search(name)
+    m = regex.search(name) or regex.search(path.replace(os.sep, "/"))
     if m is None:
         return None
     g = {k: v for k, v in m.groupdict().items() if v is not None}

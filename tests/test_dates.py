@@ -92,7 +92,7 @@ def test_the_four_sources_of_dates_in_their_order(dated):
     root, _, path = dated
     err = (root / "ingest.err").read_text()
     assert re.search(r"junk.tif: TIFF DateTime tag .* is not a date; acquired left unknown \(NaT\)", err), err
-    assert "finds no date in 3 of 6 file name(s)" in err  # the CSV dated two, the pattern one
+    assert "finds no date in 3 of 6 file name(s) or path(s)" in err  # the CSV dated two, the pattern one
     assert "dates.csv has no line for 4 of 6 new image(s)" in err and "take the --date-pattern, then" in err
     assert "name no image" not in err  # both lines found their image
     got = acquired_of(path)
@@ -157,6 +157,22 @@ def test_a_csv_that_misses_images_says_which_and_names_its_lines_that_match_none
                      r"tag, if any; 2 line\(s\) of it name no image of this ingest \(e\.g\. bb\.tif\)", err), err  # fmt: skip
     got = acquired_of(tmp_path / "s.zarr")
     assert got["a.tif"] == t("2019-01-01T00:00:00") and np.isnat(got["b.tif"]) and np.isnat(got["c.tif"])
+
+
+def test_a_date_pattern_reads_dated_folders_when_the_file_name_has_none(tmp_path):
+    """Drone flights kept one folder per date: the pattern finds the date in the path; a date in
+    the file name still wins over one in the folders."""
+    src = tmp_path / "flights"
+    for k, (folder, name) in enumerate((("2019-05-02", "DJI_0001.tif"), ("2021-06-01", "DJI_0001.tif"),
+                                         ("2021-06-01", "x_2022-01-03_.tif"))):  # fmt: skip
+        (src / folder).mkdir(parents=True, exist_ok=True)
+        write_tif(src / folder / name, textured(512, 512, seed=320 + k), transform=(0.5, 0, 400000.0 + 2000 * k, 0, -0.5, 3300000.0))
+    assert main(["ingest", str(src), "--store", str(tmp_path / "s.zarr"), *PROBE,
+                 "--date-pattern", r"(?P<date>\d{4}-\d{2}-\d{2})"]) == 0  # fmt: skip
+    table = store.read_table(tmp_path / "s.zarr")
+    got = {str(Path(str(p)).relative_to(src)): np.datetime64(a, "s") for p, a in zip(table["image_path"], table["acquired"])}
+    assert got == {"2019-05-02/DJI_0001.tif": t("2019-05-02T00:00:00"), "2021-06-01/DJI_0001.tif": t("2021-06-01T00:00:00"),
+                   "2021-06-01/x_2022-01-03_.tif": t("2022-01-03T00:00:00")}  # fmt: skip
 
 
 def test_a_later_ingest_with_dates_dates_images_already_in_the_store(dated, tmp_path, capsys):
