@@ -11,11 +11,13 @@ first of these that knows it:
    ``2019-11-09``, any ISO 8601 date or time), or ``year`` with ``month``, ``day`` and optionally
    ``hour``, ``minute``, ``second``. NAIP's ``m_3008601_ne_16_060_20191109.tif``:
    ``_(?P<date>\\d{8})\\.tif$``;
-4. the TIFF ``DateTime`` tag (``YYYY:MM:DD HH:MM:SS``, read as UTC).
+4. the file's own time (:func:`pipeline.raster.capture_time`): EXIF ``DateTimeOriginal``, the
+   camera's capture time (drone frames), else the TIFF ``DateTime`` tag (``YYYY:MM:DD
+   HH:MM:SS``, read as UTC).
 
 A value that the CSV or the pattern gives but that is no date is an error naming the file and the
 value (the ingest then stops before it touches the store): those are the user's statements. The
-TIFF tag is often junk (a scanner's clock, a blank), so an unparseable tag is a warning and NaT.
+file's tag is often junk (a scanner's clock, a blank), so an unparseable tag is a warning and NaT.
 
 A :class:`DateRange` (``--date FROM/TO``) keeps images acquired from FROM to TO, both ends
 inclusive (a date-only TO includes its whole day), either end open; images without a date fail
@@ -217,11 +219,11 @@ class DateSources:
         if junk:
             path, tag = junk[0]
             more = f" (and {len(junk) - 1} more file(s))" if len(junk) > 1 else ""
-            warnings.warn(f"{path}: TIFF DateTime tag {tag!r} is not a date; acquired left unknown (NaT){more}",
+            warnings.warn(f"{path}: its DateTime tag {tag!r} is not a date; acquired left unknown (NaT){more}",
                           stacklevel=3)  # fmt: skip
         if uncovered:
             stray = sorted({line for _, line in table.values()} - used)
-            then = "--date-pattern, then the TIFF DateTime tag" if regex is not None else "TIFF DateTime tag"
+            then = "--date-pattern, then the file's DateTime tag" if regex is not None else "file's DateTime tag"
             hint = (f"; {len(stray)} line(s) of it name no image of this ingest (e.g. {stray[0]}): check the "
                     f"spelling" if stray else "")  # fmt: skip
             of = len(paths) if fresh is None else sum(p in fresh for p in paths)
@@ -229,7 +231,7 @@ class DateSources:
                           f"{os.path.basename(uncovered[0])}); those take the {then}, if any{hint}", stacklevel=3)  # fmt: skip
         if unmatched and regex is not None:
             warnings.warn(f"--date-pattern {self.pattern!r} finds no date in {len(unmatched)} of {len(paths)} file "
-                          f"name(s) or path(s) (e.g. {os.path.basename(unmatched[0])}); those take the TIFF DateTime tag, if any",
+                          f"name(s) or path(s) (e.g. {os.path.basename(unmatched[0])}); those take the file's DateTime tag, if any",
                           stacklevel=3)  # fmt: skip
         return out
 

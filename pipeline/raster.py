@@ -120,7 +120,7 @@ class ImageInfo:
     size: int  # bytes on disk (-1 when unknown, e.g. some URIs)
     mtime: float  # seconds since the epoch (nan when unknown)
     masked: bool  # the file has a nodata value, mask or alpha band
-    datetime_tag: str = ""  # the TIFF DateTime tag as written ("" without one): pipeline.dates reads it
+    datetime_tag: str = ""  # the file's own time as written ("" without one; :func:`capture_time`): pipeline.dates reads it
 
     @property
     def n_windows(self) -> int:
@@ -175,6 +175,21 @@ def _sidecars(path: str) -> list[str]:
     return names
 
 
+EXIF_IFD, DATETIME_ORIGINAL, DATETIME = 0x8769, 36867, 306
+
+
+def capture_time(tags: dict[str, str]) -> str:
+    """The time a file says it was taken, as written: EXIF ``DateTimeOriginal`` (the camera's
+    capture time: drone frames), else the TIFF ``DateTime`` tag, else EXIF ``DateTime`` (both
+    the time the file was last written); ``""`` without any. ``tags``: GDAL's metadata
+    (``EXIF_*`` and ``TIFFTAG_*`` keys)."""
+    for key in ("EXIF_DateTimeOriginal", "TIFFTAG_DATETIME", "EXIF_DateTime"):
+        value = str(tags.get(key, "")).strip().strip("\x00").strip()
+        if value:
+            return value
+    return ""
+
+
 def _pillow_header(path: str) -> ImageInfo | None:
     """The header of a local plain-RGB JPEG/PNG without sidecars, by Pillow; None otherwise."""
     if not path.lower().endswith(PILLOW_SUFFIXES) or is_uri(path):
@@ -188,6 +203,9 @@ def _pillow_header(path: str) -> ImageInfo | None:
             if im.mode != "RGB" or im.format not in ("JPEG", "PNG") or "transparency" in im.info:
                 return None
             (width, height), fmt = im.size, im.format
+            exif = im.getexif()
+            when = capture_time({"EXIF_DateTimeOriginal": exif.get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL, ""),
+                                 "EXIF_DateTime": exif.get(DATETIME, "")})  # fmt: skip
         if fmt == "JPEG":  # GDAL appends its internal masks after the JPEG's end marker
             with open(path, "rb") as f:
                 f.seek(-2, os.SEEK_END)
@@ -195,7 +213,8 @@ def _pillow_header(path: str) -> ImageInfo | None:
                     return None
     except Exception:  # noqa: BLE001 (GDAL reads it, and reports any error its own way)
         return None
-    return ImageInfo(path, width, height, 3, "uint8", "", (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), -1, float("nan"), False)
+    return ImageInfo(path, width, height, 3, "uint8", "", (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), -1, float("nan"), False,
+                     datetime_tag=when)  # fmt: skip
 
 
 def _gdal_header(path: str) -> ImageInfo:
@@ -223,7 +242,7 @@ def _gdal_header(path: str) -> ImageInfo:
                 size=-1,
                 mtime=float("nan"),
                 masked=masked,
-                datetime_tag=str(ds.tags().get("TIFFTAG_DATETIME", "")).strip(),
+                datetime_tag=capture_time({**ds.tags(ns="EXIF"), **ds.tags()}),
             )
     except RasterioError as e:
         raise RasterError(

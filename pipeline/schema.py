@@ -85,7 +85,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("transform", ("img", "affine"), "float64", "img", 0.0, "img", "the image's affine: a, b, c, d, e, f"),
     Variable("acquired", ("img",), "datetime64[s]", "img", NAT, "img",
              "acquisition time, UTC; NaT when unknown. From, in order: the STAC item's datetime, `ingest --dates "
-             "FILE`, `--date-pattern REGEX` over the file name (else the path), the TIFF `DateTime` tag"),
+             "FILE`, `--date-pattern REGEX` over the file name (else the path), EXIF `DateTimeOriginal` (drone "
+             "frames), else the TIFF `DateTime` tag"),
     Variable("item_id", ("img",), "str", "img", None, "img", 'the STAC item the image came from; `""` otherwise'),
     Variable("post_mean", ("feature",), "float32", "whole", None, "fit",
              "PCA post-processing (`postprocess --method pca`): centre of the fitting set"),

@@ -91,7 +91,7 @@ def dated(tmp_path_factory):
 def test_the_four_sources_of_dates_in_their_order(dated):
     root, _, path = dated
     err = (root / "ingest.err").read_text()
-    assert re.search(r"junk.tif: TIFF DateTime tag .* is not a date; acquired left unknown \(NaT\)", err), err
+    assert re.search(r"junk.tif: its DateTime tag .* is not a date; acquired left unknown \(NaT\)", err), err
     assert "finds no date in 3 of 6 file name(s) or path(s)" in err  # the CSV dated two, the pattern one
     assert "dates.csv has no line for 4 of 6 new image(s)" in err and "take the --date-pattern, then" in err
     assert "name no image" not in err  # both lines found their image
@@ -153,7 +153,7 @@ def test_a_csv_that_misses_images_says_which_and_names_its_lines_that_match_none
     capsys.readouterr()
     assert main(["ingest", str(src), "--store", str(tmp_path / "s.zarr"), *PROBE, "--dates", str(tmp_path / "d.csv")]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"d\.csv has no line for 2 of 3 new image\(s\) \(e\.g\. b\.tif\); those take the TIFF DateTime "
+    assert re.search(r"d\.csv has no line for 2 of 3 new image\(s\) \(e\.g\. b\.tif\); those take the file's DateTime "
                      r"tag, if any; 2 line\(s\) of it name no image of this ingest \(e\.g\. bb\.tif\)", err), err  # fmt: skip
     got = acquired_of(tmp_path / "s.zarr")
     assert got["a.tif"] == t("2019-01-01T00:00:00") and np.isnat(got["b.tif"]) and np.isnat(got["c.tif"])
@@ -173,6 +173,29 @@ def test_a_date_pattern_reads_dated_folders_when_the_file_name_has_none(tmp_path
     got = {str(Path(str(p)).relative_to(src)): np.datetime64(a, "s") for p, a in zip(table["image_path"], table["acquired"])}
     assert got == {"2019-05-02/DJI_0001.tif": t("2019-05-02T00:00:00"), "2021-06-01/DJI_0001.tif": t("2021-06-01T00:00:00"),
                    "2021-06-01/x_2022-01-03_.tif": t("2022-01-03T00:00:00")}  # fmt: skip
+
+
+@pytest.mark.parametrize("decoder", ["auto", "gdal"])  # headers by Pillow, and by GDAL
+def test_drone_frames_are_dated_by_their_exif_capture_time(tmp_path, decoder):
+    """JPEG frames as drones write them: EXIF DateTimeOriginal (capture) wins over DateTime (last
+    written); a frame with DateTime alone takes it; one without EXIF stays undated."""
+    from PIL import Image
+
+    src = tmp_path / "frames"
+    src.mkdir()
+    times = {"DJI_0001.JPG": ("2021:06:01 10:30:05", "2023:01:01 00:00:00"), "DJI_0002.JPG": ("", "2021:06:02 08:00:00"),
+             "DJI_0003.JPG": ("", "")}  # fmt: skip
+    for k, (name, (original, written)) in enumerate(times.items()):
+        exif = Image.Exif()
+        if written:
+            exif[306] = written
+        if original:
+            exif.get_ifd(0x8769)[36867] = original
+        Image.fromarray(textured(320, 320, seed=330 + k).transpose(1, 2, 0)).save(src / name, exif=exif, quality=90)
+    assert main(["ingest", str(src), "--store", str(tmp_path / "s.zarr"), *PROBE, "--decoder", decoder]) == 0
+    got = acquired_of(tmp_path / "s.zarr")
+    assert got["DJI_0001.JPG"] == t("2021-06-01T10:30:05") and got["DJI_0002.JPG"] == t("2021-06-02T08:00:00")
+    assert np.isnat(got["DJI_0003.JPG"])
 
 
 def test_a_later_ingest_with_dates_dates_images_already_in_the_store(dated, tmp_path, capsys):

@@ -23,8 +23,8 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("acquisition times (image table `acquired`; a STAC item's datetime comes first)")
     g.add_argument("--dates", metavar="FILE", help="CSV with a header path,acquired (ISO 8601, UTC without an offset)")
     g.add_argument("--date-pattern", metavar="REGEX",
-                   help="named groups over the file name: (?P<date>...) or (?P<year>...)(?P<month>...)(?P<day>...); "
-                        "NAIP: '_(?P<date>\\d{8})\\.tif$'. Without these, the TIFF DateTime tag")  # fmt: skip
+                   help="named groups over the file name (else the path): (?P<date>...) or (?P<year>...)(?P<month>...)(?P<day>...); "
+                        "NAIP: '_(?P<date>\\d{8})\\.tif$'. Without these, EXIF DateTimeOriginal or the TIFF DateTime tag")  # fmt: skip
     g.add_argument("--asset", help="STAC sources: the items' asset to ingest (default: the first RGB GeoTIFF/COG)")
     add_common(p)
     add_model(p)
