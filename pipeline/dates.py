@@ -106,7 +106,7 @@ class DateRange:
             y = int(s)
             return cls(np.datetime64(f"{y:04d}-01-01T00:00:00", "s"), np.datetime64(f"{y + 1:04d}-01-01T00:00:00", "s"), s)
         if re.fullmatch(r"\d{4}-\d{2}", s):
-            start = np.datetime64(s, "M")
+            start = _month(s, flag, s)
             return cls(np.datetime64(start, "s"), np.datetime64(start + 1, "s"), s)
         start = cls._end(s, flag, s, upper=False)
         if np.isnat(start):
@@ -120,7 +120,7 @@ class DateRange:
         if re.fullmatch(r"\d{4}", part):  # a year: its first day, or (upper) its whole
             return np.datetime64(f"{int(part) + upper:04d}-01-01T00:00:00", "s")
         if re.fullmatch(r"\d{4}-\d{2}", part):
-            m = np.datetime64(part, "M")
+            m = _month(part, flag, whole)
             return np.datetime64(m + 1 if upper else m, "s")
         try:
             t = parse_when(part)
@@ -146,6 +146,12 @@ class DateRange:
     def describe(self) -> dict[str, str | None]:
         """``{"from", "to"}`` as given back in JSON (``to`` inclusive, as the user wrote it)."""
         return {"from": iso(self.start), "to": iso(self.stop - np.timedelta64(1, "s")) if not np.isnat(self.stop) else None}
+
+
+def _month(part: str, flag: str, whole: str) -> np.datetime64:
+    if not 1 <= int(part[5:]) <= 12:
+        raise ConfigError(f"{flag} {whole}: {part!r} is not a month (YYYY-MM, 01 to 12)")
+    return np.datetime64(part, "M")
 
 
 def _date_only(s: str) -> bool:

@@ -59,6 +59,9 @@ def test_parse_when_and_date_ranges():
         DateRange.parse("2020/2019")
     with pytest.raises(ConfigError, match="not an ISO date"):
         DateRange.parse("2019-01-01/soon")
+    for bad in ("2019-13", "2019-00/2020", "2019/2020-13"):  # month shorthands: one line, not a traceback
+        with pytest.raises(ConfigError, match="is not a month"):
+            DateRange.parse(bad)
 
 
 @pytest.fixture(scope="module")
