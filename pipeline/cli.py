@@ -7,6 +7,7 @@ Commands (one module each in :mod:`pipeline.commands`, wired the same way here):
 - ``classify``: fit a classifier on example tiles and score every tile with it
 - ``heatmap``: a score map per image (GeoTIFF and PNG)
 - ``changes``: what changed between flights of the same ground
+- ``history``: a place through time, flight by flight
 - ``serve``: a map page and HTTP API to search the store in a browser
 - ``info``: summarize a store
 - ``postprocess``: fit L2 / Hellinger / PCA post-processing and DBA into a store

@@ -17,6 +17,7 @@ from pipeline.commands import (
     demo,
     evaluate,
     heatmap,
+    history,
     info,
     ingest,
     migrate,
@@ -29,7 +30,7 @@ from pipeline.commands import (
 )
 
 COMMANDS = (
-    ingest, search, classify, heatmap, changes, serve, info, postprocess, remove, relocate, compact, migrate, evaluate, demo, weights,
+    ingest, search, classify, heatmap, changes, history, serve, info, postprocess, remove, relocate, compact, migrate, evaluate, demo, weights,
 )  # fmt: skip
 
 

@@ -15,6 +15,8 @@ Routes (all JSON unless said; every error is a 4xx/5xx with ``{"error": "<one li
 - ``GET|POST /api/export.geojson``: the hits of the same queries as window polygons.
 - ``GET /api/changes``: ``before`` and ``after`` (``FROM/TO``), ``bbox``, ``k`` or
   ``min_distance`` (+ ``limit``), ``footprints``: ``aerial-search changes --json``'s document.
+- ``GET /api/history``: ``lonlat`` or ``uid``, ``date``, ``footprints``: ``aerial-search history
+  --json``'s document.
 - ``GET /api/tiles/{uid}.png`` (``size``), ``GET /api/images`` (footprints),
   ``GET /api/images/{id}/preview.png``, ``GET /api/images/{id}/uid?x=&y=``, ``GET /api/info``.
 - ``GET /tiles/{z}/{x}/{y}.png`` (``date``): the archive as an XYZ basemap, latest flight on
@@ -275,6 +277,17 @@ def create_app(service: Service, token: str | None = None, cors_origins: list[st
     def export_post(body: SearchBody) -> Response:
         """The hits of a ``POST /api/search`` as window polygons."""
         return _geojson(service.export(body_results(body)))
+
+    @app.get("/api/history", tags=["search"])
+    def history_get(
+        lonlat: Annotated[str | None, Query(description="LON,LAT: the place")] = None,
+        uid: Annotated[str | None, Query(description="instead of lonlat: a tile whose centre is the place")] = None,
+        date: Annotated[str | None, Query(description="FROM/TO: only images acquired in this range")] = None,
+        footprints: Annotated[bool, Query(description="add the windows' polygons")] = False,
+    ) -> Any:
+        """A place through time: its window in every image covering it, oldest first, with the
+        distance to the previous one (``aerial-search history --json``)."""
+        return service.document(service.history(lonlat, uid, date), footprints)
 
     @app.get("/api/changes", tags=["search"])
     def changes_get(

@@ -408,6 +408,23 @@ class Service:
 
             return self.batcher.call(run)
 
+    def history(self, lonlat: Any = None, uid: Any = None, date: str | None = None) -> list[Result]:
+        """``aerial-search history`` (``GET /api/history``): the window over a place (``lonlat``,
+        or the centre of tile ``uid``) in every image covering it, oldest first."""
+        from pipeline.history import history, place_of
+
+        if (lonlat is None) == (uid is None):
+            raise RequestError("history needs one place: lonlat=LON,LAT or uid=UID")
+        point = parse_lonlat(lonlat) if lonlat is not None else None
+        with _as_request_errors():
+            rng = DateRange.parse(str(date), "date") if date else None
+
+            def run() -> list[Result]:
+                lon, lat = point if point is not None else place_of(self.index, uid)
+                return [history(self.index, lon, lat, rng)]
+
+            return self.batcher.call(run)
+
     def search_image(self, data: bytes, name: str, s: Settings) -> list[Result]:
         """An uploaded image as the query (``POST /api/search/image``), fingerprinted with the
         store's model after the query-image size rule."""
