@@ -373,4 +373,19 @@ def test_page_date_range_and_changes_mode_with_permalinks(dated_server, browser,
     assert page.evaluate("aerialSearch.map.hasLayer(aerialSearch.basemap) && !aerialSearch.beforeMap")
     page.wait_for_selector("img.leaflet-tile-loaded[src$='.png']", timeout=30_000)
     assert page.evaluate("aerialSearch.basemap._url") == "/tiles/{z}/{x}/{y}.png"
+    # the history of the clicked place: its window in each flight, oldest first, as the API has it
+    uid = page.evaluate("aerialSearch.last.query.uid")  # the clicked place's tile: its centre is the place
+    page.click("#history-run")
+    wait_seq(page, 5)
+    api = httpx.get(server + "/api/history", params={"uid": uid}).json()
+    assert gallery_uids(page) == [r["uid"] for r in api["results"]]
+    assert [r["image_path"].rsplit("/", 1)[-1] for r in api["results"]] == ["before.tif", "after.tif"]
+    assert "image(s) over this place, oldest first" in page.inner_text("#status")
+    assert page.locator("#gallery .result .name").first.inner_text().startswith("2019-06-01")
+    assert "history=1" in page.url
+    shot(page, tmp_path / "8-history.png")
+    again.goto(page.url, wait_until="domcontentloaded")
+    again.reload(wait_until="domcontentloaded")
+    wait_seq(again, 1)
+    assert gallery_uids(again) == gallery_uids(page)
     assert not errors, errors

@@ -9,7 +9,7 @@
   // ---- state <-> #hash ------------------------------------------------------------------------
 
   const blank = () => ({ uid: null, lonlat: null, pos: [], neg: [], k: 12, threshold: null, diverse: false,
-    bbox: null, classifier: false, date: null, changes: null });
+    bbox: null, classifier: false, date: null, changes: null, history: false });
   const RANGE = /^[0-9T:.Z+-]*\/[0-9T:.Z+-]*$/; // FROM/TO, either end may be empty
   let state = blank();
   let upload = null; // {file} while the query is an uploaded image
@@ -30,6 +30,7 @@
     if (s.bbox) p.set("bbox", s.bbox.map((v) => +v.toFixed(6)).join(","));
     if (s.date) p.set("date", s.date);
     if (s.changes) { p.set("changes", "1"); p.set("before", s.changes.before); p.set("after", s.changes.after); }
+    if (s.history) p.set("history", "1");
     return p.toString();
   }
 
@@ -52,6 +53,7 @@
     if (p.get("changes") === "1" && RANGE.test(p.get("before") || "") && RANGE.test(p.get("after") || "")) {
       s.changes = { before: p.get("before"), after: p.get("after") };
     }
+    s.history = p.get("history") === "1" && Boolean(s.uid || s.lonlat);
     return s;
   }
 
@@ -88,6 +90,13 @@
   }
 
   function request(s) {
+    if (s.history) { // a place through time: its window in every image covering it, oldest first
+      const p = new URLSearchParams({ footprints: "true" });
+      if (s.uid) p.set("uid", s.uid);
+      else p.set("lonlat", s.lonlat.join(","));
+      if (s.date) p.set("date", s.date);
+      return ["GET", "/api/history?" + p.toString()];
+    }
     if (s.changes) {
       const p = new URLSearchParams({ before: s.changes.before, after: s.changes.after, footprints: "true" });
       if (s.threshold !== null) { p.set("min_distance", String(s.threshold)); p.set("limit", String(PAGE_LIMIT)); }
@@ -272,6 +281,7 @@
   }
   const isClassifier = (doc) => Boolean(doc && doc.query && doc.query.type === "classifier");
   const isChanges = (doc) => Boolean(doc && doc.query && doc.query.type === "changes");
+  const isHistory = (doc) => Boolean(doc && doc.query && doc.query.type === "history");
   const day = (t) => (t ? t.slice(0, 10) : "no date");
 
   function show(doc, ms) {
@@ -286,7 +296,9 @@
     const dated = q0.date ? `; ${q0.date.kept} image(s) in the date range, ${q0.date.outside + q0.date.undated} left out (${q0.date.undated} without a date)` : "";
     $("status").textContent = isChanges(doc)
       ? `${recs.length} most changed of ${q0.pairs} window pairs in ${Math.round(ms)} ms`
-      : `${recs.length} results${passed} in ${Math.round(ms)} ms${dated}`;
+      : isHistory(doc)
+        ? `${recs.length} image(s) over this place, oldest first (d: distance to the one before) in ${Math.round(ms)} ms${dated}`
+        : `${recs.length} results${passed} in ${Math.round(ms)} ms${dated}`;
     $("export").disabled = !recs.length;
     // query
     const q = doc.query || {};
@@ -301,6 +313,14 @@
     const label = document.createElement("div");
     label.textContent = "query: " + (q.label || q.type || "");
     qbox.appendChild(label);
+    if ((q.type === "uid" || q.type === "lonlat") && q.uid && !upload) { // the query tile's place through time
+      const b = document.createElement("button");
+      b.id = "history-run";
+      b.textContent = "History of this place";
+      b.title = "the window over the query tile's centre in every image that covers it, oldest first";
+      b.addEventListener("click", () => search(Object.assign(blank(), { history: true, uid: q.uid, date: rangeOf("date-from", "date-to") })));
+      qbox.appendChild(b);
+    }
     // gallery
     const gal = $("gallery");
     gal.textContent = "";
@@ -340,10 +360,11 @@
       meta.className = "meta";
       meta.innerHTML = "<span></span><span></span>";
       meta.children[0].textContent = "#" + r.rank;
-      meta.children[1].textContent = `${isClassifier(doc) ? "p" : vname} ${(+r[vname]).toFixed(3)}`;
+      meta.children[1].textContent = `${isClassifier(doc) ? "p" : isHistory(doc) ? "d" : vname} ${(+r[vname]).toFixed(3)}`;
       const name = document.createElement("div");
       name.className = "name";
-      name.textContent = r.image_path.split("/").pop() + (r.acquired ? ` · ${day(r.acquired)}` : "");
+      name.textContent = isHistory(doc) ? `${day(r.acquired)} · ${r.image_path.split("/").pop()}`
+        : r.image_path.split("/").pop() + (r.acquired ? ` · ${day(r.acquired)}` : "");
       const marksRow = document.createElement("div");
       marksRow.className = "marks";
       for (const [kind, text] of [["positive", "+"], ["negative", "−"]]) {
