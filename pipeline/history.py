@@ -55,14 +55,13 @@ def windows_at(index: Any, lon: float, lat: float, image_ids: Sequence[int] | No
             py[sel] = (-d * (x - c) + a * (y - f)) / det
     width, height = np.asarray(table["width"], np.int64), np.asarray(table["height"], np.int64)
     chunk_px = int(index.provenance["layout"]["chunk_px"])
+    with np.errstate(invalid="ignore"):  # NaN (no CRS): never inside
+        inside = (px[ids] >= 0) & (py[ids] >= 0) & (px[ids] <= width[ids] // grid.TILE * grid.TILE) & (
+            py[ids] <= height[ids] // grid.TILE * grid.TILE)  # fmt: skip
     cand_image, cand_row, cand_col, cand_dist = [], [], [], []
     s, tile = grid.STRIDE, grid.TILE
-    for i in ids:
+    for i in ids[inside]:
         x, y = px[i], py[i]
-        if not (np.isfinite(x) and np.isfinite(y)):
-            continue
-        if not (0 <= x <= grid.cropped_size(int(width[i])) and 0 <= y <= grid.cropped_size(int(height[i]))):
-            continue
         ny, nx = grid.windows_per_axis(int(height[i])), grid.windows_per_axis(int(width[i]))
         for r in range(max(0, math.floor((y - tile) / s) + 1), min(ny - 1, math.floor(y / s)) + 1):
             for c in range(max(0, math.floor((x - tile) / s) + 1), min(nx - 1, math.floor(x / s)) + 1):
