@@ -53,7 +53,8 @@ def _kernel() -> Any:
 
     @triton.jit
     def hamming_kernel(words, queries, out, n, m, W: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        # int64 offsets: a slice of 2**27 codes of 1,024 bits is 2**32 words, past int32
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, WP)
         inside = (rows[:, None] < n) & (cols[None, :] < W)
         w = tl.load(words + rows[:, None] * W + cols[None, :], mask=inside, other=0)
