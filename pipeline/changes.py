@@ -141,7 +141,7 @@ GROUP_IMAGES = 64  # after images per pairing task at most
 
 
 def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int],
-                 bbox: tuple[float, float, float, float] | None = None) -> Pairing:  # fmt: skip
+                 bbox: tuple[float, float, float, float] | None = None, whole_images: bool = False) -> Pairing:  # fmt: skip
     """Partner slots of the valid windows of images ``after_ids`` among those of ``before_ids``
     (see the module docstring).
 
@@ -150,7 +150,9 @@ def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int]
     itself is a dask graph of tasks over groups of after images (:data:`GROUP_TILES` windows,
     :data:`GROUP_IMAGES` images), each reading its images' per-tile metadata (row, col, valid;
     lon/lat with ``bbox``) and its before neighbours' validity: it runs on the cluster's workers,
-    and the driver keeps only the pairs."""
+    and the driver keeps only the pairs. ``whole_images``: every window of the after images that
+    meet ``bbox``, not only those centred inside it (``--score robust`` takes each image pair's
+    statistics from all its windows)."""
     import dask
 
     ds = index.ds
@@ -194,7 +196,8 @@ def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int]
         groups[-1].append(a)
         size += int(counts[a])
     task = dask.delayed(_pair_group, pure=True)
-    names = ("row", "col", "valid", "lon", "lat") if bbox is not None else ("row", "col", "valid")
+    window_box = None if whole_images else bbox
+    names = ("row", "col", "valid", "lon", "lat") if window_box is not None else ("row", "col", "valid")
     tasks = []
     for g in groups:
         if not g:
@@ -202,7 +205,7 @@ def pair_windows(index: Any, after_ids: Sequence[int], before_ids: Sequence[int]
         bs = sorted({b for a in g for b in near[a]})
         tasks.append(task(
             {a: meta(a) for a in g}, {a: near[a] for a in g}, {b: meta(b) for b in bs},
-            {a: [read(n, a) for n in names] for a in g}, {b: read("valid", b) for b in bs}, bbox, chunk_px,
+            {a: [read(n, a) for n in names] for a in g}, {b: read("valid", b) for b in bs}, window_box, chunk_px,
         ))  # fmt: skip
     parts = index._compute(*tasks) if tasks else []
     slots = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -314,14 +317,17 @@ class ChangeResult(Result):
         return out
 
     def table(self) -> str:
+        robust = bool(self.extra and "robust" in self.extra)
         lines = [f"changes: {self.query.get('label', '')}" + (
             f"  ({self.total} pairs passed; showing {len(self)})" if self.total is not None and self.total > len(self)
             else ""),  # fmt: skip
-            f"{'rank':>4}  {'distance':>9}  {'uid':>15}  {'row':>5}  {'col':>5}  {'acquired':<10}  "
-            f"{'before uid':>15}  {'row':>5}  {'col':>5}  {'acquired':<10}  image / before image"]  # fmt: skip
+            f"{'rank':>4}  {'distance':>9}  " + (f"{'robust':>8}  " if robust else "") + f"{'uid':>15}  {'row':>5}  "
+            f"{'col':>5}  {'acquired':<10}  {'before uid':>15}  {'row':>5}  {'col':>5}  {'acquired':<10}  "
+            f"image / before image"]  # fmt: skip
         for r in self.records():
             lines.append(
-                f"{r['rank']:>4}  {r['distance']:>9.4f}  {r['uid']:>15}  {r['row']:>5}  {r['col']:>5}  "
+                f"{r['rank']:>4}  {r['distance']:>9.4f}  " + (f"{r['robust']:>8.2f}  " if robust else "") +
+                f"{r['uid']:>15}  {r['row']:>5}  {r['col']:>5}  "
                 f"{(r['acquired'] or '-')[:10]:<10}  {r['before_uid']:>15}  {r['before_row']:>5}  {r['before_col']:>5}  "
                 f"{(r['before_acquired'] or '-')[:10]:<10}  {Path(r['image_path']).name} / {Path(r['before_image_path']).name}"
             )
@@ -336,9 +342,14 @@ def changes(
     k: int | None = 100,
     min_distance: float | None = None,
     limit: int = 10_000,
+    score: str = "distance",
 ) -> tuple[ChangeResult, Pairing]:
     """The pairs of after and before windows (see the module docstring), the ``k`` most changed
-    or every pair at least ``min_distance`` apart (the largest ``limit``)."""
+    or every pair at least ``min_distance`` apart (the largest ``limit``). ``score``: ``distance``
+    ranks by the distance itself; ``robust`` by how far it stands out among its image pair's
+    (:func:`robust_scores`), each result's ``robust`` beside its ``distance``."""
+    if score not in SCORES:
+        raise SearchError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
     if (k is None) == (min_distance is None):
         raise SearchError("choose one: -k for the k most changed windows, or --min-distance D for every pair past D")
     if k is not None and k <= 0:
@@ -350,17 +361,20 @@ def changes(
         warnings.warn(f"--before {before.text} and --after {after.text} share {len(both)} image(s) (e.g. "
                       f"{index.image_paths[both[0]]}): an image is never paired with itself, but such images are "
                       f"both 'before' and 'after' for their neighbours; give ranges that do not overlap", stacklevel=2)  # fmt: skip
-    pairing = pair_windows(index, after_ids, before_ids, bbox)
+    pairing = pair_windows(index, after_ids, before_ids, bbox, whole_images=score == "robust")
+    robust = None
+    if score == "robust":
+        raw, total, robust, pairing = _ranked_robust(index, pairing, bbox, k, min_distance, limit)
     query = {"type": "changes", "label": f"after {after.text} against before {before.text}",
              "before": before_note, "after": after_note, "bbox": list(bbox) if bbox else None,
-             "pairs": pairing.pairs}  # fmt: skip
+             "pairs": pairing.pairs, "score": score}  # fmt: skip
     if not pairing.pairs:
         warnings.warn(f"no window of the {len(pairing.after_ids)} after image(s) overlaps a window of the "
                       f"{len(pairing.before_ids)} before image(s) by {MIN_OVERLAP:.0%}: nothing to compare", stacklevel=2)  # fmt: skip
     scorer = PairScorer()
     filters = Filters(include_overlapping=True, bbox=bbox, image_ids=tuple(pairing.after_ids) or (-1,))
-    total = None
-    if pairing.pairs:
+    if robust is None and pairing.pairs:
+        total = None
         blocks = pair_blocks(index, pairing)
         if min_distance is None:
             g = graph.topk_graph(list(blocks.values()), scorer, k, filters, Exclusions.none(), index.half_m,
@@ -371,16 +385,17 @@ def changes(
                                       Exclusions.none(), index.half_m, index.split_every, index.usable)  # fmt: skip
             ([raw], counts) = index._compute(g)[0]
             total = int(counts[0])
-    else:
+    elif robust is None:
         from pipeline.search.topk import RESULT_DTYPE
 
         raw = np.zeros(0, dtype=RESULT_DTYPE)
         total = 0 if min_distance is not None else None
     res = Result.from_topk(raw, query, scorer.report(raw["score"]), index.image_paths, scorer.name, total,
                            index.geometry, higher_is_better=True)  # fmt: skip
+    if robust is not None:
+        res.extra = {"robust": robust}
     bslots, overlap = pairing.partner_of(index.slots_of(res.uid))
-    ds = index.ds
-    buid = ds["uid"].values[bslots] if len(bslots) else np.zeros(0, np.uint64)
+    buid = np.asarray(index._compute(index.ds["uid"].data[bslots])[0], np.uint64) if len(bslots) else np.zeros(0, np.uint64)
     bimage, brow, bcol = grid.unpack_uid(buid)
     before_fields = {
         "uid": buid, "image_path": [str(index.image_paths[i]) for i in bimage], "row": brow, "col": bcol,
@@ -388,6 +403,79 @@ def changes(
     }  # fmt: skip
     out = ChangeResult(**{f: getattr(res, f) for f in Result.__dataclass_fields__}, before=before_fields)
     return out, pairing
+
+
+SCORES = ("distance", "robust")
+MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation per median absolute deviation
+
+
+def pair_distances_of(index: Any, pairing: Pairing) -> tuple[np.ndarray, np.ndarray]:
+    """``(slots, distance)`` of every pair, in ``pairing.slots`` order, through the same paired
+    blocks as the ranking (exact, float64)."""
+    import dask
+
+    if not pairing.pairs:
+        return np.zeros(0, np.int64), np.zeros(0)
+    blocks = pair_blocks(index, pairing)
+    parts = index._compute(*[dask.delayed(pair_distances)(b) for b in blocks.values()])
+    uid = np.concatenate([p[0] for p in parts])
+    dist = np.concatenate([p[1] for p in parts])
+    slots = index.slots_of(uid)
+    order = np.argsort(slots, kind="stable")
+    return slots[order], dist[order]
+
+
+def robust_scores(dist: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """How far each distance stands out among those of its ``group`` (an after image and the
+    before image its partner lies in): ``(d - median) / (1.4826 * MAD)``, the median and the
+    median absolute deviation of the group's distances. Two flights differ everywhere by light,
+    season and sensor; a group whose every window moved by as much as a real change elsewhere
+    then ranks below that change. It assumes most of a group's windows did not change. The
+    scale has a floor, 1e-3 of the group's largest distance, for groups whose windows are
+    nearly all identical (the same pixels flown twice): their changes then score about 1,000."""
+    dist = np.asarray(dist, dtype=np.float64)
+    out = np.zeros(len(dist))
+    keys, inv = np.unique(group, return_inverse=True)
+    for g in range(len(keys)):
+        members = np.flatnonzero(inv == g)
+        d = dist[members]
+        med = float(np.median(d))
+        scale = max(MAD_TO_SIGMA * float(np.median(np.abs(d - med))), 1e-3 * float(d.max()), 1e-12)
+        out[members] = (d - med) / scale
+    return out
+
+
+def _ranked_robust(index: Any, pairing: Pairing, bbox: tuple[float, float, float, float] | None, k: int | None,
+                   min_distance: float | None, limit: int) -> tuple[np.ndarray, int | None, np.ndarray, Pairing]:  # fmt: skip
+    """``--score robust``: every pair's distance (``pairing`` holds every window of the after
+    images in view), each image pair's statistics, then the windows centred in ``bbox`` (and at
+    least ``min_distance`` apart) ranked by robust score, ties by uid. Returns the ranked
+    RESULT_DTYPE rows, the count that passed (threshold mode), their robust scores and the
+    pairing of the windows in view."""
+    from pipeline.search.topk import RESULT_DTYPE
+
+    slots, dist = pair_distances_of(index, pairing)
+    partner, _ = pairing.partner_of(slots)
+    starts = np.asarray(index.image_table["tile_start"], dtype=np.int64)
+    by_start = np.argsort(starts, kind="stable")
+    before_image = by_start[np.searchsorted(starts[by_start], partner, side="right") - 1]
+    uid, lon, lat = (np.asarray(v) for v in index._compute(*(index.ds[n].data[slots] for n in ("uid", "lon", "lat"))))
+    uid = uid.astype(np.uint64)
+    after_image = grid.unpack_uid(uid)[0].astype(np.int64)
+    z = robust_scores(dist, after_image * len(starts) + before_image)
+    view = np.ones(len(slots), bool)
+    if bbox is not None:
+        with np.errstate(invalid="ignore"):
+            view = (lon >= bbox[0]) & (lon <= bbox[2]) & (lat >= bbox[1]) & (lat <= bbox[3])
+    keep = view & (dist >= min_distance) if min_distance is not None else view
+    order = np.flatnonzero(keep)[np.lexsort((uid[keep], -z[keep]))]
+    take = order[: (k if min_distance is None else limit)]
+    raw = np.zeros(len(take), dtype=RESULT_DTYPE)
+    raw["uid"], raw["score"], raw["lon"], raw["lat"] = uid[take], -dist[take] ** 2, lon[take], lat[take]
+    inside = np.isin(pairing.slots, slots[view])
+    shown = Pairing(pairing.slots[inside], pairing.partner[inside], pairing.overlap[inside], pairing.after_ids,
+                    pairing.before_ids, pairing.without_crs)  # fmt: skip
+    return raw, (int(keep.sum()) if min_distance is not None else None), z[take], shown
 
 
 def pair_blocks(index: Any, pairing: Pairing) -> dict[int, Any]:

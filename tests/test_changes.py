@@ -305,6 +305,75 @@ def test_geoparquet_and_dissolved_change_areas(flights2, tmp_path):
         assert a["properties"]["area_m2"] > 256 * 256 * PX * PX * 0.99  # at least one window of ground
 
 
+def test_robust_score_ranks_a_local_change_above_a_flight_that_changed_everywhere(tmp_path, capsys):
+    """Place A flown again brighter and flatter everywhere (light, season), place B with a small
+    patch: the plain distance ranks A's windows first; ``--score robust`` ranks exactly the
+    patch's 4 windows first, its values equal to (d - median) / max(1.4826 MAD, 1e-3 max d) of
+    each image pair's distances computed here from the stored fingerprints."""
+    src = tmp_path / "src"
+    src.mkdir()
+    a, b, other = textured(1024, 1024, seed=101), textured(1024, 1024, seed=102), textured(1024, 1024, seed=103)
+    write_tif(src / "a_before.tif", a, transform=(PX, 0, X0, 0, -PX, Y0))
+    write_tif(src / "a_after.tif", np.clip(a * 0.8 + 50, 0, 255).astype(np.uint8), transform=(PX, 0, X0, 0, -PX, Y0))
+    write_tif(src / "b_before.tif", b, transform=(PX, 0, X0 + 20000, 0, -PX, Y0))
+    patched = b.copy()
+    patched[:, 420:480, 560:620] = other[:, 420:480, 560:620]
+    write_tif(src / "b_after.tif", patched, transform=(PX, 0, X0 + 20000, 0, -PX, Y0))
+    (tmp_path / "d.csv").write_text("path,acquired\na_before.tif,2019-01-01\nb_before.tif,2019-01-01\n"
+                                    "a_after.tif,2021-01-01\nb_after.tif,2021-01-01\n")  # fmt: skip
+    path = tmp_path / "s.zarr"
+    assert main(["ingest", str(src), "--store", str(path), *PROBE, "--dates", str(tmp_path / "d.csv")]) == 0
+    patch = touching([(420, 480, 560, 620)], 1024)
+    assert len(patch) == 4
+    base = ["changes", "--store", str(path), "--before", "2019", "--after", "2021"]
+    plain, robust = tmp_path / "p.json", tmp_path / "r.json"
+    assert main([*base, "-k", "4", "--json", str(plain)]) == 0
+    assert all(r["image_path"].endswith("a_after.tif") for r in json.loads(plain.read_text())["results"])
+    capsys.readouterr()
+    assert main([*base, "-k", "200", "--score", "robust", "--json", str(robust)]) == 0
+    assert "robust" in capsys.readouterr().out
+    doc = json.loads(robust.read_text())
+    res = doc["results"]
+    assert doc["query"]["score"] == "robust" and len(res) == 2 * 49
+    assert {(r["row"], r["col"]) for r in res[:4]} == patch and all(r["image_path"].endswith("b_after.tif") for r in res[:4])
+    fp = {int(u): f for u, f, v in zip(open_store(path)["uid"].values, open_store(path)["fingerprint"].values.astype(np.float64),
+                                        open_store(path)["valid"].values) if v}  # fmt: skip
+    d = np.array([np.linalg.norm(fp[int(r["uid"])] - fp[int(r["before_uid"])]) for r in res])
+    assert [r["distance"] for r in res] == pytest.approx(d.tolist(), rel=1e-9)
+    for place in ("a_after.tif", "b_after.tif"):
+        mine = np.array([r["image_path"].endswith(place) for r in res])
+        med = np.median(d[mine])
+        scale = max(1.4826 * np.median(np.abs(d[mine] - med)), 1e-3 * d[mine].max())
+        assert [r["robust"] for r, m in zip(res, mine) if m] == pytest.approx(((d[mine] - med) / scale).tolist(), rel=1e-9)
+    assert [r["robust"] for r in res] == sorted((r["robust"] for r in res), reverse=True)
+    # a view: only windows centred in it, their scores from their whole image pairs (the same values)
+    lon = sorted(r["lon"] for r in res if r["image_path"].endswith("b_after.tif"))
+    lat = [r["lat"] for r in res if r["image_path"].endswith("b_after.tif")]
+    box = (lon[0], min(lat), lon[len(lon) // 2], max(lat))
+    assert main([*base, "-k", "200", "--score", "robust", f"--bbox={','.join(map(str, box))}", "--json", str(robust)]) == 0
+    inview = json.loads(robust.read_text())["results"]
+    whole = {r["uid"]: r["robust"] for r in res}
+    assert 0 < len(inview) < 49 and all(box[0] <= r["lon"] <= box[2] for r in inview)
+    assert [r["robust"] for r in inview] == pytest.approx([whole[r["uid"]] for r in inview], rel=1e-12)
+    # threshold mode: pairs at least D apart, ranked by robust score; the HTTP API takes score= too
+    assert main([*base, "--min-distance", "0.05", "--score", "robust", "--json", str(robust)]) == 0
+    doc = json.loads(robust.read_text())
+    assert doc["total_passed"] == int((d >= 0.05).sum()) and all(r["distance"] >= 0.05 for r in doc["results"])
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from pipeline.serve.app import create_app
+    from pipeline.serve.service import Service
+
+    svc = Service.open(str(path))
+    try:
+        api = TestClient(create_app(svc)).get("/api/changes", params={"before": "2019", "after": "2021", "k": 4,
+                                                                     "score": "robust"}).json()  # fmt: skip
+        assert [r["uid"] for r in api["results"]] == [r["uid"] for r in res[:4]]
+    finally:
+        svc.close()
+
+
 def test_pairing_tasks_and_the_view_give_the_same_pairs(tmp_path, monkeypatch):
     """A survey of 3 x 3 overlapping images per flight: the pairing split into one task per after
     image (or per few windows) equals the pairing in one task; with a bbox, only the after

@@ -20,6 +20,10 @@ def add_parser(sub) -> None:
     p.add_argument("-k", type=int, help="the k most changed windows (default 100)")
     p.add_argument("--min-distance", type=float, help="instead of -k: every pair at least this far apart")
     p.add_argument("--limit", type=int, default=10_000, help="--min-distance: at most this many (default 10,000)")
+    p.add_argument("--score", choices=("distance", "robust"), default="distance",
+                   help="rank by the distance (default), or by how far it stands out among the distances of its "
+                        "image pair (robust: (d - median) / (1.4826 MAD); for flights that differ everywhere in "
+                        "light or season)")  # fmt: skip
     p.add_argument("--json", dest="json_out", help="write the ranked pairs as JSON to this file")
     p.add_argument("--geojson", help="write the after windows' polygons (EPSG:4326) with their pair's fields")
     p.add_argument("--geoparquet", help="the same as GeoParquet (acquisition times as timestamps)")
@@ -49,7 +53,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         index = SearchIndex.open(args.store, rt)
         index.use_post = not args.raw
         res, pairing = changes(index, before, after, tuple(args.bbox) if args.bbox else None, k, threshold,
-                               args.limit)  # fmt: skip
+                               args.limit, args.score)  # fmt: skip
         print(f"{pairing.pairs} window pair(s): {len(pairing.after_ids)} after image(s) against "
               f"{len(pairing.before_ids)} before image(s)")  # fmt: skip
         print(res.table())

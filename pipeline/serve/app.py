@@ -14,7 +14,8 @@ Routes (all JSON unless said; every error is a 4xx/5xx with ``{"error": "<one li
   settings as query parameters.
 - ``GET|POST /api/export.geojson``: the hits of the same queries as window polygons.
 - ``GET /api/changes``: ``before`` and ``after`` (``FROM/TO``), ``bbox``, ``k`` or
-  ``min_distance`` (+ ``limit``), ``footprints``: ``aerial-search changes --json``'s document.
+  ``min_distance`` (+ ``limit``), ``score``, ``footprints``: ``aerial-search changes --json``'s
+  document.
 - ``GET /api/history``: ``lonlat`` or ``uid``, ``date``, ``footprints``: ``aerial-search history
   --json``'s document.
 - ``GET /api/tiles/{uid}.png`` (``size``), ``GET /api/images`` (footprints),
@@ -298,10 +299,12 @@ def create_app(service: Service, token: str | None = None, cors_origins: list[st
         min_distance: Annotated[float | None, Query(description="instead of k: every pair this far apart")] = None,
         limit: int = 10_000,
         footprints: Annotated[bool, Query(description="add the after windows' polygons")] = False,
+        score: Annotated[Literal["distance", "robust"], Query(description="rank by the distance, or by how far it "
+                                                                         "stands out in its image pair")] = "distance",
     ) -> Any:
         """What changed: each after window against the window over the same ground before, ranked by
         the distance of their fingerprints (``aerial-search changes --json``)."""
-        return service.document(service.changes(before, after, bbox, k, min_distance, limit), footprints)
+        return service.document(service.changes(before, after, bbox, k, min_distance, limit, score), footprints)
 
     @app.get("/api/tiles/{uid}.png", tags=["pixels"], response_class=Response)
     def tile(uid: str, size: int | None = None) -> Response:

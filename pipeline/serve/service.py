@@ -383,7 +383,7 @@ class Service:
             return self.batcher.call(run)
 
     def changes(self, before: str, after: str, bbox: Any = None, k: int | None = None,
-                min_distance: float | None = None, limit: int = 10_000) -> list[Result]:  # fmt: skip
+                min_distance: float | None = None, limit: int = 10_000, score: str = "distance") -> list[Result]:  # fmt: skip
         """``aerial-search changes`` (``GET /api/changes``): after windows against the same ground
         before, the most changed first (:mod:`pipeline.changes`)."""
         from pipeline.changes import changes
@@ -404,7 +404,7 @@ class Service:
 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # no pairs, no CRS: the document says what was paired
-                    return [changes(self.index, rb, ra, box, k, min_distance, limit)[0]]
+                    return [changes(self.index, rb, ra, box, k, min_distance, limit, score)[0]]
 
             return self.batcher.call(run)
 
