@@ -365,10 +365,19 @@ def test_page_date_range_and_changes_mode_with_permalinks(dated_server, browser,
     wait_seq(again, 1)
     assert gallery_uids(again) == gallery_uids(page)
     assert again.evaluate("document.getElementById('changes-box').open")
+    # robust: the same view ranked by how far each change stands out in its image pair
+    page.check("#changes-robust")
+    page.click("#changes-run")
+    wait_seq(page, 4)
+    w, s, e, n = page.evaluate("aerialSearch.state.bbox")
+    api = httpx.get(server + "/api/changes", params={"before": "2019-01-01/2019-12-31", "after": "2021-01-01/", "k": 9,
+                                                     "bbox": f"{w},{s},{e},{n}", "score": "robust"}).json()  # fmt: skip
+    assert gallery_uids(page) == [r["uid"] for r in api["results"]] and "score=robust" in page.url
+    assert page.locator("#gallery .result .meta").first.inner_text().split()[-2] == "robust"
     # a plain search leaves changes mode: one basemap again, of every date, no layer switch
     page.evaluate(fit)  # the whole after image, clicked away from the changed windows' outlines
     page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.2)
-    wait_seq(page, 4)
+    wait_seq(page, 5)
     assert page.locator(".leaflet-control-layers").count() == 0
     assert page.evaluate("aerialSearch.map.hasLayer(aerialSearch.basemap) && !aerialSearch.beforeMap")
     page.wait_for_selector("img.leaflet-tile-loaded[src$='.png']", timeout=30_000)
@@ -376,7 +385,7 @@ def test_page_date_range_and_changes_mode_with_permalinks(dated_server, browser,
     # the history of the clicked place: its window in each flight, oldest first, as the API has it
     uid = page.evaluate("aerialSearch.last.query.uid")  # the clicked place's tile: its centre is the place
     page.click("#history-run")
-    wait_seq(page, 5)
+    wait_seq(page, 6)
     api = httpx.get(server + "/api/history", params={"uid": uid}).json()
     assert gallery_uids(page) == [r["uid"] for r in api["results"]]
     assert [r["image_path"].rsplit("/", 1)[-1] for r in api["results"]] == ["before.tif", "after.tif"]

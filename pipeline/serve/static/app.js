@@ -29,7 +29,10 @@
     if (s.classifier) p.set("classifier", "1");
     if (s.bbox) p.set("bbox", s.bbox.map((v) => +v.toFixed(6)).join(","));
     if (s.date) p.set("date", s.date);
-    if (s.changes) { p.set("changes", "1"); p.set("before", s.changes.before); p.set("after", s.changes.after); }
+    if (s.changes) {
+      p.set("changes", "1"); p.set("before", s.changes.before); p.set("after", s.changes.after);
+      if (s.changes.robust) p.set("score", "robust");
+    }
     if (s.history) p.set("history", "1");
     return p.toString();
   }
@@ -51,7 +54,7 @@
     s.bbox = nums(p.get("bbox"), 4);
     s.date = RANGE.test(p.get("date") || "") ? p.get("date") : null;
     if (p.get("changes") === "1" && RANGE.test(p.get("before") || "") && RANGE.test(p.get("after") || "")) {
-      s.changes = { before: p.get("before"), after: p.get("after") };
+      s.changes = { before: p.get("before"), after: p.get("after"), robust: p.get("score") === "robust" };
     }
     s.history = p.get("history") === "1" && Boolean(s.uid || s.lonlat);
     return s;
@@ -99,6 +102,7 @@
     }
     if (s.changes) {
       const p = new URLSearchParams({ before: s.changes.before, after: s.changes.after, footprints: "true" });
+      if (s.changes.robust) p.set("score", "robust");
       if (s.threshold !== null) { p.set("min_distance", String(s.threshold)); p.set("limit", String(PAGE_LIMIT)); }
       else p.set("k", String(s.k));
       if (s.bbox) p.set("bbox", s.bbox.join(","));
@@ -204,7 +208,7 @@
     const s = keepSettings();
     s.date = null;
     s.threshold = null;
-    s.changes = { before, after };
+    s.changes = { before, after, robust: $("changes-robust").checked };
     s.bbox = viewBox(); // the current view
     upload = null;
     search(s);
@@ -348,7 +352,7 @@
         meta.className = "meta";
         meta.innerHTML = "<span></span><span></span>";
         meta.children[0].textContent = "#" + r.rank;
-        meta.children[1].textContent = `distance ${(+r.distance).toFixed(3)}`;
+        meta.children[1].textContent = "robust" in r ? `robust ${(+r.robust).toFixed(1)}` : `distance ${(+r.distance).toFixed(3)}`;
         const name = document.createElement("div");
         name.className = "name";
         name.textContent = `${day(r.before_acquired)} → ${day(r.acquired)}`;
@@ -562,6 +566,7 @@
       $("changes-box").open = true;
       setRange("before-from", "before-to", s.changes.before);
       setRange("after-from", "after-to", s.changes.after);
+      $("changes-robust").checked = Boolean(s.changes.robust);
     }
     $("threshold").disabled = s.threshold === null;
     $("k").disabled = s.threshold !== null;
