@@ -1,8 +1,9 @@
 """What changed between flights: ``aerial-search changes --before FROM/TO --after FROM/TO``.
 
 **Pairing** (:func:`pair_windows`: planned on the driver from the image table, run as dask
-tasks over groups of after images that read only per-tile metadata): every valid window of an "after" image (done, acquired in the after range, centre in
-``bbox`` when given) is paired with the "before" window over the same ground. Its four corners
+tasks over groups of after images that read only per-tile metadata): every valid window of an
+"after" image (done, acquired in the after range, centre in ``bbox`` when given) is paired with
+the "before" window over the same ground. Its four corners
 go through its image's affine and CRS into each before image's pixel grid (pyproj where the
 CRSs differ); the overlap with each candidate before window (the grid windows at multiples of
 128 px that its footprint touches) is the area of their intersection, exact for any rotation or
@@ -409,20 +410,20 @@ SCORES = ("distance", "robust")
 MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation per median absolute deviation
 
 
-def pair_distances_of(index: Any, pairing: Pairing) -> tuple[np.ndarray, np.ndarray]:
-    """``(slots, distance)`` of every pair, in ``pairing.slots`` order, through the same paired
-    blocks as the ranking (exact, float64)."""
+def pair_distances_of(index: Any, pairing: Pairing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(uid, slot, distance)`` of every pair, in slot order, through the same paired blocks as
+    the ranking (exact, float64)."""
     import dask
 
     if not pairing.pairs:
-        return np.zeros(0, np.int64), np.zeros(0)
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0)
     blocks = pair_blocks(index, pairing)
     parts = index._compute(*[dask.delayed(pair_distances)(b) for b in blocks.values()])
-    uid = np.concatenate([p[0] for p in parts])
+    uid = np.concatenate([p[0] for p in parts]).astype(np.uint64)
     dist = np.concatenate([p[1] for p in parts])
     slots = index.slots_of(uid)
     order = np.argsort(slots, kind="stable")
-    return slots[order], dist[order]
+    return uid[order], slots[order], dist[order]
 
 
 def robust_scores(dist: np.ndarray, group: np.ndarray) -> np.ndarray:
@@ -454,13 +455,12 @@ def _ranked_robust(index: Any, pairing: Pairing, bbox: tuple[float, float, float
     pairing of the windows in view."""
     from pipeline.search.topk import RESULT_DTYPE
 
-    slots, dist = pair_distances_of(index, pairing)
+    uid, slots, dist = pair_distances_of(index, pairing)
     partner, _ = pairing.partner_of(slots)
     starts = np.asarray(index.image_table["tile_start"], dtype=np.int64)
     by_start = np.argsort(starts, kind="stable")
     before_image = by_start[np.searchsorted(starts[by_start], partner, side="right") - 1]
-    uid, lon, lat = (np.asarray(v) for v in index._compute(*(index.ds[n].data[slots] for n in ("uid", "lon", "lat"))))
-    uid = uid.astype(np.uint64)
+    lon, lat = (np.asarray(v, np.float64) for v in index._compute(index.ds["lon"].data[slots], index.ds["lat"].data[slots]))
     after_image = grid.unpack_uid(uid)[0].astype(np.int64)
     z = robust_scores(dist, after_image * len(starts) + before_image)
     view = np.ones(len(slots), bool)
@@ -492,16 +492,11 @@ def change_maps(index: Any, pairing: Pairing, out: str | Path) -> list[Path]:
     """A change map per after image (``--heatmap DIR``): a float32 COG (and PNG) whose pixel is
     the distance of the window at row ``128 i``, col ``128 j`` to its before window (NaN where it
     has none), laid out as ``heatmap``'s score maps. Computed through the same paired blocks."""
-    import dask
-
     from pipeline.heatmap import map_transform, write_cog, write_png
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    blocks = pair_blocks(index, pairing) if pairing.pairs else {}
-    parts = index._compute(*[dask.delayed(pair_distances)(b) for b in blocks.values()]) if blocks else []
-    uid = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint64)
-    dist = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
+    uid, _, dist = pair_distances_of(index, pairing)
     image, row, col = grid.unpack_uid(uid)
     table, geom = index.image_table, index.geometry
     stems = [Path(str(p)).stem for p in index.image_paths]
