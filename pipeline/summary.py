@@ -65,17 +65,16 @@ def images(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         row, col = ds["row"].values.astype(np.float64), ds["col"].values.astype(np.float64)
         n = int(ds.sizes["img"])
         width, height = ds["width"].values.astype(np.int64), ds["height"].values.astype(np.int64)
+        uid, lon, lat = ds["uid"].values, ds["lon"].values, ds["lat"].values  # each .values is a read: once
         # the valid tile whose window centre is nearest the cropped image's centre, per image
         at = np.flatnonzero(valid)
         img = image[at]
-        cy = np.array([grid.cropped_size(int(h)) / 2 for h in height])[img] if n else np.zeros(0)
-        cx = np.array([grid.cropped_size(int(w)) / 2 for w in width])[img] if n else np.zeros(0)
+        cy, cx = (height // grid.TILE * grid.TILE / 2)[img], (width // grid.TILE * grid.TILE / 2)[img]
         d = (row[at] + grid.TILE / 2 - cy) ** 2 + (col[at] + grid.TILE / 2 - cx) ** 2
-        order = np.lexsort((ds["uid"].values[at], d, img))
+        order = np.lexsort((uid[at], d, img))
         first = order[np.r_[True, img[order][1:] != img[order][:-1]]] if len(order) else order
         centre = dict(zip(img[first].tolist(), at[first].tolist()))
         counts = np.bincount(img, minlength=n)
-        uid, lon, lat = ds["uid"].values, ds["lon"].values, ds["lat"].values
         out = []
         for i, (p, st, a) in enumerate(zip(ds["image_path"].values, ds["status"].values, ds["acquired"].values)):
             t = centre.get(i)
