@@ -6,7 +6,8 @@
 #   pip download --only-binary=:all: --no-deps --python-version 3.12 \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #     fastapi starlette pydantic pydantic_core annotated-types annotated-doc typing-inspection \
-#     anyio idna uvicorn h11 python-multipart                   # the HTTP API's wheels (~5 MB)
+#     anyio idna uvicorn h11 python-multipart opentelemetry-api  # the HTTP API's wheels (~5 MB;
+#                                                  # fastapi >= 0.16x needs opentelemetry-api)
 #   bash benchmarks/gpu_search_check.sh [WHEEL_DIR] [OUT_DIR]   (defaults: .whl, $OUT or .)
 #
 # Installs the wheels into /tmp/site, runs the gpu-marked tests of the device search (every
@@ -21,6 +22,8 @@ WHEELS=${1:-.whl}
 OUTDIR=${2:-${OUT:-.}}
 source benchmarks/gpu_env.sh "$WHEELS"
 python3 -c "import torch, triton, dask, zarr, rasterio, fastapi, uvicorn; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'triton', triton.__version__)"
+# the HTTP rows build the real app: a wheel it needs that did not travel fails here, in one line, not after the scans
+python3 -c "from pipeline.serve.app import create_app; import fastapi; fastapi.FastAPI()"
 
 # a failing GPU test is reported and the benchmark still runs
 timeout 150 python3 -m pytest -q -m gpu tests/test_device_search.py -p no:cacheprovider 2>&1 \
