@@ -5,6 +5,7 @@
 #   mkdir -p .whl && cp ../shared/device-wheels/*.whl .whl/        # dask, zarr, rasterio + needs (47 MB)
 #   python benchmarks/gpu_ingest.py --prepare ../shared/data --data .gpu-data   # ~10 MB of imagery + weights
 #   bash benchmarks/gpu_ingest_check.sh [WHEEL_DIR] [DATA_DIR] [OUT_DIR]   (defaults: .whl, .gpu-data, $OUT or .)
+#   (rehearse both checks here first, on the CPU: bash benchmarks/gpu_rehearsal.sh WHEEL_DIR DATA_DIR)
 #
 # Installs the wheels into /tmp/site, runs the gpu-marked tests of device decoding (nvJPEG against
 # libjpeg-turbo: pixels and fingerprints), then benchmarks/gpu_ingest.py: the bare model in fp16,

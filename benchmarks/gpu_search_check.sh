@@ -9,6 +9,7 @@
 #     anyio idna uvicorn h11 python-multipart opentelemetry-api  # the HTTP API's wheels (~5 MB;
 #                                                  # fastapi >= 0.16x needs opentelemetry-api)
 #   bash benchmarks/gpu_search_check.sh [WHEEL_DIR] [OUT_DIR]   (defaults: .whl, $OUT or .)
+#   (rehearse both checks here first, on the CPU: bash benchmarks/gpu_rehearsal.sh WHEEL_DIR DATA_DIR)
 #
 # Installs the wheels into /tmp/site, runs the gpu-marked tests of the device search (every
 # scorer, filters, thresholds, codes and their re-rank, Hamming ties, the Triton popcount: CUDA
