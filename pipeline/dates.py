@@ -7,9 +7,8 @@ first of these that knows it:
 2. ``ingest --dates FILE``: a CSV with a header ``path,acquired``, one image per line (a path
    relative to the CSV's folder, an absolute path or URI, or a bare file name);
 3. ``ingest --date-pattern REGEX``: named groups over the file name (else the whole path, for
-   flights kept in dated folders): ``date`` (``20191109``,
-   ``2019-11-09``, any ISO 8601 date or time), or ``year`` with ``month``, ``day`` and optionally
-   ``hour``, ``minute``, ``second``. NAIP's ``m_3008601_ne_16_060_20191109.tif``:
+   flights kept in dated folders): ``date`` (``20191109``, ``2019-11-09``, any ISO 8601 date or
+   time), or ``year`` with ``month``, ``day`` and optionally ``hour``, ``minute``, ``second``. NAIP's ``m_3008601_ne_16_060_20191109.tif``:
    ``_(?P<date>\\d{8})\\.tif$``;
 4. the file's own time (:func:`pipeline.raster.capture_time`): EXIF ``DateTimeOriginal``, the
    camera's capture time (drone frames), else the TIFF ``DateTime`` tag (``YYYY:MM:DD
