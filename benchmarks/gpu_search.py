@@ -10,7 +10,11 @@ benchmarks/gpu_search.json.
 No store holds the search spaces (1e8 x 512 float16 is 95 GiB, 1e9 codes of 512 bits 60 GiB; the
 GPU machine's disk is 64 GiB): each is a :class:`pipeline.search.device.DeviceBlock` filled on the
 device (ReLU'd Gaussian fingerprints like pooled CNN features, and random 512-bit codes), as
-``SearchIndex.persist(device="cuda")`` holds a store's tiles on one GPU: one block.
+``SearchIndex.persist(device="cuda")`` holds a store's tiles on one GPU: one block. Sizes are
+planned against the card's free memory first (:func:`plan`): one that does not fit (1e8 float16
+rows, 98 GiB with their metadata, on an 80 GB H100) gets a ``skipped`` row naming the numbers,
+and the kind is measured at the largest size that fits instead (``capped_from`` says which size
+it stands in for); the issue's figures need a card that holds them all (an H200).
 
 Contenders, per (kind, n, queries), each timed ``--repeat`` times after a warm-up, medians:
 
@@ -400,6 +404,37 @@ def http_row(store: Path, block: Any, n: int, requests: int, device: str) -> dic
 
 
 # --------------------------------------------------------------------------------------------
+# Memory planning: a card smaller than the sizes asked for (an H100's 80 GB against 1e8 float16
+# rows' 98 GiB) still measures each kind, at the largest size that fits
+
+
+def per_row_bytes(kind: str) -> int:
+    """Device bytes of one row of the synthetic block, as the engine's memory planning counts them."""
+    from pipeline.search.device import bytes_per_tile
+
+    return bytes_per_tile(DIM, "float16") if kind == "float16" else bytes_per_tile(0, None, CODE_BITS // 8)
+
+
+def plan(kind: str, sizes: list[int], free: int, reserve: float, where: str) -> tuple[list[int], list[dict], dict]:
+    """The sizes to measure for ``kind`` with ``free`` bytes on the device: those that fit after
+    ``reserve`` of it (scores, selections, the HTTP rows' uid and centre copies), plus, when some do
+    not, the largest that fits (two significant digits); a row for each size left out, naming the
+    numbers; and which measured size stands in for which (``capped_from``)."""
+    per = per_row_bytes(kind)
+    cap = int(free * (1 - reserve)) // per
+    fit = sorted(n for n in sizes if n <= cap)
+    over = sorted(n for n in sizes if n > cap)
+    skipped = [{"kind": kind, "n": n, "skipped": f"{n:,} rows x {per} B = {n * per / 2**30:.1f} GiB, but "
+                f"{free / 2**30:.1f} GiB is free on {where} ({cap:,} rows fit after a {reserve:.0%} reserve)",
+                "device": where} for n in over]  # fmt: skip
+    stand_in: dict = {}
+    if over and cap > 0:
+        step = 10 ** max(0, len(str(cap)) - 2)
+        largest = cap // step * step
+        if largest not in fit:
+            fit.append(largest)
+            stand_in[largest] = over[0]
+    return fit, skipped, stand_in
 
 
 def main() -> None:
@@ -414,6 +449,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--cpu-n", type=float, default=2e6, help="rows the CPU engine scans (0: skip)")
     ap.add_argument("--http-requests", type=int, default=30)
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="plan for this much free device memory instead of what the device reports")
+    ap.add_argument("--reserve", type=float, default=0.15,
+                    help="fraction of the free memory kept for scores, selections and the HTTP rows' copies")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "aerial-search-gpu-search")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("gpu_search.json"))
     args = ap.parse_args()
@@ -449,7 +488,13 @@ def main() -> None:
     for sizes, kind, build in ((args.float16, "float16", fingerprint_block), (args.codes, "codes", code_block)):
         if not sizes:
             continue
-        sizes = sorted(int(n) for n in sizes)
+        free = int(args.memory_gib * 2**30) if args.memory_gib else device_mod.free_bytes(device)
+        sizes, skipped, stand_in = plan(kind, sorted(int(n) for n in sizes), free, args.reserve, card(device))
+        for r in skipped:
+            rows.append(r)
+            print(r, file=sys.stderr, flush=True)
+        if not sizes:
+            continue
         t0 = time.perf_counter()
         block = attempt(f"building {sizes[-1]:,} {kind} rows", lambda: build(sizes[-1], device))
         if block is None:
@@ -467,14 +512,16 @@ def main() -> None:
                 r = attempt(f"{kind} n={n} m={m}", lambda: measure(kind, block, n, m, args.k, args.repeat,
                                                                  int(args.cpu_n), device))  # fmt: skip
                 if r:
-                    rows.append(r)
+                    rows.append(r | ({"capped_from": stand_in[n]} if n in stand_in else {}))
         if kind == "float16" and http_sizes:
             store = attempt("the HTTP scene's store", lambda: small_store(args.work))
-            for n in http_sizes if store else ():
-                if n <= len(block):
-                    r = attempt(f"http n={n}", lambda: http_row(store, block, n, args.http_requests, device))
-                    if r:
-                        rows.append(r)
+            # a size beyond the block (the card holds fewer rows) is served at the block's size, once
+            served = sorted({min(n, len(block)) for n in http_sizes})
+            for n in served if store else ():
+                capped = min((h for h in http_sizes if h > n), default=None) if n == len(block) else None
+                r = attempt(f"http n={n}", lambda: http_row(store, block, n, args.http_requests, device))
+                if r:
+                    rows.append(r | ({"capped_from": capped} if capped else {}))
         block = None  # freed before the next kind is built
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

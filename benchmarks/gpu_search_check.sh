@@ -16,7 +16,8 @@
 # against the NumPy engine), then benchmarks/gpu_search.py: 1e7 and 1e8 float16 fingerprints and
 # 1e8 and 1e9 binary codes built on the GPU, 1 and 100 queries against a plain torch reference
 # and the CPU engine on 2e6 rows, and GET /api/search on loopback over 1e7 and 1e8 device-held
-# tiles. Writes OUT_DIR/gpu_search.json (copy it to benchmarks/) and OUT_DIR/gpu_search_tests.log.
+# tiles (on a card too small for a size, e.g. an H100 for 1e8 float16, the largest that fits, marked
+# capped_from: ask for an H200). Writes OUT_DIR/gpu_search.json (copy it to benchmarks/) and OUT_DIR/gpu_search_tests.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
