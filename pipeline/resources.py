@@ -11,12 +11,15 @@ to the kernel after every batch (see there).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # glibc malloc, as :func:`keep_freed_memory` sets it: one arena (a thread's own arena cannot hold a
 # buffer over 64 MB, so each such buffer was a fresh mmap), and freed memory up to 1 GiB kept for
@@ -36,6 +39,48 @@ def cpu_count() -> int:
 def torch_threads_for(dask_threads: int, cores: int | None = None) -> int:
     """Torch intra-op threads for a process running ``dask_threads`` tasks at once."""
     return max(1, (cores or cpu_count()) // max(1, dask_threads))
+
+
+def threads_per_task(dask_threads: int, tasks: int | None = None, cores: int | None = None) -> int:
+    """Library threads (BLAS, torch) for each of the tasks a threaded compute runs at once: the
+    cores shared by ``min(dask_threads, tasks)`` of them (``tasks`` None: as many as threads)."""
+    running = min(max(1, dask_threads), max(1, tasks)) if tasks else max(1, dask_threads)
+    return max(1, (cores or cpu_count()) // running)
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    """threadpoolctl's handle on NumPy's BLAS (a wheel's bundled copy, found by its path; else
+    every BLAS loaded now), or None without threadpoolctl. SciPy's own copy, which the search
+    kernels do not call, keeps its setting."""
+    try:
+        import numpy  # noqa: F401  (its BLAS must be loaded to be seen)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    ctl = ThreadpoolController().select(user_api="blas")
+    mine = [c for c in ctl.lib_controllers if "numpy" in Path(c.filepath).parent.name]
+    if mine:
+        ctl = ctl.select(filepath=[c.filepath for c in mine])
+    return ctl if ctl.lib_controllers else None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int) -> Iterator[None]:
+    """Run the block with NumPy's BLAS limited to ``n`` threads (``n <= 0``: as it is).
+
+    Tasks of the threaded scheduler that each call a multi-threaded BLAS oversubscribe the
+    cores: a search's matrix products over 1M x 512 in two blocks on 2 cores took 107 ms with
+    OpenBLAS's 2 threads per block and 68 ms with one, NumPy's single product 73 ms
+    (``benchmarks/search.py``). Worker processes of a cluster already start with one BLAS
+    thread (dask's ``distributed.nanny.pre-spawn-environ``). The limit is process-wide while
+    the block runs (threadpoolctl; without it, nothing changes)."""
+    ctl = _blas_controller() if n > 0 else None
+    if ctl is None:
+        yield
+        return
+    with ctl.limit(limits=n):
+        yield
 
 
 def set_torch_threads(n: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -534,3 +535,45 @@ def test_a_store_left_with_a_short_dba_array_still_opens(stores, tmp_path):
     assert "stale" in summarize(path)["derived"]["fingerprint_dba"]
     uid = int(ds["uid"].values[np.flatnonzero(ds["valid"].values)[0]])
     assert main(["search", "--store", str(path), "--uid", str(uid), "-k", "2"]) == 0
+
+
+def test_search_tasks_share_the_cores_with_blas(stores):
+    """Tasks of the threaded scheduler that each run a multi-threaded BLAS oversubscribe the cores
+    (1M tiles in two blocks on 2 cores: 107 ms against 68 ms with one BLAS thread per block). While
+    a search computes, NumPy's BLAS has the cores shared by the blocks that run at once (threadpoolctl,
+    read inside the scorer, is the oracle); outside, its own setting again. The answers do not change."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import dataclasses
+
+    from pipeline import resources
+    from pipeline.cluster import Runtime
+    from pipeline.search.scorers import L2Scorer
+
+    seen = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Recording(L2Scorer):
+        def scores(self, block):
+            seen.append(threadpoolctl.threadpool_info())
+            return super().scores(block)
+
+    def blas(info):  # NumPy's BLAS (its wheel's copy), not SciPy's
+        mine = [i for i in info if i["user_api"] == "blas" and "numpy" in Path(i["filepath"]).parent.name]
+        return {i["num_threads"] for i in mine or [i for i in info if i["user_api"] == "blas"]}
+
+    before = blas(threadpoolctl.threadpool_info())
+    cores = resources.cpu_count()
+    n = open_store(stores["float32"]).sizes["tile"]
+    for threads, block_rows in ((2, -(-n // 2)), (2, n), (1, n), (None, n)):
+        runtime = Runtime("threads", dask_threads=threads) if threads else None
+        index = SearchIndex.open(str(stores["float32"]), runtime=runtime).persist(block_rows=block_rows)
+        queries, _ = index.queries_from_uids([int(index.ds["uid"].values[index.ds["valid"].values][0])])
+        seen.clear()
+        [res] = index.run(Recording(queries.fingerprints), queries.exclusions(), k=5)
+        running = min(threads or cores, len(index.blocks()))
+        assert seen and all(blas(info) == {max(1, cores // running)} for info in seen), (threads, block_rows, seen)
+        [plain] = index.search(queries, k=5)
+        assert np.array_equal(res.uid, plain.uid)
+    assert blas(threadpoolctl.threadpool_info()) == before
+    assert resources.threads_per_task(2, 1, cores=2) == 2 and resources.threads_per_task(2, 5, cores=2) == 1
+    assert resources.threads_per_task(4, None, cores=16) == 4 and resources.threads_per_task(8, 3, cores=2) == 1

@@ -36,7 +36,14 @@ from typing import Any
 
 from pipeline.config import ClusterConfig
 from pipeline.errors import ClusterError
-from pipeline.resources import cpu_count, keep_freed_memory, malloc_env, torch_threads_for
+from pipeline.resources import (
+    blas_threads,
+    cpu_count,
+    keep_freed_memory,
+    malloc_env,
+    threads_per_task,
+    torch_threads_for,
+)
 
 
 @dataclass
@@ -68,12 +75,15 @@ class Runtime:
         link = getattr(self.client, "dashboard_link", "")
         return f"dask cluster {self.client.scheduler.address} ({self.kind}); dashboard: {link}"
 
-    def compute(self, *collections: Any) -> tuple[Any, ...]:
-        """Compute dask collections on this runtime, showing progress when enabled."""
+    def compute(self, *collections: Any, tasks: int | None = None) -> tuple[Any, ...]:
+        """Compute dask collections on this runtime, showing progress when enabled. On the
+        threaded scheduler NumPy's BLAS gets the cores shared by the tasks running at once
+        (``tasks``: how many the graph can run in parallel, if fewer than the threads)."""
         import dask
 
         if self.client is None:
             with contextlib.ExitStack() as stack:
+                stack.enter_context(blas_threads(threads_per_task(self.dask_threads, tasks)))
                 if self.progress and sys.stderr.isatty():
                     from dask.diagnostics import ProgressBar
 

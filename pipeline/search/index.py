@@ -348,9 +348,12 @@ class SearchIndex:
         return device_mod.bytes_per_tile(self._space_dims(), dt, code_bytes, meta.get("kind") == "pq")
 
     def _compute(self, *collections: Any) -> tuple[Any, ...]:
+        # a persisted index runs one task per block: fewer blocks than threads get more BLAS threads each
+        tasks = len(self._blocks) if self._blocks is not None else None
         if self.runtime is not None:
-            return self.runtime.compute(*collections)
-        return dask.compute(*collections, scheduler=local_get())
+            return self.runtime.compute(*collections, tasks=tasks)
+        with resources.blas_threads(resources.threads_per_task(resources.cpu_count(), tasks)):
+            return dask.compute(*collections, scheduler=local_get())
 
     def topk(self, scorer: Scorer, k: int, filters: Filters, exclude: Exclusions) -> list[np.ndarray]:
         """The engine: sorted RESULT_DTYPE arrays, the ``k`` best tiles per scorer column."""
