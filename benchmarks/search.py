@@ -268,7 +268,8 @@ def main() -> None:
         sizes = args.sizes if args.sizes != ap.get_default("sizes") else [45_000, 1_000_000]
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)
-        out = Path(__file__).with_name("search_split.json")
+        given = args.out != ap.get_default("out")  # an --out given names the file, else search_split.json
+        out = Path(args.out) if given else Path(__file__).with_name("search_split.json")
         compare_commits(args.against, sizes, work, max(args.repeat, 7), args.rounds, out)
         return
     try:
