@@ -210,6 +210,7 @@ def main() -> None:
     ap.add_argument("--skip-100m", action="store_true")
     ap.add_argument("--only-manifold", action="store_true", help="synthetic: the 16-d manifold store only")
     ap.add_argument("--kinds", nargs="+", choices=["binary", "pq"], default=["binary", "pq"], help="codes to measure")
+    ap.add_argument("--against", metavar="REV", help="the 100M scan: also commit REV's engine, same run")
     ap.add_argument("--merge", help="update this JSON (an earlier run's) instead of starting afresh")
     ap.add_argument("--workdir", default="/tmp/aerial-search-bench")
     ap.add_argument("--scan-only", choices=["engine", "faiss"], help=argparse.SUPPRESS)  # child process
@@ -267,14 +268,22 @@ def main() -> None:
                     print(f"faiss IndexPQ (64 x 8 bits, {threads} threads): scan for R=100 {f['scan_ms']:.0f} ms per "
                           f"query, its recall@10 without re-ranking {f['recall_at_10_no_rerank']:.3f}", flush=True)  # fmt: skip
     if not args.skip_100m:
+        # each contender in its own process; with --against, commit REV's engine too (its own script)
+        runs: list[tuple[str, str, Path]] = [("engine", "engine", harness.ROOT), ("faiss", "faiss", harness.ROOT)]
+        if args.against:
+            runs.insert(0, ("engine_old", "engine", harness.worktree(args.against, Path(args.workdir))))
         scans = {}
-        for who in ("engine", "faiss"):
-            out = subprocess.run([sys.executable, __file__, "--scan-only", who, "--codes-n", str(args.codes_n)],
-                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
-            scans[who] = json.loads(out.strip().splitlines()[-1])
+        for name, who, tree in runs:
+            argv = [sys.executable, str(tree / "benchmarks" / "codes.py"), "--scan-only", who, "--codes-n", str(args.codes_n)]
+            out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=tree,
+                                 env=harness.tree_env(tree)).stdout  # fmt: skip
+            scans[name] = json.loads(out.strip().splitlines()[-1])
         med = {w: harness.median(t) for w, t in scans.items()}
         res["codes_100m"] = {"codes": args.codes_n, "bytes_per_tile": 64, "threads": threads, "runs_s": scans,
                              "median_s": med, "engine_over_faiss": med["engine"] / med["faiss"]}  # fmt: skip
+        if args.against:
+            res["codes_100m"] |= {"against": args.against, "new_over_old": med["engine"] / med["engine_old"]}
+            print(f"engine at {args.against}: {med['engine_old']:.2f} s per query; this tree {med['engine'] / med['engine_old']:.2f}x that")
         print(f"{args.codes_n:,} codes, {threads} threads: engine {med['engine']:.2f} s, faiss IndexBinaryFlat "
               f"{med['faiss']:.2f} s per query ({med['engine'] / med['faiss']:.2f}x), 64 bytes per tile")  # fmt: skip
     harness.write(args.out, res)

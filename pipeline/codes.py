@@ -18,6 +18,7 @@ of differing bits (popcount of XOR, ``np.bitwise_count``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -213,6 +214,9 @@ def adc(by_column: np.ndarray, tables: np.ndarray) -> np.ndarray:
     return out
 
 
+SCAN_ROWS = 1 << 16  # rows per step of the Hamming scan and its selection: their temporaries stay in cache
+
+
 def words(codes: np.ndarray) -> np.ndarray:
     """uint8 codes ``(n, B)`` (B a multiple of 8) as 64-bit words, word-major: ``(B / 8, n)``
     uint64. The scan XORs and popcounts one contiguous row of words per step: about 6x faster
@@ -230,30 +234,46 @@ def hamming(codes: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return hamming_words(words(codes), queries)
 
 
-def hamming_words(by_word: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """:func:`hamming` of codes given as :func:`words` ``(B / 8, n)``."""
+def hamming_words(by_word: np.ndarray, queries: np.ndarray, dtype: Any = np.uint16) -> np.ndarray:
+    """:func:`hamming` of codes given as :func:`words` ``(B / 8, n)``, as ``dtype`` ``(n, m)``.
+
+    Rows go in steps of :data:`SCAN_ROWS`, so the XOR, popcount and sum of each step stay in the
+    core's cache and the codes are read from memory once (measured on 2^20 512-bit codes, one
+    core: 7.3 ms against 9.3 ms for whole-row passes, plus 1.5 ms for a separate float32 copy)."""
     n, m = by_word.shape[1], len(queries)
     q = np.ascontiguousarray(queries).view(np.uint64)
-    out = np.empty((n, m), dtype=np.uint16)
-    acc = np.empty(n, dtype=np.uint16)
-    for j in range(m):
-        np.copyto(acc, np.bitwise_count(by_word[0] ^ q[j, 0]))
-        for i in range(1, len(by_word)):
-            acc += np.bitwise_count(by_word[i] ^ q[j, i])
-        out[:, j] = acc
+    out = np.empty((n, m), dtype=dtype)
+    step = min(n, SCAN_ROWS)
+    x, cnt, acc = np.empty(step, np.uint64), np.empty(step, np.uint8), np.empty(step, np.uint16)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        xs, cs, ac = x[: b - a], cnt[: b - a], acc[: b - a]
+        for j in range(m):
+            np.bitwise_count(np.bitwise_xor(by_word[0, a:b], q[j, 0], out=xs), out=cs)
+            np.copyto(ac, cs)
+            for i in range(1, len(by_word)):
+                np.bitwise_count(np.bitwise_xor(by_word[i, a:b], q[j, i], out=xs), out=cs)
+                np.add(ac, cs, out=ac)
+            out[a:b, j] = ac
     return out
+
+
+def smallest_masked(dist: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """Indices of the ``k`` smallest of Hamming distances ``dist`` (float, integer values up to
+    ``bits``, +inf where masked), ties at the k-th value all kept, in index order: a counting
+    selection whose histogram is built a cache-sized step at a time (3x faster on 2^20 rows than
+    dropping the masked rows, converting to int64 and counting)."""
+    counts = np.zeros(bits + 2, dtype=np.int64)
+    step = min(len(dist), SCAN_ROWS) or 1
+    buf = np.empty(step, dtype=dist.dtype)
+    for a in range(0, len(dist), step):
+        part = np.minimum(dist[a : a + step], bits + 1, out=buf[: len(dist[a : a + step])])  # inf -> bits + 1
+        counts += np.bincount(part.astype(np.intp), minlength=bits + 2)
+    cum = np.cumsum(counts[: bits + 1])
+    kth = bits if not len(cum) or cum[-1] <= k else int(np.searchsorted(cum, k))
+    return np.flatnonzero(dist <= kth)
 
 
 def rows_of_words(by_word: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """uint8 codes ``(len(rows), B)`` of some rows of :func:`words`."""
     return np.ascontiguousarray(by_word[:, rows].T).view(np.uint8)
-
-
-def smallest(dist: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` smallest of non-negative integer distances ``dist`` (any order, ties
-    at the k-th value all kept): a counting selection, linear in ``n`` (no partition)."""
-    if len(dist) <= k:
-        return np.arange(len(dist))
-    counts = np.bincount(dist)
-    kth = int(np.searchsorted(np.cumsum(counts), k))
-    return np.flatnonzero(dist <= kth)

@@ -49,6 +49,36 @@ def test_hamming_equals_a_bit_count_oracle():
     np.testing.assert_array_equal(hamming(a[:, :3], q[:, :3]), short)
 
 
+def test_hamming_scan_steps_and_counting_selection_against_oracles():
+    """The scan goes in cache-sized steps of rows and writes float32 for the masks; the counting
+    selection keeps every row tied at the k-th distance and skips masked (+inf) rows: against a
+    bit count and a sort, over a row count that is not a multiple of the step."""
+    from pipeline import codes
+
+    rng = np.random.default_rng(1)
+    n = codes.SCAN_ROWS * 2 + 37
+    a = rng.integers(0, 256, (n, 8), dtype=np.uint8)
+    a[::3] = a[0]  # many exact ties
+    q = rng.integers(0, 256, (2, 8), dtype=np.uint8)
+    want = np.unpackbits(a[:, None, :] ^ q[None, :, :], axis=2).sum(axis=2)
+    got = codes.hamming_words(codes.words(a), q, dtype=np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(codes.hamming_words(codes.words(a), q), want)
+    for j in range(2):
+        d = got[:, j].copy()
+        d[rng.random(n) < 0.3] = np.inf
+        for k in (1, 10, 5000, n):
+            finite = np.isfinite(d)
+            if finite.sum() <= k:
+                expect = np.flatnonzero(finite)
+            else:
+                kth = np.sort(d[finite])[k - 1]  # every row as near as the k-th nearest
+                expect = np.flatnonzero(d <= kth)
+            np.testing.assert_array_equal(codes.smallest_masked(d, k, 64), expect)
+    assert len(codes.smallest_masked(np.full(5, np.inf, np.float32), 3, 64)) == 0
+
+
 def test_itq_projection_is_orthonormal_and_codes_follow_the_signs():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((500, 96)).astype(np.float32) @ rng.standard_normal((96, 96)).astype(np.float32)

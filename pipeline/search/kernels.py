@@ -213,9 +213,10 @@ def tile_location(block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def allowed_rows(block: Block, filters: Filters, usable: np.ndarray | None) -> np.ndarray | None:
     """bool ``(n,)``: rows that may be results (valid, image searchable, inside the filters), or
     None when every row may."""
-    image, _, _ = tile_location(block)
+    image = None  # the tiles' image ids, only when a mask needs them (unpacking 2^20 uids: 10 ms)
     allowed = None if block["valid"].all() else block["valid"].astype(bool)
     if usable is not None and not usable.all():
+        image = tile_location(block)[0]
         searchable = usable[image]
         allowed = searchable if allowed is None else allowed & searchable
     if filters.bbox is not None:
@@ -225,7 +226,7 @@ def allowed_rows(block: Block, filters: Filters, usable: np.ndarray | None) -> n
             inside = (lon >= w) & (lon <= e) & (lat >= s) & (lat <= n)
         allowed = inside if allowed is None else allowed & inside
     if filters.image_ids is not None:
-        in_images = np.isin(image, filters.image_ids)
+        in_images = np.isin(tile_location(block)[0] if image is None else image, filters.image_ids)
         allowed = in_images if allowed is None else allowed & in_images
     return allowed
 

@@ -243,7 +243,7 @@ class HammingScorer:
 
     def scores(self, block: Block) -> np.ndarray:
         if "code_words" in block:
-            return codes.hamming_words(block["code_words"], self.codes).astype(np.float32)
+            return codes.hamming_words(block["code_words"], self.codes, dtype=np.float32)
         return codes.hamming(block["codes"], self.codes).astype(np.float32)
 
     def exact(self, block: Block, rows: np.ndarray, j: int) -> np.ndarray:
@@ -253,12 +253,8 @@ class HammingScorer:
     def candidates(self, scores: np.ndarray, k: int) -> list[np.ndarray]:
         """Per column, rows that hold its ``k`` best (masked rows are +inf): a counting
         selection over the small integer distances, then the exact selection on those."""
-        out = []
-        for j in range(scores.shape[1]):
-            col = scores[:, j]
-            ok = np.flatnonzero(np.isfinite(col))
-            out.append(ok[codes.smallest(col[ok].astype(np.int64), k)])
-        return out
+        bits = 8 * self.codes.shape[1]
+        return [codes.smallest_masked(scores[:, j], k, bits) for j in range(scores.shape[1])]
 
     def report(self, score: np.ndarray) -> np.ndarray:
         return np.asarray(score, dtype=np.float64)
