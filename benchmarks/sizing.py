@@ -56,12 +56,13 @@ def measured() -> dict[str, tuple[float, str]]:
             dense_gpu["tiles_per_s"] / exact_gpu["tiles_per_s"],
             "MEASURED: gpu_layouts.json, dense / exact end to end on the same H100 (both decode-bound)",
         )
-    search = load("search.json")
+    # the latest measurement of each figure first (RESULTS.md says what changed between them)
+    name, search = next(((n, load(n)) for n in ("search_threads.json", "search.json") if load(n)), ("", {}))
     rows = [r for r in search.get("rows", []) if r["n"] == 1_000_000 and r["k"] == 10 and r["queries"] == 1]
     if rows:
         s = rows[0]["project_memory_s"]
         cores = search.get("threads", 2)
-        f["exact_s_per_tile_core"] = (s * cores / 1e6, "MEASURED: search.json, 1M float32 in memory, k=10")
+        f["exact_s_per_tile_core"] = (s * cores / 1e6, f"MEASURED: {name}, 1M float32 in memory, k=10")
     big = [r for r in load("search_10m.json").get("rows", []) if r.get("project_memory_s")]
     if big:
         r = big[0]
@@ -71,15 +72,16 @@ def measured() -> dict[str, tuple[float, str]]:
         )
     f["linear_in_cores"] = (1.0, "GUESS: scan time per tile scales as 1 / cores beyond the 2 measured")
     codes = load("codes.json")
-    if "codes_100m" in codes:
-        c = codes["codes_100m"]
+    scan_name = next((n for n in ("codes_scan.json", "codes.json") if "codes_100m" in load(n)), "")
+    if scan_name:
+        c = load(scan_name)["codes_100m"]
         f["codes_s_per_tile_core"] = (
             c["median_s"]["engine"] * c["threads"] / c["codes"],
-            "MEASURED: codes.json, engine's 100M scan",
+            f"MEASURED: {scan_name}, engine's 100M scan",
         )
         f["faiss_codes_s_per_tile_core"] = (
             c["median_s"]["faiss"] * c["threads"] / c["codes"],
-            "MEASURED: codes.json, faiss IndexBinaryFlat",
+            f"MEASURED: {scan_name}, faiss IndexBinaryFlat",
         )
     if "synthetic" in codes:
         f["rerank_candidates"] = (codes["synthetic"]["candidates"], "default R = max(10 k, 100), k = 10")
