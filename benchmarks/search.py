@@ -167,7 +167,9 @@ def child_store_search(path: str, k: int, seed: int) -> None:
 CHILD_TIMING = """
 import json, statistics, sys, time
 import numpy as np
+from pipeline.resources import keep_freed_memory
 from pipeline.search import Queries, SearchIndex
+keep_freed_memory()  # as the CLI (serve, search) sets malloc before any work
 index = SearchIndex.open({store!r}).persist()
 q = np.maximum(np.random.default_rng(7).standard_normal(({m}, {dim})), 0).astype(np.float32)
 queries = Queries.from_fingerprints(q)
@@ -182,7 +184,8 @@ print(json.dumps({{"times": times, "uids": [[str(u) for u in r.uid] for r in res
 """
 
 
-def compare_commits(rev: str, sizes: list[int], work: Path, repeat: int, rounds: int, out: Path) -> None:
+def compare_commits(rev: str, sizes: list[int], work: Path, repeat: int, rounds: int, out: Path,
+                    dtype: str = "float32") -> None:  # fmt: skip
     """This working tree ("new") against commit ``rev`` ("old"): the same synthetic stores, the
     same child script, each contender in its own fresh process, interleaved old/new ``rounds``
     times so that machine drift hits both; medians over all timed searches. Several processes
@@ -191,7 +194,7 @@ def compare_commits(rev: str, sizes: list[int], work: Path, repeat: int, rounds:
     trees = {"old": harness.worktree(rev, work), "new": harness.ROOT}
     rows = []
     for n in sizes:
-        path = synthetic_store(work / f"synth-{n}-float32.zarr", n, "float32")
+        path = synthetic_store(work / f"synth-{n}-{dtype}.zarr", n, dtype)
         for m in (1, 100) if n >= 1_000_000 else (1,):
             times: dict[str, list[float]] = {"old": [], "new": []}
             uids = {}
@@ -206,7 +209,7 @@ def compare_commits(rev: str, sizes: list[int], work: Path, repeat: int, rounds:
             med = {name: harness.median(t) for name, t in times.items()}
             per_process = {name: [harness.median(t[i : i + len(t) // rounds]) for i in range(0, len(t), len(t) // rounds)]
                            for name, t in times.items()}  # fmt: skip
-            row = {"n": n, "queries": m, "k": 10, "old_rev": rev, "old_ms": med["old"] * 1e3, "new_ms": med["new"] * 1e3,
+            row = {"n": n, "dtype": dtype, "queries": m, "k": 10, "old_rev": rev, "old_ms": med["old"] * 1e3, "new_ms": med["new"] * 1e3,
                    "new_over_old": med["new"] / med["old"], "new_minus_old_ms": (med["new"] - med["old"]) * 1e3,
                    "timed_searches_each": len(times["new"]),
                    "per_process_median_ms": {k2: [round(v * 1e3, 2) for v in vs] for k2, vs in per_process.items()}}  # fmt: skip
@@ -253,6 +256,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--against", metavar="REV", help="compare this tree with commit REV (k = 10, 1 and 100 queries)")
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="--against: the stores' dtype")
     ap.add_argument("--rounds", type=int, default=5, help="--against: interleaved old/new process pairs per row")
     ap.add_argument("--classifier", action="store_true", help="time a classifier's scoring pass against a search, 1M")
     args = ap.parse_args()
@@ -270,7 +274,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         given = args.out != ap.get_default("out")  # an --out given names the file, else search_split.json
         out = Path(args.out) if given else Path(__file__).with_name("search_split.json")
-        compare_commits(args.against, sizes, work, max(args.repeat, 7), args.rounds, out)
+        compare_commits(args.against, sizes, work, max(args.repeat, 7), args.rounds, out, args.dtype)
         return
     try:
         import faiss

@@ -577,3 +577,41 @@ def test_search_tasks_share_the_cores_with_blas(stores):
     assert blas(threadpoolctl.threadpool_info()) == before
     assert resources.threads_per_task(2, 1, cores=2) == 2 and resources.threads_per_task(2, 5, cores=2) == 1
     assert resources.threads_per_task(4, None, cores=16) == 4 and resources.threads_per_task(8, 3, cores=2) == 1
+
+
+def test_float16_rows_are_multiplied_a_cached_step_at_a_time():
+    """float16 blocks (a persisted float16 index) are converted and multiplied a few hundred rows
+    at a time, never as a whole float32 copy: the products, the norms and every scorer's top-k
+    against float64 NumPy over a block of more rows than a step and not a multiple of it."""
+    pytest.importorskip("torch")
+    from pipeline.search import scorers
+    from pipeline.search.kernels import Exclusions, Filters, chunk_topk
+
+    assert scorers.use_torch_conversion()
+    rng = np.random.default_rng(3)
+    n = scorers.PRODUCT_ROWS_MANY * 2 + 77
+    x16 = np.maximum(rng.standard_normal((n, 64)), 0).astype(np.float16)
+    x = x16.astype(np.float64)
+    for m in (1, 40):  # few queries: small steps; many: larger ones
+        a = rng.standard_normal((64, m)).astype(np.float32)
+        got, norms = scorers.products(x16, a, norms=True)
+        assert got.dtype == np.float32 and got.shape == (n, m)
+        np.testing.assert_allclose(got, x @ a.astype(np.float64), rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(norms, (x**2).sum(1), rtol=1e-5)
+    valid = rng.random(n) > 0.1
+    block = {"fingerprint": x16, "valid": valid, "uid": np.arange(n, dtype=np.uint64) * 7,
+             "lon": np.full(n, np.nan), "lat": np.full(n, np.nan)}  # fmt: skip
+    q = np.maximum(rng.standard_normal((2, 64)), 0).astype(np.float32)
+    pos, neg = (q[:1] + 0.1).astype(np.float32), np.maximum(rng.standard_normal((2, 64)), 0).astype(np.float32)
+    coef, icpt = rng.standard_normal((1, 64)).astype(np.float32), np.zeros(1)
+    d = ((x[:, None, :] - q[None].astype(np.float64)) ** 2).sum(-1)
+    near = np.sqrt(((x[:, None] - pos[None].astype(np.float64)) ** 2).sum(-1)).min(1) - 0.5 * np.sqrt(
+        ((x[:, None] - neg[None].astype(np.float64)) ** 2).sum(-1)).min(1)  # fmt: skip
+    lin = -(x @ coef[0].astype(np.float64))
+    for scorer, oracle in ((scorers.L2Scorer(q), d), (scorers.NearestScorer((pos,), (neg,), (0.5,)), near[:, None]),
+                           (scorers.LinearScorer(coef, icpt), lin[:, None])):  # fmt: skip
+        res = chunk_topk(block, scorer, 10, Filters(), Exclusions.none(), np.full(1, np.nan))
+        for j, r in enumerate(res):
+            o = np.where(valid, oracle[:, j], np.inf)
+            want = np.lexsort((block["uid"], o))[:10]
+            assert sorted(r["uid"].tolist()) == sorted(block["uid"][want].tolist()), type(scorer).__name__
