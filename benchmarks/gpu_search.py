@@ -147,12 +147,16 @@ def engine(blocks: list, scorer: Any, k: int, on_device: bool = True) -> list:
     """The search graph over ``blocks`` as ``SearchIndex`` computes it."""
     import dask
 
+    from pipeline import resources
     from pipeline.cluster import local_get
     from pipeline.search import graph
     from pipeline.search.kernels import Exclusions, Filters
 
     g = graph.topk_graph(blocks, scorer, k, Filters(), Exclusions.none(), np.zeros(0), 8, None, on_device=on_device)
-    return dask.compute(g, scheduler=local_get())[0]
+    # as SearchIndex computes: each running block's share of the cores for NumPy's BLAS (16 blocks
+    # of 16 BLAS threads each on a 16-core GPU machine would make the CPU row 256 threads)
+    with resources.blas_threads(resources.threads_per_task(resources.cpu_count(), len(blocks))):
+        return dask.compute(g, scheduler=local_get())[0]
 
 
 def delayed_blocks(blocks: list) -> list:
