@@ -121,7 +121,7 @@ def main() -> int:
     for name, tree in trees.items():  # each command line below imports its own tree's package
         where = harness.child("import json, pipeline; print(json.dumps(pipeline.__file__))", tree)
         assert Path(where).is_relative_to(tree), (name, where)
-    demo = work / "demo"
+    demo = work / f"demo-{old.name}"  # made by that commit: a store an older --against made may be of an older schema
     if not (demo / "demo.zarr" / "zarr.json").exists():
         shutil.rmtree(demo, ignore_errors=True)
         cli(old, "demo", "--out", str(demo))
