@@ -331,6 +331,7 @@ def products(x: np.ndarray, a: np.ndarray, norms: bool = False) -> tuple[np.ndar
     block never has a float32 twin in memory. Without torch, NumPy converts the whole block (its
     float16 casts are scalar: stepping does not help them). Each row's product is the same
     whatever step it falls in, up to BLAS's summation order."""
+    a = np.asarray(a, dtype=np.float32)
     step = PRODUCT_ROWS if a.shape[1] < 32 else PRODUCT_ROWS_MANY
     if x.dtype != np.float16 or "torch" not in sys.modules or len(x) <= step:
         x = as_float32(x)
