@@ -17,6 +17,7 @@ import functools
 import os
 import platform
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,34 @@ def blas_threads(n: int) -> Iterator[None]:
     if ctl is None:
         yield
         return
-    with ctl.limit(limits=n):
+    global _blas_users
+    with _blas_lock:  # overlapping blocks in several threads: the last one out restores the setting
+        if _blas_users == 0:
+            _blas_saved[:] = [c.get_num_threads() for c in ctl.lib_controllers]
+        _blas_users += 1
+        _set_blas_threads(ctl, [n] * len(ctl.lib_controllers))
+    try:
         yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _set_blas_threads(ctl, _blas_saved)
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved: list[int] = []
+
+
+def _set_blas_threads(ctl: Any, counts: list[int]) -> None:
+    """Set each library's thread count from whichever thread asks. threadpoolctl (3.6+) lets only
+    the one Python thread that first limited OpenBLAS change it until that thread's own ``with``
+    block ends, and ignores the others: a server's searches run on whatever thread the request
+    got, so that rule would leave some searches unlimited, or a limit in place for good. The
+    reference count above serializes the changes instead."""
+    for c, k in zip(ctl.lib_controllers, counts):
+        getattr(c, "_real_set_num_threads", c.set_num_threads)(k)
 
 
 def set_torch_threads(n: int) -> None:

@@ -575,6 +575,10 @@ def test_search_tasks_share_the_cores_with_blas(stores):
         [plain] = index.search(queries, k=5)
         assert np.array_equal(res.uid, plain.uid)
     assert blas(threadpoolctl.threadpool_info()) == before
+    # overlapping limits in two threads, either leaving first: limited while one is in, restored by the last out
+    for a_leaves_first in (False, True):
+        inside = _overlapping_blas_limits(resources, lambda: blas(threadpoolctl.threadpool_info()), a_leaves_first)
+        assert inside == {1} and blas(threadpoolctl.threadpool_info()) == before, (a_leaves_first, inside)
     assert resources.threads_per_task(2, 1, cores=2) == 2 and resources.threads_per_task(2, 5, cores=2) == 1
     assert resources.threads_per_task(4, None, cores=16) == 4 and resources.threads_per_task(8, 3, cores=2) == 1
 
@@ -615,3 +619,33 @@ def test_float16_rows_are_multiplied_a_cached_step_at_a_time():
             o = np.where(valid, oracle[:, j], np.inf)
             want = np.lexsort((block["uid"], o))[:10]
             assert sorted(r["uid"].tolist()) == sorted(block["uid"][want].tolist()), type(scorer).__name__
+
+
+def _overlapping_blas_limits(resources, blas, a_leaves_first):
+    """Threads A and B each hold ``blas_threads(1)``, overlapping; what B sees once A has left
+    (``a_leaves_first``) or before B leaves."""
+    import threading
+
+    a_in, b_out, a_out, seen = threading.Event(), threading.Event(), threading.Event(), []
+
+    def a():
+        with resources.blas_threads(1):
+            a_in.set()
+            if not a_leaves_first:
+                b_out.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with resources.blas_threads(1):
+            if a_leaves_first:
+                a_out.wait()
+            seen.append(blas())
+        b_out.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return seen[0] if seen else None
