@@ -5,6 +5,7 @@
 #   mkdir -p .whl && cp ../shared/device-wheels/*.whl .whl/        # dask, zarr, rasterio + needs (47 MB)
 #   python benchmarks/gpu_ingest.py --prepare ../shared/data --data .gpu-data   # ~10 MB of imagery + weights
 #   bash benchmarks/gpu_ingest_check.sh [WHEEL_DIR] [DATA_DIR] [OUT_DIR]   (defaults: .whl, .gpu-data, $OUT or .)
+#   (TESTS_S, BENCH_S: the tests' and the benchmark's time limits, 100 and 250 s)
 #   (rehearse both checks here first, on the CPU: bash benchmarks/gpu_rehearsal.sh WHEEL_DIR DATA_DIR)
 #
 # Installs the wheels into /tmp/site, runs the gpu-marked tests of device decoding (nvJPEG against
@@ -22,10 +23,10 @@ OUTDIR=${3:-${OUT:-.}}
 source benchmarks/gpu_env.sh "$WHEELS"
 python3 -c "import torch, torchvision, tifffile, dask, zarr, rasterio; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'torchvision', torchvision.__version__)"
 
-timeout 100 python3 -m pytest -q -m gpu tests/test_device_decode.py -p no:cacheprovider 2>&1 \
+timeout "${TESTS_S:-100}" python3 -m pytest -q -m gpu tests/test_device_decode.py -p no:cacheprovider 2>&1 \
   | tee "$OUTDIR/gpu_ingest_tests.log" || tests_rc=$?
 weights=()
 [ -f "$DATA/squeezenet1_1-imagenet.pth" ] && weights=(--weights "$DATA/squeezenet1_1-imagenet.pth")
-timeout 250 python3 benchmarks/gpu_ingest.py --device cuda --data "$DATA" "${weights[@]}" --out "$OUTDIR/gpu_ingest.json"
+timeout "${BENCH_S:-250}" python3 benchmarks/gpu_ingest.py --device cuda --data "$DATA" "${weights[@]}" --out "$OUTDIR/gpu_ingest.json"
 echo "gpu tests exit status: ${tests_rc:-0}"
 exit "${tests_rc:-0}"

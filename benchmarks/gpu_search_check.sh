@@ -9,6 +9,8 @@
 #     anyio idna uvicorn h11 python-multipart opentelemetry-api  # the HTTP API's wheels (~5 MB;
 #                                                  # fastapi >= 0.16x needs opentelemetry-api)
 #   bash benchmarks/gpu_search_check.sh [WHEEL_DIR] [OUT_DIR]   (defaults: .whl, $OUT or .)
+#   (TESTS_S, BENCH_S: the tests' and the benchmark's time limits, 150 and 330 s; gpu_checks.sh
+#   runs this and gpu_ingest_check.sh in one call with shorter ones)
 #   (rehearse both checks here first, on the CPU: bash benchmarks/gpu_rehearsal.sh WHEEL_DIR DATA_DIR)
 #
 # Installs the wheels into /tmp/site, runs the gpu-marked tests of the device search (every
@@ -28,8 +30,8 @@ python3 -c "import torch, triton, dask, zarr, rasterio, fastapi, uvicorn; print(
 python3 -c "from pipeline.serve.app import create_app; import fastapi; fastapi.FastAPI()"
 
 # a failing GPU test is reported and the benchmark still runs
-timeout 150 python3 -m pytest -q -m gpu tests/test_device_search.py -p no:cacheprovider 2>&1 \
+timeout "${TESTS_S:-150}" python3 -m pytest -q -m gpu tests/test_device_search.py -p no:cacheprovider 2>&1 \
   | tee "$OUTDIR/gpu_search_tests.log" || tests_rc=$?
-timeout 330 python3 benchmarks/gpu_search.py --device cuda --http 10000000 100000000 --out "$OUTDIR/gpu_search.json"
+timeout "${BENCH_S:-330}" python3 benchmarks/gpu_search.py --device cuda --http 10000000 100000000 --out "$OUTDIR/gpu_search.json"
 echo "gpu tests exit status: ${tests_rc:-0}"
 exit "${tests_rc:-0}"
