@@ -255,6 +255,81 @@ def test_page_search_mark_rerun_and_permalink(server, browser, tmp_path):
     assert not errors, errors
 
 
+def test_page_saves_and_loads_example_sets(server, real_store, browser, tmp_path):
+    """Save examples writes the page's example set (the query tile and the marks) as the CSV that
+    `aerial-search search/classify --examples` reads: the command line ranks it as the page's
+    re-run does. Load examples takes such a CSV, lon/lat rows or GeoJSON points, each place
+    resolved to the tile a click there finds, and searches with them; a bad file is one line."""
+    import httpx
+
+    from pipeline.store import open_store
+
+    ds = open_store(str(real_store))
+    paths = ds["image_path"].values
+    valid = ds["valid"].values.astype(bool) & np.array([paths[i].endswith("test_tiled.tif") for i in ds["image"].values])
+    uid = str(int(ds["uid"].values[np.flatnonzero(valid)[len(np.flatnonzero(valid)) // 2]]))
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server}/#uid={uid}&k={K}", wait_until="domcontentloaded")
+    wait_seq(page, 1)
+    results = page.evaluate("aerialSearch.last.results")
+    page.locator("#gallery .result").nth(0).locator("button.neg").click()
+    page.locator("#gallery .result").nth(1).locator("button.pos").click()
+    with page.expect_download() as dl:
+        page.click("#save-examples")
+    saved = tmp_path / "examples.csv"
+    shutil.copy(dl.value.path(), saved)
+    lines = saved.read_text().splitlines()
+    assert lines[0] == "uid,label,lon,lat"
+    rows = {ln.split(",")[0]: ln.split(",")[1:] for ln in lines[1:]}
+    assert {u: r[0] for u, r in rows.items()} == {uid: "positive", results[1]["uid"]: "positive",
+                                                  results[0]["uid"]: "negative"}  # fmt: skip
+    assert [float(v) for v in rows[results[0]["uid"]][1:]] == [results[0]["lon"], results[0]["lat"]]
+    assert "examples.csv" in page.inner_text("#status")
+
+    # the page's re-run and the command line on the saved file rank the same tiles
+    page.click("#rerun")
+    wait_seq(page, 2)
+    out = tmp_path / "cli.json"
+    assert main(["search", "--store", str(real_store), "--examples", str(saved), "-k", str(K), "--json", str(out)]) == 0
+    assert gallery_uids(page) == [r["uid"] for r in json.loads(out.read_text())["results"]]
+
+    # load: places (CSV lon,lat and GeoJSON points) become the tiles there, as the API finds them
+    pos, neg = results[2], results[3]
+    (tmp_path / "places.csv").write_text(f"lon,lat,label\n{pos['lon']},{pos['lat']},positive\n"
+                                         f"{neg['lon']},{neg['lat']},Negative\n")  # fmt: skip
+    points = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [r["lon"], r["lat"]]},
+         "properties": {"label": lab}} for r, lab in ((pos, "positive"), (neg, "negative"))]}  # fmt: skip
+    (tmp_path / "places.geojson").write_text(json.dumps(points))
+    at = [httpx.get(server + "/api/search", params={"lonlat": f"{r['lon']},{r['lat']}", "k": 1}).json()["query"]["uid"]
+          for r in (pos, neg)]  # fmt: skip
+    expect = httpx.post(server + "/api/search", json={"positives": [at[0]], "negatives": [at[1]], "k": K}).json()
+    for n, name in enumerate(("places.csv", "places.geojson", "examples.csv")):
+        page.set_input_files("#load-examples", str(tmp_path / name))
+        wait_seq(page, 3 + n)
+        state = page.evaluate("[aerialSearch.state.pos, aerialSearch.state.neg]")
+        if name == "examples.csv":  # the saved set again: the re-run's results
+            assert sorted(state[0]) == sorted([uid, results[1]["uid"]]) and state[1] == [results[0]["uid"]]
+            assert gallery_uids(page) == [r["uid"] for r in json.loads(out.read_text())["results"]]
+        else:
+            assert state == [[at[0]], [at[1]]], name
+            assert gallery_uids(page) == [r["uid"] for r in expect["results"]], name
+        assert "pos=" in page.url and "neg=" in page.url
+
+    # a file that is no example set: one readable line, the page goes on
+    (tmp_path / "bad.csv").write_text("uid,kind\n1,positive\n")
+    page.set_input_files("#load-examples", str(tmp_path / "bad.csv"))
+    page.wait_for_selector("#error:not([hidden])", timeout=10_000)
+    assert "bad.csv needs a 'label' column" in page.inner_text("#error")
+    (tmp_path / "bad.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [0, 0]}, "properties": {"label": "maybe"}}]}))
+    page.set_input_files("#load-examples", str(tmp_path / "bad.geojson"))
+    wait_js(page, "document.getElementById('error').textContent.includes('maybe')")
+    assert not errors, errors
+
+
 @pytest.fixture(scope="module")
 def dated_server(tmp_path_factory):
     """Two dated flights of the same ground (the second with patches pasted in) and a third image

@@ -259,14 +259,22 @@
     }
   }
 
-  function rerunWithMarks() {
-    const base = last && last.query;
-    if (!base) return showError("search first: click the map or a tile");
+  // The example set on the page: the current one (or the query tile as its positive) with the
+  // marks applied.
+  function currentExamples() {
+    const base = (last && last.query) || {};
     const pos = new Set(state.pos.length || state.neg.length ? state.pos : (base.uid ? [base.uid] : []));
     const neg = new Set(state.neg);
     for (const [uid, m] of marks) {
       if (m === "positive") { pos.add(uid); neg.delete(uid); } else { neg.add(uid); pos.delete(uid); }
     }
+    return { pos, neg };
+  }
+
+  function rerunWithMarks() {
+    const base = last && last.query;
+    if (!base) return showError("search first: click the map or a tile");
+    const { pos, neg } = currentExamples();
     if (!pos.size) return showError("mark at least one result + (an uploaded image cannot be an example)");
     const s = keepSettings();
     s.pos = [...pos];
@@ -518,6 +526,82 @@
       search(Object.assign({}, state, { date }));
     });
   }
+  // Examples as a file: what `aerial-search classify/search --examples FILE` reads (CSV uid,label),
+  // and such a file (or lon,lat,label rows, or GeoJSON points with a label) back into the page.
+  $("save-examples").addEventListener("click", () => {
+    const { pos, neg } = currentExamples();
+    if (!pos.size && !neg.size) return showError("no examples yet: search, then mark results + or −");
+    const where = new Map(((last && last.results) || []).map((r) => [r.uid, r]));
+    const line = (uid, label) => { const r = where.get(uid); return [uid, label, r ? r.lon : "", r ? r.lat : ""].join(","); };
+    const rows = ["uid,label,lon,lat", ...[...pos].map((u) => line(u, "positive")), ...[...neg].map((u) => line(u, "negative"))];
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(new Blob([rows.join("\n") + "\n"], { type: "text/csv" }));
+    a.download = "examples.csv";
+    a.click();
+    $("status").textContent = `${pos.size} positive and ${neg.size} negative example(s) saved as examples.csv ` +
+      "(aerial-search classify --store STORE --examples examples.csv)";
+  });
+
+  function parseExamples(name, text) {
+    const out = [];
+    const label = (v, where) => {
+      const l = String(v || "").trim().toLowerCase();
+      if (l !== "positive" && l !== "negative") throw new Error(`${name} ${where}: label '${v}' is not positive or negative`);
+      return l;
+    };
+    if (/\.(geo)?json$/i.test(name) || text.trim().startsWith("{")) {
+      let doc;
+      try { doc = JSON.parse(text); } catch (e) { throw new Error(`${name}: not JSON (${e.message})`); }
+      (doc.features || []).forEach((f, n) => {
+        const g = f.geometry || {};
+        if (g.type !== "Point") throw new Error(`${name} feature ${n}: a Point is needed, not ${g.type}`);
+        const props = f.properties || {};
+        out.push({ uid: /^\d+$/.test(String(props.uid || "")) ? String(props.uid) : null,
+                   lonlat: g.coordinates.slice(0, 2).map(Number), label: label(props.label, `feature ${n}`) });
+      });
+    } else {
+      const lines = text.split(/\r?\n/).filter((l) => l.trim());
+      const head = (lines.shift() || "").split(",").map((c) => c.trim().replace(/^"|"$/g, "").toLowerCase());
+      const col = (row, c) => (head.indexOf(c) >= 0 ? (row[head.indexOf(c)] || "").trim().replace(/^"|"$/g, "") : "");
+      if (!head.includes("label") || !(head.includes("uid") || (head.includes("lon") && head.includes("lat")))) {
+        throw new Error(`${name} needs a 'label' column and 'uid', or 'lon' and 'lat', columns`);
+      }
+      lines.forEach((l, n) => {
+        const row = l.split(",");
+        const uid = col(row, "uid");
+        const lonlat = [+col(row, "lon"), +col(row, "lat")];
+        if (!/^\d+$/.test(uid) && !(col(row, "lon") && lonlat.every(isFinite))) throw new Error(`${name} line ${n + 2}: no uid or lon/lat`);
+        out.push({ uid: /^\d+$/.test(uid) ? uid : null, lonlat, label: label(col(row, "label"), `line ${n + 2}`) });
+      });
+    }
+    if (!out.length) throw new Error(`${name} holds no examples`);
+    return out;
+  }
+
+  async function loadExamples(file) {
+    showError("");
+    setBusy(true, "reading examples…");
+    try {
+      const rows = parseExamples(file.name, await file.text());
+      const places = rows.filter((r) => !r.uid);
+      for (let i = 0; i < places.length; i += 100) { // each place's tile, as a click there finds it
+        const q = new URLSearchParams({ k: "1" });
+        for (const r of places.slice(i, i + 100)) q.append("lonlat", r.lonlat.join(","));
+        const docs = await api("GET", "/api/search?" + q.toString());
+        (Array.isArray(docs) ? docs : [docs]).forEach((d, j) => { places[i + j].uid = String(d.query.uid); });
+      }
+      const s = keepSettings();
+      s.pos = [...new Set(rows.filter((r) => r.label === "positive").map((r) => r.uid))];
+      s.neg = [...new Set(rows.filter((r) => r.label === "negative").map((r) => r.uid))].filter((u) => !s.pos.includes(u));
+      if (!s.pos.length) throw new Error(`${file.name}: no positive example`);
+      s.classifier = $("classifier").checked;
+      upload = null;
+      marks = new Map();
+      await search(s);
+    } catch (e) { showError(e.message); $("status").textContent = ""; } finally { setBusy(false); }
+  }
+  $("load-examples").addEventListener("change", (ev) => { const f = ev.target.files[0]; if (f) loadExamples(f); ev.target.value = ""; });
+
   $("clear-marks").addEventListener("click", () => {
     marks = new Map();
     for (const el of document.querySelectorAll(".result")) el.classList.remove("positive", "negative");
