@@ -24,6 +24,7 @@ from typing import Any
 
 import dask
 import numpy as np
+from dask.delayed import Delayed
 
 from pipeline import codes, dates, geo, grid, post, resources, schema, store
 from pipeline.cluster import local_get
@@ -35,6 +36,7 @@ from pipeline.search.kernels import ExampleSet, Exclusions, Filters, Queries
 from pipeline.search.results import Result
 from pipeline.search.scorers import CentroidScorer, L2Scorer, NearestScorer, Scorer
 
+HELD_VARS = frozenset({"fingerprint", "valid", "image", "row", "col", "lon", "lat", "uid"})  # a query tile's
 DEVICE_BLOCK_ROWS = 1 << 23  # rows per device block on a GPU: one scan pass each, a few tasks per query
 
 
@@ -815,27 +817,49 @@ class SearchIndex:
         if slot is None:
             raise SearchError(f"uid {uid} (row {row}, col {col}) is not a window of image {self.image_paths[image_id]}")
         slot += int(table["tile_start"][image_id])
-        if int(self.ds["uid"][slot].values) != uid:
+        held = self._held_row(slot)
+        if int(held[0]["uid"][held[1]] if held else self.ds["uid"][slot].values) != uid:
             raise SearchError(f"store layout does not match uid {uid}; the store may be damaged")
         return slot
+
+    def _held_row(self, slot: int) -> tuple[dict, int] | None:
+        """The block dict holding ``slot`` and the row in it, when this index holds its blocks in
+        this process's memory with the store's raw fingerprints (no post-processing, DBA or other
+        dtype), so a query tile is read from memory instead of decompressing its store chunks:
+        on 1M tiles 27 ms of a served query's 114 went there. None otherwise."""
+        if (self._blocks is None or self.device or getattr(self.runtime, "client", None) is not None
+                or self.uses_dba or self.postprocess.method != "none"
+                or (self.dtype and self.dtype != str(self.ds["fingerprint"].dtype))):  # fmt: skip
+            return None
+        b, row = divmod(int(slot), self._block_rows)
+        if not 0 <= b < len(self._blocks):
+            return None
+        block = self._blocks[b]
+        block = dask.compute(block, scheduler=local_get("sync"))[0] if isinstance(block, Delayed) else block
+        if not isinstance(block, dict) or not HELD_VARS <= set(block) or row >= len(block["uid"]):
+            return None
+        return block, row
 
     def queries_from_uids(self, uids: Sequence[int]) -> tuple[Queries, list[dict]]:
         """Queries (fingerprints and exclusion info) and labels of tiles of this store."""
         slots = [self.slot_of(int(u)) for u in uids]
-        sel = self.ds.isel(tile=np.array(slots, dtype=np.int64))[
-            ["fingerprint", "valid", "image", "row", "col", "lon", "lat"]
-        ].compute()
-        for u, ok in zip(uids, sel["valid"].values):
+        held = [self._held_row(slot) for slot in slots]
+        if slots and all(held):
+            sel = {name: np.stack([blk[name][r] for blk, r in held]) for name in HELD_VARS}
+        else:
+            data = self.ds.isel(tile=np.array(slots, dtype=np.int64))[list(HELD_VARS - {"uid"})].compute()
+            sel = {name: data[name].values for name in HELD_VARS - {"uid"}}
+        for u, ok in zip(uids, sel["valid"]):
             if not ok:
                 raise SearchError(f"uid {u} is a dropped window (more than 50% nodata) and has no fingerprint")
-        image = sel["image"].values.astype(np.int64)
+        image = sel["image"].astype(np.int64)
         q = Queries(
-            sel["fingerprint"].values.astype(np.float32),
+            sel["fingerprint"].astype(np.float32).reshape(len(slots), -1),
             image,
-            sel["row"].values.astype(np.int64),
-            sel["col"].values.astype(np.int64),
-            sel["lon"].values,
-            sel["lat"].values,
+            sel["row"].astype(np.int64),
+            sel["col"].astype(np.int64),
+            sel["lon"].astype(np.float64),
+            sel["lat"].astype(np.float64),
             self.half_m[image],
         )
         labels = [
