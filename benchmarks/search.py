@@ -94,6 +94,7 @@ def synthetic_store(
             "tile_start": ("img", np.arange(n_img, dtype=np.int64) * per_img),
             "tile_count": ("img", np.minimum(per_img, n - np.arange(n_img) * per_img)),
             "status": ("img", np.array(["done"] * n_img, dtype=object)),
+            **_other_image_columns(n_img),
         },
         attrs={
             "schema_version": SCHEMA_VERSION,
@@ -108,12 +109,32 @@ def synthetic_store(
     return path
 
 
+def _other_image_columns(n_img: int) -> dict:
+    """The image table's other columns (the schema's), at their fill values: a whole store, so
+    that `aerial-search info` and the server's `GET /api/info` work on it too."""
+    from pipeline.schema import VAR
+
+    given = {"image_path", "width", "height", "crs", "transform", "tile_start", "tile_count", "status"}
+    out = {}
+    for name in (n for n, v in VAR.items() if v.role == "img" and n not in given):
+        v = VAR[name]
+        if v.dtype == "str":
+            out[name] = ("img", np.array([""] * n_img, dtype=object))
+        elif v.dtype.startswith("datetime64"):
+            out[name] = ("img", np.full(n_img, np.datetime64("NaT"), dtype=v.dtype))
+        else:
+            out[name] = ("img", np.full(n_img, 0 if v.fill is None else v.fill, dtype=v.dtype))
+    return out
+
+
 def _current(path: Path) -> bool:
-    """Whether a cached synthetic store has this schema version and a boolean ``valid``."""
+    """Whether a cached synthetic store has this schema version, a boolean ``valid`` and the image
+    table's time columns (without them `aerial-search info` and `GET /api/info` failed on it)."""
     from pipeline.errors import StoreError
 
     try:
-        return open_store(path)["valid"].dtype == bool
+        ds = open_store(path)
+        return ds["valid"].dtype == bool and "acquired" in ds
     except StoreError:
         return False
 
