@@ -673,3 +673,36 @@ def test_serve_weights_and_device_flags(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_served_connections_send_without_waiting_for_acks():
+    """The socket `serve` listens on names TCP, so asyncio turns Nagle's algorithm off on every
+    connection it accepts (TCP_NODELAY): without it each response on a kept-alive connection (a
+    browser's, an API client's) waited ~40 ms for the client's delayed ACK. Read back from the
+    accepted connection's socket, under the same asyncio server machinery uvicorn uses."""
+    import asyncio
+    import socket
+
+    from pipeline.commands.serve import bind
+
+    sock = bind("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP
+    seen = []
+
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport):
+            seen.append(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    async def run():
+        server = await asyncio.get_running_loop().create_server(Proto, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+
+    asyncio.run(run())
+    assert seen and seen[0] != 0

@@ -50,7 +50,10 @@ def is_loopback(host: str) -> bool:
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket, or a ConfigError that says what to change."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on connections whose socket says TCP, and
+    # without it each response on a kept-alive connection waited ~40 ms for the client's delayed
+    # ACK (Nagle): 124 ms against the app's 80 for a 1M-tile query from a Python client
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
