@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ def main() -> None:
     from pipeline.serve.service import Service
 
     service = Service.open(args.store)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
+    from pipeline.commands.serve import bind
+
+    sock = bind("127.0.0.1", 0)  # as `serve` listens: TCP_NODELAY on every connection
     server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     while not server.started:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 pytest.importorskip("fastapi", reason="serve needs fastapi: pip install -e .")
 
 from pipeline.cli import main  # noqa: E402
+from pipeline.commands.serve import bind  # noqa: E402
 from pipeline.serve.app import create_app  # noqa: E402
 from pipeline.serve.service import Service  # noqa: E402
 
@@ -54,9 +54,7 @@ def serving(store):
     import uvicorn
 
     service = Service.open(str(store))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
+    sock = bind("127.0.0.1", 0)  # as `serve` listens: TCP_NODELAY on every connection
     srv = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
